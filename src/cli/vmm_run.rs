@@ -1,0 +1,107 @@
+//! `microagent vmm run`: boot a kernel in the foreground and exit when the
+//! guest powers off. The workspace commands build on the same VMM.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use crate::vmm::arch::x86_64::cpuid::CpuTemplate;
+use crate::vmm::host;
+use crate::vmm::vcpu::GuestStop;
+use crate::vmm::vm::{DiskConfig, Vm, VmConfig};
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// Guest kernel: ELF vmlinux or bzImage.
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Root disk (ext4 image), attached read-write as /dev/vda.
+    #[arg(long)]
+    rootfs: Option<PathBuf>,
+    /// Extra disk, PATH or PATH:ro; attached in order as /dev/vdb, /dev/vdc, ...
+    #[arg(long = "disk", value_name = "PATH[:ro]")]
+    disks: Vec<String>,
+    #[arg(long, default_value_t = 1)]
+    vcpus: u8,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256)]
+    memory: u64,
+    /// Kernel arguments appended to the VMM's own (default: quiet root=/dev/vda rw).
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// CPU template (host, pvm-safe); default: pvm-safe on PVM hosts, else host.
+    #[arg(long)]
+    cpu_template: Option<CpuTemplate>,
+    /// Append the serial console to this file.
+    #[arg(long)]
+    console_log: Option<PathBuf>,
+    /// Do not echo the serial console to stdout.
+    #[arg(long)]
+    no_console_stdout: bool,
+}
+
+fn parse_disk(spec: &str) -> DiskConfig {
+    match spec.strip_suffix(":ro") {
+        Some(path) => DiskConfig {
+            path: path.into(),
+            read_only: true,
+        },
+        None => DiskConfig {
+            path: spec.into(),
+            read_only: false,
+        },
+    }
+}
+
+pub fn run(args: RunArgs, json: bool) -> Result<i32> {
+    let mut disks = Vec::new();
+    if let Some(root) = &args.rootfs {
+        disks.push(DiskConfig {
+            path: root.clone(),
+            read_only: false,
+        });
+    }
+    disks.extend(args.disks.iter().map(|d| parse_disk(d)));
+    let default_cmdline = if args.rootfs.is_some() {
+        "quiet root=/dev/vda rw"
+    } else {
+        "quiet"
+    };
+    let cfg = VmConfig {
+        kernel: args.kernel,
+        disks,
+        vcpus: args.vcpus,
+        mem_mib: args.memory,
+        cmdline: args.cmdline.unwrap_or_else(|| default_cmdline.into()),
+        cpu_template: args.cpu_template.unwrap_or_else(host::default_cpu_template),
+        pvm: host::is_pvm(),
+        console_log: args.console_log,
+        console_stdout: !args.no_console_stdout && !json,
+    };
+    let started = std::time::Instant::now();
+    let vm = Vm::boot(&cfg).context("booting the VM")?;
+    let cmdline = vm.cmdline.clone();
+    let stop = vm.run().context("running the VM")?;
+    let (code, kind, reason) = match &stop {
+        GuestStop::Reset(why) => (super::EXIT_OK, "poweroff", why.clone()),
+        GuestStop::Error(why) => (super::EXIT_FAILURE, "error", why.clone()),
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "stop": kind,
+                "reason": reason,
+                "seconds": started.elapsed().as_secs_f64(),
+                "cpu_template": cfg.cpu_template.name(),
+                "cmdline": cmdline,
+            })
+        );
+    } else if code == super::EXIT_OK {
+        eprintln!("microagent: guest stopped: {reason}");
+    } else {
+        eprintln!("microagent: guest failed: {reason}");
+    }
+    Ok(code)
+}

@@ -1,0 +1,569 @@
+//! virtio-blk: read, write, flush (fdatasync), get-id, and a read-only mode.
+//! Every descriptor chain is validated before any byte moves: directions,
+//! lengths, sector ranges and guest addresses (through vm-memory, which
+//! refuses anything outside guest RAM).
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::{
+    read_config_bytes, ActivateError, Interrupt, VirtioDevice, INT_USED_RING, TYPE_BLOCK,
+    VIRTIO_F_VERSION_1,
+};
+
+pub const SECTOR_SIZE: u64 = 512;
+const QUEUE_SIZE: u16 = 256;
+/// Data segments per request we advertise (queue size minus header and status).
+const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+/// One descriptor moves at most this much; larger ones are refused with
+/// IOERR rather than making the VMM allocate whatever the guest asks for.
+const MAX_DESCRIPTOR_BYTES: u32 = 4 << 20;
+const ID_BYTES: usize = 20;
+
+const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
+const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const T_GET_ID: u32 = 8;
+
+const S_OK: u8 = 0;
+const S_IOERR: u8 = 1;
+const S_UNSUPP: u8 = 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    #[error("opening disk {path}: {source}")]
+    Open {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("disk {path} is empty or smaller than one sector")]
+    TooSmall { path: String },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Seg {
+    addr: GuestAddress,
+    len: u32,
+    write_only: bool,
+}
+
+/// A parsed request, before execution.
+#[derive(Debug, PartialEq)]
+struct Request {
+    kind: u32,
+    sector: u64,
+    data: Vec<Seg>,
+    status: GuestAddress,
+}
+
+#[derive(Debug, PartialEq)]
+enum ParseError {
+    /// No usable status byte: the chain is returned with nothing written.
+    NoStatus,
+    /// A status byte exists; the request gets IOERR.
+    Bad(GuestAddress),
+}
+
+fn parse(segs: &[Seg], mem: &GuestMemoryMmap) -> Result<Request, ParseError> {
+    let status = match segs.last() {
+        Some(s) if segs.len() >= 2 && s.write_only && s.len >= 1 => s.addr,
+        _ => return Err(ParseError::NoStatus),
+    };
+    let header = segs[0];
+    if header.write_only || header.len < 16 {
+        return Err(ParseError::Bad(status));
+    }
+    let kind: u32 = mem
+        .read_obj(header.addr)
+        .map_err(|_| ParseError::Bad(status))?;
+    let sector: u64 = mem
+        .read_obj(header.addr.unchecked_add(8))
+        .map_err(|_| ParseError::Bad(status))?;
+    let data = segs[1..segs.len() - 1].to_vec();
+    let want_write_only = match kind {
+        T_IN | T_GET_ID => true,
+        _ => false,
+    };
+    if data
+        .iter()
+        .any(|s| s.write_only != want_write_only || s.len > MAX_DESCRIPTOR_BYTES)
+    {
+        return Err(ParseError::Bad(status));
+    }
+    Ok(Request {
+        kind,
+        sector,
+        data,
+        status,
+    })
+}
+
+pub struct Block {
+    disk: File,
+    read_only: bool,
+    capacity_sectors: u64,
+    id: [u8; ID_BYTES],
+    config: Vec<u8>,
+    active: Option<Active>,
+}
+
+struct Active {
+    mem: GuestMemoryMmap,
+    interrupt: Arc<Interrupt>,
+    queue: Queue,
+}
+
+impl Block {
+    pub fn open(path: &std::path::Path, read_only: bool, id: &str) -> Result<Block, BlockError> {
+        let disk = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|source| BlockError::Open {
+                path: path.display().to_string(),
+                source,
+            })?;
+        let len = disk
+            .metadata()
+            .map_err(|source| BlockError::Open {
+                path: path.display().to_string(),
+                source,
+            })?
+            .len();
+        let capacity_sectors = len / SECTOR_SIZE;
+        if capacity_sectors == 0 {
+            return Err(BlockError::TooSmall {
+                path: path.display().to_string(),
+            });
+        }
+        let mut idb = [0u8; ID_BYTES];
+        let n = id.len().min(ID_BYTES);
+        idb[..n].copy_from_slice(&id.as_bytes()[..n]);
+        // struct virtio_blk_config: capacity (le64), size_max (le32), seg_max (le32).
+        let mut config = Vec::with_capacity(16);
+        config.extend_from_slice(&capacity_sectors.to_le_bytes());
+        config.extend_from_slice(&0u32.to_le_bytes());
+        config.extend_from_slice(&SEG_MAX.to_le_bytes());
+        Ok(Block {
+            disk,
+            read_only,
+            capacity_sectors,
+            id: idb,
+            config,
+            active: None,
+        })
+    }
+
+    fn in_range(&self, sector: u64, bytes: u64) -> bool {
+        bytes % SECTOR_SIZE == 0
+            && sector
+                .checked_add(bytes / SECTOR_SIZE)
+                .is_some_and(|end| end <= self.capacity_sectors)
+    }
+
+    /// Executes a request; returns its status and the bytes written to the
+    /// guest's data buffers.
+    fn execute(&self, req: &Request, mem: &GuestMemoryMmap) -> (u8, u32) {
+        let total: u64 = req.data.iter().map(|s| u64::from(s.len)).sum();
+        match req.kind {
+            T_IN | T_OUT if !self.in_range(req.sector, total) => (S_IOERR, 0),
+            T_IN => {
+                let mut offset = req.sector * SECTOR_SIZE;
+                let mut written = 0u32;
+                for s in &req.data {
+                    let mut buf = vec![0u8; s.len as usize];
+                    if self.disk.read_exact_at(&mut buf, offset).is_err()
+                        || mem.write_slice(&buf, s.addr).is_err()
+                    {
+                        return (S_IOERR, written);
+                    }
+                    offset += u64::from(s.len);
+                    written += s.len;
+                }
+                (S_OK, written)
+            }
+            T_OUT if self.read_only => (S_IOERR, 0),
+            T_OUT => {
+                let mut offset = req.sector * SECTOR_SIZE;
+                for s in &req.data {
+                    let mut buf = vec![0u8; s.len as usize];
+                    if mem.read_slice(&mut buf, s.addr).is_err()
+                        || self.disk.write_all_at(&buf, offset).is_err()
+                    {
+                        return (S_IOERR, 0);
+                    }
+                    offset += u64::from(s.len);
+                }
+                (S_OK, 0)
+            }
+            T_FLUSH if self.read_only => (S_OK, 0),
+            T_FLUSH => match self.disk.sync_data() {
+                Ok(()) => (S_OK, 0),
+                Err(_) => (S_IOERR, 0),
+            },
+            T_GET_ID => {
+                let Some(s) = req.data.first() else {
+                    return (S_IOERR, 0);
+                };
+                let n = (s.len as usize).min(ID_BYTES);
+                match mem.write_slice(&self.id[..n], s.addr) {
+                    Ok(()) => (S_OK, n as u32),
+                    Err(_) => (S_IOERR, 0),
+                }
+            }
+            _ => (S_UNSUPP, 0),
+        }
+    }
+
+    fn process(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let mem = active.mem.clone();
+        let mut completed = Vec::new();
+        match active.queue.iter(&mem) {
+            Ok(iter) => {
+                for chain in iter {
+                    let head = chain.head_index();
+                    let segs: Vec<Seg> = chain
+                        .map(|d| Seg {
+                            addr: d.addr(),
+                            len: d.len(),
+                            write_only: d.is_write_only(),
+                        })
+                        .collect();
+                    completed.push((head, segs));
+                }
+            }
+            Err(e) => {
+                eprintln!("virtio-blk: queue unusable: {e}");
+                return;
+            }
+        }
+        if completed.is_empty() {
+            return;
+        }
+        let mut results = Vec::with_capacity(completed.len());
+        for (head, segs) in &completed {
+            let used_len = match parse(segs, &mem) {
+                Ok(req) => {
+                    let (status, written) = self.execute(&req, &mem);
+                    let _ = mem.write_obj(status, req.status);
+                    written + 1
+                }
+                Err(ParseError::Bad(status)) => {
+                    let _ = mem.write_obj(S_IOERR, status);
+                    1
+                }
+                Err(ParseError::NoStatus) => 0,
+            };
+            results.push((*head, used_len));
+        }
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        for (head, len) in results {
+            if let Err(e) = active.queue.add_used(&mem, head, len) {
+                eprintln!("virtio-blk: add_used: {e}");
+            }
+        }
+        if active.queue.needs_notification(&mem).unwrap_or(true) {
+            active.interrupt.signal(INT_USED_RING);
+        }
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        TYPE_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_SEG_MAX;
+        if self.read_only {
+            f |= VIRTIO_BLK_F_RO;
+        }
+        f
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+        mut queues: Vec<Queue>,
+        _acked_features: u64,
+    ) -> Result<(), ActivateError> {
+        let queue = queues
+            .pop()
+            .ok_or(ActivateError::InvalidQueue { index: 0 })?;
+        if !queue.ready() {
+            return Err(ActivateError::InvalidQueue { index: 0 });
+        }
+        self.active = Some(Active {
+            mem,
+            interrupt,
+            queue,
+        });
+        Ok(())
+    }
+
+    fn process_queue(&mut self, _index: usize) {
+        self.process();
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
+    }
+
+    fn seg(addr: u64, len: u32, write_only: bool) -> Seg {
+        Seg {
+            addr: GuestAddress(addr),
+            len,
+            write_only,
+        }
+    }
+
+    fn header(m: &GuestMemoryMmap, kind: u32, sector: u64) {
+        m.write_obj(kind, GuestAddress(0x1000)).unwrap();
+        m.write_obj(sector, GuestAddress(0x1008)).unwrap();
+    }
+
+    fn disk(sectors: u64, ro: bool) -> (tempfile_path::TempPath, Block) {
+        let p = tempfile_path::TempPath::new("blk");
+        std::fs::write(&p.0, vec![0xab; (sectors * SECTOR_SIZE) as usize]).unwrap();
+        let b = Block::open(&p.0, ro, "test-disk").unwrap();
+        (p, b)
+    }
+
+    mod tempfile_path {
+        pub struct TempPath(pub std::path::PathBuf);
+        impl TempPath {
+            pub fn new(tag: &str) -> Self {
+                static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+                let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                TempPath(
+                    std::env::temp_dir()
+                        .join(format!("microagent-{tag}-{}-{n}", std::process::id())),
+                )
+            }
+        }
+        impl Drop for TempPath {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+    }
+
+    #[test]
+    fn hostile_chains_are_refused_without_touching_the_disk() {
+        let m = mem();
+        header(&m, T_IN, 0);
+        // No status descriptor at all.
+        assert_eq!(
+            parse(&[seg(0x1000, 16, false)], &m),
+            Err(ParseError::NoStatus)
+        );
+        // Status descriptor not writable.
+        assert_eq!(
+            parse(&[seg(0x1000, 16, false), seg(0x3000, 1, false)], &m),
+            Err(ParseError::NoStatus)
+        );
+        // Short header.
+        assert!(matches!(
+            parse(&[seg(0x1000, 8, false), seg(0x3000, 1, true)], &m),
+            Err(ParseError::Bad(_))
+        ));
+        // Header outside guest memory.
+        assert!(matches!(
+            parse(&[seg(0xfff_0000, 16, false), seg(0x3000, 1, true)], &m),
+            Err(ParseError::Bad(_))
+        ));
+        // A read whose data buffer is device-readable (wrong direction).
+        assert!(matches!(
+            parse(
+                &[
+                    seg(0x1000, 16, false),
+                    seg(0x2000, 512, false),
+                    seg(0x3000, 1, true)
+                ],
+                &m
+            ),
+            Err(ParseError::Bad(_))
+        ));
+        // A huge descriptor.
+        assert!(matches!(
+            parse(
+                &[
+                    seg(0x1000, 16, false),
+                    seg(0x2000, u32::MAX, true),
+                    seg(0x3000, 1, true)
+                ],
+                &m
+            ),
+            Err(ParseError::Bad(_))
+        ));
+    }
+
+    #[test]
+    fn reads_past_the_end_or_into_unmapped_memory_fail_cleanly() {
+        let m = mem();
+        let (_p, b) = disk(8, false);
+        header(&m, T_IN, 7);
+        let req = parse(
+            &[
+                seg(0x1000, 16, false),
+                seg(0x2000, 1024, true),
+                seg(0x3000, 1, true),
+            ],
+            &m,
+        )
+        .unwrap();
+        assert_eq!(b.execute(&req, &m).0, S_IOERR, "sector 7 + 2 sectors > 8");
+        header(&m, T_IN, u64::MAX);
+        let req = parse(
+            &[
+                seg(0x1000, 16, false),
+                seg(0x2000, 512, true),
+                seg(0x3000, 1, true),
+            ],
+            &m,
+        )
+        .unwrap();
+        assert_eq!(b.execute(&req, &m).0, S_IOERR, "sector overflow");
+        header(&m, T_IN, 0);
+        let req = parse(
+            &[
+                seg(0x1000, 16, false),
+                seg(0x20_0000, 512, true),
+                seg(0x3000, 1, true),
+            ],
+            &m,
+        )
+        .unwrap();
+        assert_eq!(b.execute(&req, &m).0, S_IOERR, "buffer outside guest RAM");
+        header(&m, T_IN, 0);
+        let req = parse(
+            &[
+                seg(0x1000, 16, false),
+                seg(0x2000, 100, true),
+                seg(0x3000, 1, true),
+            ],
+            &m,
+        )
+        .unwrap();
+        assert_eq!(b.execute(&req, &m).0, S_IOERR, "not a whole sector");
+    }
+
+    #[test]
+    fn read_write_flush_round_trip() {
+        let m = mem();
+        let (p, b) = disk(8, false);
+        m.write_slice(&[0x5a; 512], GuestAddress(0x2000)).unwrap();
+        header(&m, T_OUT, 3);
+        let w = parse(
+            &[
+                seg(0x1000, 16, false),
+                seg(0x2000, 512, false),
+                seg(0x3000, 1, true),
+            ],
+            &m,
+        )
+        .unwrap();
+        assert_eq!(b.execute(&w, &m), (S_OK, 0));
+        header(&m, T_FLUSH, 0);
+        let f = parse(&[seg(0x1000, 16, false), seg(0x3000, 1, true)], &m).unwrap();
+        assert_eq!(b.execute(&f, &m), (S_OK, 0));
+        let on_disk = std::fs::read(&p.0).unwrap();
+        assert_eq!(&on_disk[3 * 512..4 * 512], &[0x5a; 512][..]);
+        assert_eq!(on_disk[2 * 512], 0xab);
+        header(&m, T_IN, 3);
+        let r = parse(
+            &[
+                seg(0x1000, 16, false),
+                seg(0x4000, 512, true),
+                seg(0x3000, 1, true),
+            ],
+            &m,
+        )
+        .unwrap();
+        assert_eq!(b.execute(&r, &m), (S_OK, 512));
+        let mut back = [0u8; 512];
+        m.read_slice(&mut back, GuestAddress(0x4000)).unwrap();
+        assert_eq!(back, [0x5a; 512]);
+        header(&m, T_GET_ID, 0);
+        let id = parse(
+            &[
+                seg(0x1000, 16, false),
+                seg(0x5000, 20, true),
+                seg(0x3000, 1, true),
+            ],
+            &m,
+        )
+        .unwrap();
+        assert_eq!(b.execute(&id, &m), (S_OK, 20));
+        let mut idb = [0u8; 9];
+        m.read_slice(&mut idb, GuestAddress(0x5000)).unwrap();
+        assert_eq!(&idb, b"test-disk");
+    }
+
+    #[test]
+    fn read_only_disk_refuses_writes_and_says_so() {
+        let m = mem();
+        let (p, b) = disk(4, true);
+        assert_ne!(b.features() & VIRTIO_BLK_F_RO, 0);
+        header(&m, T_OUT, 0);
+        m.write_slice(&[0u8; 512], GuestAddress(0x2000)).unwrap();
+        let w = parse(
+            &[
+                seg(0x1000, 16, false),
+                seg(0x2000, 512, false),
+                seg(0x3000, 1, true),
+            ],
+            &m,
+        )
+        .unwrap();
+        assert_eq!(b.execute(&w, &m).0, S_IOERR);
+        assert!(std::fs::read(&p.0).unwrap().iter().all(|&x| x == 0xab));
+        header(&m, 99, 0);
+        let u = parse(&[seg(0x1000, 16, false), seg(0x3000, 1, true)], &m).unwrap();
+        assert_eq!(b.execute(&u, &m).0, S_UNSUPP);
+    }
+
+    #[test]
+    fn config_reports_capacity_and_bounds_reads() {
+        let (_p, b) = disk(8, false);
+        let mut cap = [0u8; 8];
+        b.read_config(0, &mut cap);
+        assert_eq!(u64::from_le_bytes(cap), 8);
+        let mut past = [0xffu8; 4];
+        b.read_config(4096, &mut past);
+        assert_eq!(past, [0; 4]);
+    }
+}

@@ -1,0 +1,90 @@
+//! virtio devices over the virtio-mmio transport (virtio 1.x, MMIO version 2).
+
+pub mod block;
+pub mod mmio;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+pub const TYPE_BLOCK: u32 = 2;
+
+/// Interrupt status bits of the MMIO transport.
+pub const INT_USED_RING: u32 = 1;
+pub const INT_CONFIG: u32 = 2;
+
+/// A device's interrupt line: status bits the driver reads and acks through
+/// the transport, plus an irqfd that KVM turns into an IOAPIC edge.
+pub struct Interrupt {
+    status: AtomicU32,
+    irqfd: EventFd,
+}
+
+impl Interrupt {
+    pub fn new(irqfd: EventFd) -> Self {
+        Interrupt {
+            status: AtomicU32::new(0),
+            irqfd,
+        }
+    }
+
+    pub fn signal(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::SeqCst);
+        // A full eventfd counter still means "interrupt pending": fine to drop.
+        let _ = self.irqfd.write(1);
+    }
+
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("virtio queue {index} is not valid for guest memory (addresses or size)")]
+    InvalidQueue { index: usize },
+    #[error("driver did not accept VIRTIO_F_VERSION_1")]
+    NotModern,
+}
+
+/// The device half of a virtio device; the transport owns feature
+/// negotiation and queue set-up, and hands ready queues over on DRIVER_OK.
+pub trait VirtioDevice: Send {
+    fn device_type(&self) -> u32;
+    fn queue_max_sizes(&self) -> &[u16];
+    fn features(&self) -> u64;
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: std::sync::Arc<Interrupt>,
+        queues: Vec<Queue>,
+        acked_features: u64,
+    ) -> Result<(), ActivateError>;
+    /// The driver kicked queue `index` (ioeventfd or trapped MMIO write).
+    fn process_queue(&mut self, index: usize);
+    /// The driver reset the device: drop queues, forget activation.
+    fn reset(&mut self);
+}
+
+/// Reads `data.len()` bytes at `offset` of a device config blob; out-of-range
+/// bytes read as zero so a probing driver never sees host memory.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if start >= config.len() {
+        return;
+    }
+    let end = (start + data.len()).min(config.len());
+    data[..end - start].copy_from_slice(&config[start..end]);
+}

@@ -1,0 +1,29 @@
+//! Facts about the host that change how guests must be configured.
+
+use std::path::Path;
+
+use crate::vmm::arch::x86_64::cpuid::CpuTemplate;
+
+/// PVM ("Pagetable-based Virtual Machine") provides /dev/kvm by software
+/// virtualization: guest kernel code runs in KVM's instruction emulator,
+/// which needs a restricted CPU and a patched guest (shared/HOST-KVM.md).
+pub fn is_pvm() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// The CPU template used when the user does not pick one.
+pub fn default_cpu_template() -> CpuTemplate {
+    if is_pvm() {
+        CpuTemplate::PvmSafe
+    } else {
+        CpuTemplate::Host
+    }
+}
+
+/// Total host RAM in bytes, used to refuse guests that could never fit.
+pub fn total_ram_bytes() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}

@@ -1,0 +1,8 @@
+//! The virtual machine monitor: the only code that touches kvm-ioctls.
+
+pub mod arch;
+pub mod boot;
+pub mod host;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;

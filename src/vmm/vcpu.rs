@@ -1,0 +1,274 @@
+//! One vCPU: boot-time register set-up and the KVM_RUN loop that turns exits
+//! into device accesses.
+
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::{kvm_lapic_state, CpuId};
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::arch::x86_64::cpuid::{self, CpuTemplate};
+use super::arch::x86_64::{msrs, regs};
+use crate::devices::bus::Bus;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("creating vCPU {index}: {source}")]
+    Create {
+        index: u8,
+        source: kvm_ioctls::Error,
+    },
+    #[error("configuring vCPU {index}: {what}: {source}")]
+    Configure {
+        index: u8,
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("configuring vCPU {index}: KVM accepted {set} of {wanted} boot MSRs")]
+    Msrs {
+        index: u8,
+        set: usize,
+        wanted: usize,
+    },
+    #[error("vCPU {index}: {source}")]
+    Regs { index: u8, source: regs::RegsError },
+    #[error("building CPUID: {0:?}")]
+    Cpuid(vmm_sys_util::fam::Error),
+}
+
+/// Why the guest stopped running.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GuestStop {
+    /// The guest asked to be reset (i8042 pulse, triple fault, system
+    /// event). A microVM has no firmware to reboot into, so this is how a
+    /// guest powers off.
+    Reset(String),
+    /// The VMM could not go on running the guest.
+    Error(String),
+}
+
+/// Shared by vCPU threads and devices: the first stop reason wins, and the
+/// event wakes the VMM's event loop.
+pub struct StopSignal {
+    reason: Mutex<Option<GuestStop>>,
+    pub evt: EventFd,
+}
+
+impl StopSignal {
+    pub fn new(evt: EventFd) -> Self {
+        StopSignal {
+            reason: Mutex::new(None),
+            evt,
+        }
+    }
+
+    pub fn stop(&self, why: GuestStop) {
+        let mut r = crate::devices::bus::lock(&self.reason);
+        if r.is_none() {
+            *r = Some(why);
+        }
+        let _ = self.evt.write(1);
+    }
+
+    pub fn reason(&self) -> Option<GuestStop> {
+        crate::devices::bus::lock(&self.reason).clone()
+    }
+}
+
+/// The I/O buses a vCPU dispatches exits to.
+pub struct IoBuses {
+    pub pio: Bus,
+    pub mmio: Bus,
+}
+
+pub struct Vcpu {
+    fd: VcpuFd,
+    pub index: u8,
+}
+
+const APIC_LVT0: usize = 0x350;
+const APIC_LVT1: usize = 0x360;
+const APIC_MODE_NMI: u32 = 0x4;
+const APIC_MODE_EXTINT: u32 = 0x7;
+
+fn lapic_reg(state: &kvm_lapic_state, offset: usize) -> u32 {
+    let b: [u8; 4] = std::array::from_fn(|i| state.regs[offset + i] as u8);
+    u32::from_le_bytes(b)
+}
+
+fn set_lapic_reg(state: &mut kvm_lapic_state, offset: usize, value: u32) {
+    for (i, b) in value.to_le_bytes().iter().enumerate() {
+        state.regs[offset + i] = *b as _;
+    }
+}
+
+fn set_delivery_mode(reg: u32, mode: u32) -> u32 {
+    (reg & !0x700) | (mode << 8)
+}
+
+impl Vcpu {
+    pub fn new(vm: &VmFd, index: u8) -> Result<Vcpu, VcpuError> {
+        let fd = vm
+            .create_vcpu(u64::from(index))
+            .map_err(|source| VcpuError::Create { index, source })?;
+        Ok(Vcpu { fd, index })
+    }
+
+    fn cfg(&self, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+        let index = self.index;
+        move |source| VcpuError::Configure {
+            index,
+            what,
+            source,
+        }
+    }
+
+    /// The guest TSC frequency KVM gives this vCPU, if it can tell.
+    pub fn tsc_khz(&self) -> Option<u32> {
+        self.fd.get_tsc_khz().ok()
+    }
+
+    pub fn configure_boot(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        supported_cpuid: &CpuId,
+        template: CpuTemplate,
+        vcpu_count: u8,
+        entry: u64,
+    ) -> Result<(), VcpuError> {
+        let mut cpuid = supported_cpuid.clone();
+        cpuid::configure(&mut cpuid, template, self.index, vcpu_count);
+        self.fd.set_cpuid2(&cpuid).map_err(self.cfg("CPUID"))?;
+
+        let msrs = msrs::boot_msrs().map_err(VcpuError::Cpuid)?;
+        let set = self.fd.set_msrs(&msrs).map_err(self.cfg("MSRs"))?;
+        if set != msrs.as_slice().len() {
+            return Err(VcpuError::Msrs {
+                index: self.index,
+                set,
+                wanted: msrs.as_slice().len(),
+            });
+        }
+
+        // Application processors start in wait-for-SIPI; only the BSP gets
+        // the boot state (the kernel brings APs up itself).
+        if self.index == 0 {
+            self.fd
+                .set_regs(&regs::boot_regs(entry))
+                .map_err(self.cfg("registers"))?;
+            let sregs = self.fd.get_sregs().map_err(self.cfg("reading sregs"))?;
+            let sregs = regs::boot_sregs(mem, sregs).map_err(|source| VcpuError::Regs {
+                index: self.index,
+                source,
+            })?;
+            self.fd.set_sregs(&sregs).map_err(self.cfg("sregs"))?;
+        }
+        self.fd
+            .set_fpu(&regs::boot_fpu())
+            .map_err(self.cfg("FPU"))?;
+
+        let mut lapic = self.fd.get_lapic().map_err(self.cfg("reading LAPIC"))?;
+        let lvt0 = lapic_reg(&lapic, APIC_LVT0);
+        set_lapic_reg(
+            &mut lapic,
+            APIC_LVT0,
+            set_delivery_mode(lvt0, APIC_MODE_EXTINT),
+        );
+        let lvt1 = lapic_reg(&lapic, APIC_LVT1);
+        set_lapic_reg(
+            &mut lapic,
+            APIC_LVT1,
+            set_delivery_mode(lvt1, APIC_MODE_NMI),
+        );
+        self.fd.set_lapic(&lapic).map_err(self.cfg("LAPIC"))?;
+        Ok(())
+    }
+
+    /// Runs the guest until it stops or another vCPU stops the VM.
+    pub fn run_loop(mut self, buses: Arc<IoBuses>, mem: GuestMemoryMmap, stop: Arc<StopSignal>) {
+        loop {
+            if stop.reason().is_some() {
+                return;
+            }
+            let result = match self.fd.run() {
+                Ok(exit) => match exit {
+                    VcpuExit::IoIn(port, data) => {
+                        buses.pio.read(u64::from(port), data);
+                        None
+                    }
+                    VcpuExit::IoOut(port, data) => {
+                        buses.pio.write(u64::from(port), data);
+                        None
+                    }
+                    VcpuExit::MmioRead(addr, data) => {
+                        buses.mmio.read(addr, data);
+                        None
+                    }
+                    VcpuExit::MmioWrite(addr, data) => {
+                        buses.mmio.write(addr, data);
+                        None
+                    }
+                    VcpuExit::Hlt => None,
+                    VcpuExit::Shutdown => Some(GuestStop::Reset("triple fault (KVM_EXIT_SHUTDOWN)".into())),
+                    VcpuExit::SystemEvent(kind, _) => Some(GuestStop::Reset(format!("system event {kind}"))),
+                    VcpuExit::InternalError => Some(GuestStop::Error(self.internal_error_report(&mem))),
+                    VcpuExit::FailEntry(reason, cpu) => Some(GuestStop::Error(format!(
+                        "vCPU {}: KVM_EXIT_FAIL_ENTRY (hardware entry failure reason {reason:#x} on host CPU {cpu})",
+                        self.index
+                    ))),
+                    other => Some(GuestStop::Error(format!("vCPU {}: unexpected exit {other:?}", self.index))),
+                },
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+                Err(e) => Some(GuestStop::Error(format!("vCPU {}: KVM_RUN failed: {e}", self.index))),
+            };
+            if let Some(why) = result {
+                stop.stop(why);
+                return;
+            }
+        }
+    }
+
+    /// Names the exit, the guest RIP and the bytes there, which is what one
+    /// needs to tell an emulator limitation (PVM) from a guest bug.
+    fn internal_error_report(&mut self, mem: &GuestMemoryMmap) -> String {
+        // SAFETY: we are handling KVM_EXIT_INTERNAL_ERROR, so `internal` is
+        // the member of the exit union KVM filled in.
+        let internal = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal };
+        let suberror = match internal.suberror {
+            1 => "emulation failure",
+            2 => "simultaneous exceptions",
+            3 => "delivery event",
+            4 => "unexpected exit reason",
+            _ => "unknown",
+        };
+        let rip = self.fd.get_regs().map(|r| r.rip).ok();
+        let bytes = rip.map(|rip| self.instruction_bytes(mem, rip));
+        format!(
+            "vCPU {}: KVM_EXIT_INTERNAL_ERROR (suberror {}: {suberror}) at RIP {}, instruction bytes: {}",
+            self.index,
+            internal.suberror,
+            rip.map_or("unknown".into(), |r| format!("{r:#x}")),
+            bytes.unwrap_or_else(|| "unavailable".into()),
+        )
+    }
+
+    fn instruction_bytes(&self, mem: &GuestMemoryMmap, rip: u64) -> String {
+        // Kernel text is mapped at __START_KERNEL_map + physical address.
+        const START_KERNEL_MAP: u64 = 0xffff_ffff_8000_0000;
+        let gpa = match self.fd.translate_gva(rip) {
+            Ok(t) if t.valid != 0 => t.physical_address,
+            _ if rip >= START_KERNEL_MAP => rip - START_KERNEL_MAP,
+            _ => rip,
+        };
+        let mut buf = [0u8; 15];
+        match mem.read_slice(&mut buf, GuestAddress(gpa)) {
+            Ok(()) => buf
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+            Err(_) => format!("unavailable (guest physical {gpa:#x} is not RAM)"),
+        }
+    }
+}

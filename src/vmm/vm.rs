@@ -1,0 +1,472 @@
+//! A booted microVM: KVM VM with in-kernel irqchip and PIT, guest memory,
+//! devices, vCPU threads and the device event loop.
+
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::arch::x86_64::cpuid::CpuTemplate;
+use super::arch::x86_64::layout::{
+    IRQ_MAX, KVM_TSS_ADDRESS, MAX_VCPUS, SERIAL_IRQ, VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE,
+    VIRTIO_MMIO_SIZE,
+};
+use super::arch::x86_64::mptable;
+use super::boot::{self, BootError};
+use super::memory::{self, MemoryError};
+use super::vcpu::{GuestStop, IoBuses, StopSignal, Vcpu, VcpuError};
+use crate::devices::bus::{lock, Bus};
+use crate::devices::i8042::{I8042, I8042_LEN, I8042_PORT};
+use crate::devices::serial::{ConsoleSink, SerialDevice, COM1_LEN, COM1_PORT};
+use crate::devices::virtio::block::{Block, BlockError};
+use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
+use crate::devices::virtio::Interrupt;
+use crate::devices::EventFdTrigger;
+
+pub const MIN_MEM_MIB: u64 = 32;
+/// Loops-per-jiffy is derived from the TSC at this HZ (our kernel's CONFIG_HZ).
+const GUEST_HZ: u64 = 100;
+
+#[derive(Debug, Clone)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    /// The first disk is /dev/vda, the next /dev/vdb, and so on.
+    pub disks: Vec<DiskConfig>,
+    pub vcpus: u8,
+    pub mem_mib: u64,
+    /// Appended to the VMM's own arguments (console, reboot, devices, CPU).
+    pub cmdline: String,
+    pub cpu_template: CpuTemplate,
+    /// Turns on the guest-kernel system-call fallback our PVM patch adds.
+    pub pvm: bool,
+    pub console_log: Option<PathBuf>,
+    pub console_stdout: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("invalid vCPU count {0}: must be 1 to {MAX_VCPUS}")]
+    Vcpus(u64),
+    #[error("invalid memory size {mib} MiB: must be {MIN_MEM_MIB} MiB to {max} MiB (host RAM)")]
+    Memory { mib: u64, max: u64 },
+    #[error("kernel {0} does not exist")]
+    KernelMissing(String),
+    #[error("disk {0} does not exist")]
+    DiskMissing(String),
+    #[error("too many disks: {0} (at most {max})", max = IRQ_MAX - VIRTIO_IRQ_BASE + 1)]
+    TooManyDisks(usize),
+    #[error("cannot open /dev/kvm: {0} (is KVM available and are you allowed to use it?)")]
+    Kvm(kvm_ioctls::Error),
+    #[error("KVM {what}: {source}")]
+    KvmSetup {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("creating an eventfd: {0}")]
+    EventFd(std::io::Error),
+    #[error("opening console log {path}: {source}")]
+    ConsoleLog {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Memory2(#[from] MemoryError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    Block(#[from] BlockError),
+    #[error(transparent)]
+    Mptable(#[from] mptable::MptableError),
+    #[error("device layout: {0}")]
+    Layout(#[from] crate::devices::bus::OverlapError),
+    #[error("event loop: {0}")]
+    EventLoop(std::io::Error),
+}
+
+impl VmConfig {
+    /// Checks everything that can be checked without touching KVM, so bad
+    /// input fails fast with a message naming the value.
+    pub fn validate(&self) -> Result<(), VmError> {
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(VmError::Vcpus(u64::from(self.vcpus)));
+        }
+        let max = super::host::total_ram_bytes().map_or(u64::MAX, |b| b >> 20);
+        if self.mem_mib < MIN_MEM_MIB || self.mem_mib > max {
+            return Err(VmError::Memory {
+                mib: self.mem_mib,
+                max,
+            });
+        }
+        if !self.kernel.is_file() {
+            return Err(VmError::KernelMissing(self.kernel.display().to_string()));
+        }
+        for d in &self.disks {
+            if !d.path.is_file() {
+                return Err(VmError::DiskMissing(d.path.display().to_string()));
+            }
+        }
+        if self.disks.len() > (IRQ_MAX - VIRTIO_IRQ_BASE + 1) as usize {
+            return Err(VmError::TooManyDisks(self.disks.len()));
+        }
+        Ok(())
+    }
+}
+
+/// A queue kick the event loop watches: (transport, queue index).
+struct QueueKick {
+    evt: EventFd,
+    transport: Arc<Mutex<MmioTransport>>,
+    queue: usize,
+}
+
+pub struct Vm {
+    // Field order is drop order: vCPU threads and devices go before the VM
+    // fd, and the VM fd before the guest memory it maps.
+    vcpus: Vec<Vcpu>,
+    kicks: Vec<QueueKick>,
+    reset_evt: EventFd,
+    buses: Arc<IoBuses>,
+    stop: Arc<StopSignal>,
+    _vm: VmFd,
+    mem: GuestMemoryMmap,
+    /// The full kernel command line the guest booted with.
+    pub cmdline: String,
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::KvmSetup { what, source }
+}
+
+fn eventfd() -> Result<EventFd, VmError> {
+    EventFd::new(EFD_NONBLOCK).map_err(VmError::EventFd)
+}
+
+impl Vm {
+    pub fn boot(cfg: &VmConfig) -> Result<Vm, VmError> {
+        cfg.validate()?;
+        let kvm = Kvm::new().map_err(VmError::Kvm)?;
+        let vm = kvm.create_vm().map_err(kvm_err("creating VM"))?;
+        vm.set_tss_address(KVM_TSS_ADDRESS as usize)
+            .map_err(kvm_err("setting TSS address"))?;
+        vm.create_irq_chip().map_err(kvm_err("creating irqchip"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit).map_err(kvm_err("creating PIT"))?;
+
+        let mem = memory::create(cfg.mem_mib)?;
+        memory::register(&vm, &mem)?;
+        let kernel = boot::load_kernel(&mem, &cfg.kernel)?;
+
+        // Legacy devices.
+        let mut pio = Bus::default();
+        let serial_irq = eventfd()?;
+        vm.register_irqfd(&serial_irq, SERIAL_IRQ)
+            .map_err(kvm_err("registering serial irqfd"))?;
+        let log = match &cfg.console_log {
+            Some(path) => Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|source| VmError::ConsoleLog {
+                        path: path.display().to_string(),
+                        source,
+                    })?,
+            ),
+            None => None,
+        };
+        let serial = SerialDevice::new(
+            EventFdTrigger(serial_irq),
+            ConsoleSink::new(log, cfg.console_stdout),
+        );
+        pio.insert(COM1_PORT, COM1_LEN, Arc::new(Mutex::new(serial)))?;
+        let reset_evt = eventfd()?;
+        let i8042 = I8042::new(EventFdTrigger(
+            reset_evt.try_clone().map_err(VmError::EventFd)?,
+        ));
+        pio.insert(I8042_PORT, I8042_LEN, Arc::new(Mutex::new(i8042)))?;
+
+        // virtio-mmio devices, described to the guest on the command line.
+        let mut mmio = Bus::default();
+        let mut kicks = Vec::new();
+        let mut device_args = Vec::new();
+        for (i, disk) in cfg.disks.iter().enumerate() {
+            let base = VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE;
+            let irq = VIRTIO_IRQ_BASE + i as u32;
+            let id = format!("microagent-vd{}", (b'a' + i as u8) as char);
+            let block = Block::open(&disk.path, disk.read_only, &id)?;
+            let irqfd = eventfd()?;
+            vm.register_irqfd(&irqfd, irq)
+                .map_err(kvm_err("registering virtio irqfd"))?;
+            let transport = Arc::new(Mutex::new(MmioTransport::new(
+                Box::new(block),
+                mem.clone(),
+                Arc::new(Interrupt::new(irqfd)),
+            )));
+            for q in 0..lock(&transport).num_queues() {
+                let evt = eventfd()?;
+                vm.register_ioevent(
+                    &evt,
+                    &IoEventAddress::Mmio(base + REG_QUEUE_NOTIFY),
+                    q as u32,
+                )
+                .map_err(kvm_err("registering virtio ioeventfd"))?;
+                kicks.push(QueueKick {
+                    evt,
+                    transport: transport.clone(),
+                    queue: q,
+                });
+            }
+            mmio.insert(base, VIRTIO_MMIO_SIZE, transport)?;
+            device_args.push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
+        }
+
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("reading supported CPUID"))?;
+        let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
+        for index in 0..cfg.vcpus {
+            let mut vcpu = Vcpu::new(&vm, index)?;
+            vcpu.configure_boot(&mem, &supported, cfg.cpu_template, cfg.vcpus, kernel.entry)?;
+            vcpus.push(vcpu);
+        }
+
+        let cmdline = full_cmdline(cfg, vcpus[0].tsc_khz(), &device_args);
+        let parsed = boot::new_cmdline(&cmdline)?;
+        boot::write_boot_params(&mem, &kernel, &parsed, cfg.mem_mib << 20)?;
+        mptable::setup_mptable(&mem, cfg.vcpus)?;
+
+        let stop = Arc::new(StopSignal::new(eventfd()?));
+        Ok(Vm {
+            vcpus,
+            kicks,
+            reset_evt,
+            buses: Arc::new(IoBuses { pio, mmio }),
+            stop,
+            _vm: vm,
+            mem,
+            cmdline,
+        })
+    }
+
+    /// Runs the guest until it resets (powers off) or fails; returns why.
+    pub fn run(mut self) -> Result<GuestStop, VmError> {
+        let threads = self.start_vcpus()?;
+        let result = self.event_loop();
+        if self.stop.reason().is_none() {
+            self.stop.stop(GuestStop::Error("event loop ended".into()));
+        }
+        stop_vcpu_threads(threads);
+        result?;
+        Ok(self
+            .stop
+            .reason()
+            .unwrap_or_else(|| GuestStop::Error("stopped without a reason".into())))
+    }
+
+    fn start_vcpus(&mut self) -> Result<Vec<JoinHandle<()>>, VmError> {
+        install_kick_handler();
+        let mut threads = Vec::new();
+        for vcpu in self.vcpus.drain(..) {
+            let buses = self.buses.clone();
+            let mem = self.mem.clone();
+            let stop = self.stop.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("vcpu{}", vcpu.index))
+                .spawn(move || vcpu.run_loop(buses, mem, stop))
+                .map_err(VmError::EventLoop)?;
+            threads.push(handle);
+        }
+        Ok(threads)
+    }
+
+    fn event_loop(&mut self) -> Result<(), VmError> {
+        const STOP: u64 = u64::MAX;
+        const RESET: u64 = u64::MAX - 1;
+        let epoll = Epoll::new().map_err(VmError::EventLoop)?;
+        let add = |fd: i32, token: u64| {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, token),
+                )
+                .map_err(VmError::EventLoop)
+        };
+        add(self.stop.evt.as_raw_fd(), STOP)?;
+        add(self.reset_evt.as_raw_fd(), RESET)?;
+        for (i, k) in self.kicks.iter().enumerate() {
+            add(k.evt.as_raw_fd(), i as u64)?;
+        }
+        let mut events = vec![EpollEvent::default(); 32];
+        loop {
+            let n = match epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(VmError::EventLoop(e)),
+            };
+            for ev in &events[..n] {
+                match ev.data() {
+                    STOP => return Ok(()),
+                    RESET => {
+                        let _ = self.reset_evt.read();
+                        self.stop.stop(GuestStop::Reset(
+                            "i8042 reset (guest reboot or power-off)".into(),
+                        ));
+                        return Ok(());
+                    }
+                    i => {
+                        if let Some(k) = self.kicks.get(i as usize) {
+                            let _ = k.evt.read();
+                            lock(&k.transport).notify(k.queue);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The VMM's own arguments come first so that the user's can override
+/// defaults such as `quiet` but never the device list.
+fn full_cmdline(cfg: &VmConfig, tsc_khz: Option<u32>, device_args: &[String]) -> String {
+    let mut parts: Vec<String> = vec![
+        "console=ttyS0".into(),
+        "reboot=k".into(),
+        "panic=-1".into(),
+        "8250.nr_uarts=1".into(),
+    ];
+    if let Some(khz) = tsc_khz.filter(|k| *k > 0) {
+        // Skips delay-loop calibration, which costs seconds when emulated.
+        parts.push(format!("lpj={}", u64::from(khz) * 1000 / GUEST_HZ));
+    }
+    let defence = cfg.cpu_template.cmdline_defence();
+    if !defence.is_empty() {
+        parts.push(defence.into());
+    }
+    if cfg.pvm {
+        parts.push("microagent.pvm_syscall".into());
+    }
+    parts.extend(device_args.iter().cloned());
+    if !cfg.cmdline.trim().is_empty() {
+        parts.push(cfg.cmdline.trim().into());
+    }
+    parts.join(" ")
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+fn kick_signal() -> i32 {
+    libc::SIGRTMIN()
+}
+
+/// A no-op handler so the kick signal interrupts KVM_RUN (EINTR) instead of
+/// killing the process.
+fn install_kick_handler() {
+    // Registering twice is harmless; failure only means slower teardown.
+    let _ = vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler);
+}
+
+fn stop_vcpu_threads(threads: Vec<JoinHandle<()>>) {
+    use std::os::unix::thread::JoinHandleExt;
+    for t in threads {
+        // Kick until the thread notices the stop reason: a kick that lands
+        // just before KVM_RUN is lost, the next one is not.
+        for _ in 0..200 {
+            if t.is_finished() {
+                break;
+            }
+            // SAFETY: the pthread_t belongs to a thread we spawned and have
+            // not joined yet, so it is valid.
+            unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if t.is_finished() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> VmConfig {
+        VmConfig {
+            kernel: "/nonexistent/vmlinux".into(),
+            disks: vec![],
+            vcpus: 1,
+            mem_mib: 128,
+            cmdline: String::new(),
+            cpu_template: CpuTemplate::Host,
+            pvm: false,
+            console_log: None,
+            console_stdout: false,
+        }
+    }
+
+    #[test]
+    fn bad_input_is_named() {
+        let mut c = cfg();
+        c.vcpus = 0;
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "invalid vCPU count 0: must be 1 to 32"
+        );
+        c.vcpus = 200;
+        assert!(c.validate().unwrap_err().to_string().contains("200"));
+        c.vcpus = 1;
+        c.mem_mib = 0;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("invalid memory size 0 MiB"));
+        c.mem_mib = 1 << 40;
+        assert!(c.validate().unwrap_err().to_string().contains("host RAM"));
+        c.mem_mib = 128;
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "kernel /nonexistent/vmlinux does not exist"
+        );
+    }
+
+    #[test]
+    fn cmdline_puts_vmm_args_first_and_pvm_switch_only_on_pvm() {
+        let mut c = cfg();
+        c.cmdline = "root=/dev/vda init=/init".into();
+        let line = full_cmdline(
+            &c,
+            Some(2_000_000),
+            &["virtio_mmio.device=4K@0xd0000000:5".into()],
+        );
+        assert!(line.starts_with("console=ttyS0 reboot=k panic=-1"));
+        assert!(line.contains("lpj=20000000"));
+        assert!(line.ends_with("root=/dev/vda init=/init"));
+        assert!(!line.contains("pvm_syscall"));
+        assert!(!line.contains("clearcpuid"));
+        c.pvm = true;
+        c.cpu_template = CpuTemplate::PvmSafe;
+        let line = full_cmdline(&c, None, &[]);
+        assert!(line.contains("microagent.pvm_syscall"));
+        assert!(line.contains("clearcpuid=cx16,popcnt"));
+        assert!(!line.contains("lpj="));
+    }
+}

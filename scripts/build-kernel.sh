@@ -12,6 +12,9 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 cache_root=${MICROAGENT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/microagent}
 fragment=$repo/kernels/microagent.config
 src_tarball=/usr/src/linux-source-6.1.tar.xz
+# Bump when a change to this script changes the kernel it produces (the key
+# covers the fragment, patches and source version, not this file's text).
+recipe_version=1
 build_deps=(linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev xz-utils)
 
 log() { echo "build-kernel: $*" >&2; }
@@ -32,11 +35,16 @@ fi
 
 src_version=$(dpkg-query -W -f='${Version}' linux-source-6.1)
 key=$( {
-  echo "linux-source-6.1 $src_version"
-  sha256sum "$fragment" "$0"
+  echo "linux-source-6.1 $src_version recipe $recipe_version"
+  sha256sum "$fragment"
   for p in "$repo"/kernels/patches/*.patch; do sha256sum "$p"; done
 } | sed "s#$repo/##" | sha256sum | cut -c1-64)
 out=$cache_root/kernels/$key
+
+# Concurrent callers (parallel test binaries) wait for one build.
+mkdir -p "$cache_root/kernels"
+exec 9>"$cache_root/kernels/.lock"
+flock 9
 
 if [ -f "$out/sha256" ] && [ -f "$out/vmlinux" ] && [ -f "$out/bzImage" ]; then
   log "cached: $(cat "$out/sha256")  $out/vmlinux"
@@ -44,7 +52,6 @@ if [ -f "$out/sha256" ] && [ -f "$out/vmlinux" ] && [ -f "$out/bzImage" ]; then
   exit 0
 fi
 
-mkdir -p "$cache_root/kernels"
 work=$(mktemp -d "$cache_root/kernels/.build-$key.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 start=$(date +%s)

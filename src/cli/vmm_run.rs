@@ -9,7 +9,7 @@ use clap::Args;
 use crate::vmm::arch::x86_64::cpuid::CpuTemplate;
 use crate::vmm::host;
 use crate::vmm::vcpu::GuestStop;
-use crate::vmm::vm::{DiskConfig, Vm, VmConfig};
+use crate::vmm::vm::{DiskConfig, Vm, VmConfig, VmError};
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -23,7 +23,7 @@ pub struct RunArgs {
     #[arg(long = "disk", value_name = "PATH[:ro]")]
     disks: Vec<String>,
     #[arg(long, default_value_t = 1)]
-    vcpus: u8,
+    vcpus: u64,
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 256)]
     memory: u64,
@@ -39,6 +39,9 @@ pub struct RunArgs {
     /// Do not echo the serial console to stdout.
     #[arg(long)]
     no_console_stdout: bool,
+    /// Diagnostic: every SECS seconds print each vCPU's mode, RIP and bytes.
+    #[arg(long, value_name = "SECS")]
+    dump_state_every: Option<u64>,
 }
 
 fn parse_disk(spec: &str) -> DiskConfig {
@@ -71,7 +74,7 @@ pub fn run(args: RunArgs, json: bool) -> Result<i32> {
     let cfg = VmConfig {
         kernel: args.kernel,
         disks,
-        vcpus: args.vcpus,
+        vcpus: u8::try_from(args.vcpus).map_err(|_| VmError::Vcpus(args.vcpus))?,
         mem_mib: args.memory,
         cmdline: args.cmdline.unwrap_or_else(|| default_cmdline.into()),
         cpu_template: args.cpu_template.unwrap_or_else(host::default_cpu_template),
@@ -82,7 +85,9 @@ pub fn run(args: RunArgs, json: bool) -> Result<i32> {
     let started = std::time::Instant::now();
     let vm = Vm::boot(&cfg).context("booting the VM")?;
     let cmdline = vm.cmdline.clone();
-    let stop = vm.run().context("running the VM")?;
+    let stop = vm
+        .run(args.dump_state_every.map(std::time::Duration::from_secs))
+        .context("running the VM")?;
     let (code, kind, reason) = match &stop {
         GuestStop::Reset(why) => (super::EXIT_OK, "poweroff", why.clone()),
         GuestStop::Error(why) => (super::EXIT_FAILURE, "error", why.clone()),

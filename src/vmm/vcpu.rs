@@ -53,6 +53,9 @@ pub enum GuestStop {
 pub struct StopSignal {
     reason: Mutex<Option<GuestStop>>,
     pub evt: EventFd,
+    /// Set by the VMM to make each vCPU print its state at its next exit
+    /// (a diagnostic for guests that hang; see `vmm run --dump-state-after`).
+    pub dump_state: std::sync::atomic::AtomicBool,
 }
 
 impl StopSignal {
@@ -60,6 +63,7 @@ impl StopSignal {
         StopSignal {
             reason: Mutex::new(None),
             evt,
+            dump_state: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -219,7 +223,12 @@ impl Vcpu {
                     ))),
                     other => Some(GuestStop::Error(format!("vCPU {}: unexpected exit {other:?}", self.index))),
                 },
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    if stop.dump_state.load(std::sync::atomic::Ordering::SeqCst) {
+                        eprintln!("{}", self.state_report(&mem));
+                    }
+                    None
+                }
                 Err(e) => Some(GuestStop::Error(format!("vCPU {}: KVM_RUN failed: {e}", self.index))),
             };
             if let Some(why) = result {
@@ -251,6 +260,31 @@ impl Vcpu {
             rip.map_or("unknown".into(), |r| format!("{r:#x}")),
             bytes.unwrap_or_else(|| "unavailable".into()),
         )
+    }
+
+    /// One line describing where this vCPU is: for diagnosing hangs.
+    pub fn state_report(&mut self, mem: &GuestMemoryMmap) -> String {
+        let regs = self.fd.get_regs();
+        let sregs = self.fd.get_sregs();
+        let mp = self.fd.get_mp_state().map(|m| m.mp_state);
+        let (rip, bytes) = match &regs {
+            Ok(r) => {
+                let linear = match &sregs {
+                    // Outside long mode the CS base matters (real-mode trampolines).
+                    Ok(s) if s.efer & 0x400 == 0 => s.cs.base + r.rip,
+                    _ => r.rip,
+                };
+                (format!("{:#x}", r.rip), self.instruction_bytes(mem, linear))
+            }
+            Err(e) => (format!("unreadable ({e})"), String::new()),
+        };
+        match sregs {
+            Ok(s) => format!(
+                "vCPU {}: mp_state {:?} RIP {rip} CS {:#x} (base {:#x}) CR0 {:#x} EFER {:#x} bytes {bytes}",
+                self.index, mp, s.cs.selector, s.cs.base, s.cr0, s.efer
+            ),
+            Err(e) => format!("vCPU {}: mp_state {mp:?} RIP {rip}, sregs unreadable ({e})", self.index),
+        }
     }
 
     fn instruction_bytes(&self, mem: &GuestMemoryMmap, rip: u64) -> String {

@@ -267,8 +267,11 @@ impl Vm {
     }
 
     /// Runs the guest until it resets (powers off) or fails; returns why.
-    pub fn run(mut self) -> Result<GuestStop, VmError> {
+    pub fn run(mut self, dump_state_after: Option<Duration>) -> Result<GuestStop, VmError> {
         let threads = self.start_vcpus()?;
+        if let Some(after) = dump_state_after {
+            self.spawn_state_dumper(after, &threads);
+        }
         let result = self.event_loop();
         if self.stop.reason().is_none() {
             self.stop.stop(GuestStop::Error("event loop ended".into()));
@@ -279,6 +282,31 @@ impl Vm {
             .stop
             .reason()
             .unwrap_or_else(|| GuestStop::Error("stopped without a reason".into())))
+    }
+
+    /// Every `period`, asks each vCPU to print where it is.
+    fn spawn_state_dumper(&self, period: Duration, threads: &[JoinHandle<()>]) {
+        use std::os::unix::thread::JoinHandleExt;
+        let stop = self.stop.clone();
+        let tids: Vec<libc::pthread_t> = threads.iter().map(|t| t.as_pthread_t()).collect();
+        let _ = std::thread::Builder::new()
+            .name("state-dump".into())
+            .spawn(move || loop {
+                std::thread::sleep(period);
+                if stop.reason().is_some() {
+                    return;
+                }
+                stop.dump_state
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+                for t in &tids {
+                    // SAFETY: the vCPU threads outlive this loop until a stop
+                    // reason is set, which ends the loop first.
+                    unsafe { libc::pthread_kill(*t, kick_signal()) };
+                }
+                std::thread::sleep(Duration::from_millis(200));
+                stop.dump_state
+                    .store(false, std::sync::atomic::Ordering::SeqCst);
+            });
     }
 
     fn start_vcpus(&mut self) -> Result<Vec<JoinHandle<()>>, VmError> {

@@ -16,8 +16,10 @@ pub enum CpuTemplate {
     Host,
     /// Hides what KVM's instruction emulator cannot run in a PVM guest's
     /// kernel (see shared/HOST-KVM.md): cx16, popcnt, the XSAVE family and
-    /// everything built on it (AVX, AVX2, AVX-512, FMA, F16C), SMAP, and the
-    /// ARCH_CAPABILITIES MSR.
+    /// everything built on it (AVX, AVX2, AVX-512, FMA, F16C), SMAP, the
+    /// ARCH_CAPABILITIES MSR, and the KVM paravirtual features that work by
+    /// hypercall (send-IPI, kick/unhalt, sched-yield) plus PV TLB flush: a
+    /// PVM guest's first PV IPI never returns from its `vmcall`.
     PvmSafe,
 }
 
@@ -94,6 +96,9 @@ const EXT_ECX_SVM: u32 = 1 << 2;
 const EXT_ECX_XOP: u32 = 1 << 11;
 const EXT_ECX_FMA4: u32 = 1 << 16;
 const EXT_ECX_TOPOEXT: u32 = 1 << 22;
+
+// Leaf 0x40000001 EAX (KVM features): PV_UNHALT, PV_TLB_FLUSH, PV_SEND_IPI, PV_SCHED_YIELD.
+const KVM_PV_HYPERCALL_FEATURES: u32 = (1 << 7) | (1 << 9) | (1 << 11) | (1 << 13);
 
 fn ceil_log2(n: u32) -> u32 {
     if n <= 1 {
@@ -186,6 +191,7 @@ pub fn configure(cpuid: &mut CpuId, template: CpuTemplate, vcpu_index: u8, vcpu_
                     }
                 }
             }
+            (0x4000_0001, _) if pvm_safe => e.eax &= !KVM_PV_HYPERCALL_FEATURES,
             (0x8000_0001, _) => {
                 e.ecx &= !(EXT_ECX_SVM | EXT_ECX_TOPOEXT);
                 if pvm_safe {
@@ -224,6 +230,7 @@ mod tests {
             entry(0xb, 1, 0),
             entry(0xd, 0, u32::MAX),
             entry(0xd, 1, u32::MAX),
+            entry(0x4000_0001, 0, u32::MAX),
         ])
         .unwrap()
     }
@@ -249,6 +256,9 @@ mod tests {
         assert_eq!(l7.ebx & (1 << 5), 0, "avx2");
         assert_eq!(l7.ebx & (1 << 20), 0, "smap");
         assert!(find(&c, 0xd, 0).is_none() && find(&c, 0xd, 1).is_none());
+        let kvm = find(&c, 0x4000_0001, 0).unwrap();
+        assert_eq!(kvm.eax & (1 << 11), 0, "PV send-IPI");
+        assert_ne!(kvm.eax & 1, 0, "kvmclock stays");
         let l0b = find(&c, 0xb, 1).unwrap();
         assert_eq!((l0b.eax, l0b.ebx, l0b.edx), (1, 2, 1));
     }

@@ -67,40 +67,23 @@ pub fn bzimage() -> PathBuf {
     kernel_dir().join("bzImage")
 }
 
-fn busybox() -> PathBuf {
-    for p in ["/bin/busybox", "/usr/bin/busybox"] {
-        let out = Command::new("file").arg(p).output();
-        if let Ok(o) = out {
-            if String::from_utf8_lossy(&o.stdout).contains("statically linked") {
-                return p.into();
-            }
-        }
-    }
-    panic!("a static busybox is needed (apt-get install busybox-static)");
-}
-
-/// Builds an ext4 root disk holding a static busybox and `init` as /init.
+/// Builds an ext4 root disk holding a static busybox and `init` as /init
+/// (scripts/make-busybox-rootfs.sh, which the demo uses too).
 pub fn busybox_rootfs(dir: &Path, init: &str) -> PathBuf {
-    let tree = dir.join("rootfs-tree");
-    for d in ["bin", "proc", "sys", "dev", "mnt", "tmp", "etc", "root"] {
-        std::fs::create_dir_all(tree.join(d)).unwrap();
-    }
-    std::fs::copy(busybox(), tree.join("bin/busybox")).unwrap();
-    let out = Command::new(tree.join("bin/busybox"))
-        .arg("--list")
-        .output()
-        .unwrap();
-    for applet in String::from_utf8_lossy(&out.stdout).lines() {
-        if applet != "busybox" {
-            let _ = std::os::unix::fs::symlink("busybox", tree.join("bin").join(applet));
-        }
-    }
-    let init_path = tree.join("init");
+    let init_path = dir.join("init.sh");
     std::fs::write(&init_path, init).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&init_path, std::fs::Permissions::from_mode(0o755)).unwrap();
     let image = dir.join("rootfs.ext4");
-    mkfs_ext4(&image, "32M", Some(&tree));
+    let out = Command::new("bash")
+        .arg(repo_root().join("scripts/make-busybox-rootfs.sh"))
+        .arg(&image)
+        .arg(&init_path)
+        .output()
+        .expect("running make-busybox-rootfs.sh");
+    assert!(
+        out.status.success(),
+        "make-busybox-rootfs.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     image
 }
 

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs the Debian packages microagent's build, demo and tests need
+# (the kernel build's own dependencies are installed by build-kernel.sh).
+# Runs apt-get update before installing; does nothing if all are present.
+set -euo pipefail
+packages=(busybox-static e2fsprogs file util-linux)
+if [ "${1:-}" = "--with-qemu" ]; then
+  packages+=(qemu-system-x86)
+fi
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
+fi
+echo "setup: installing ${missing[*]}" >&2
+if [ "$(id -u)" -ne 0 ]; then
+  echo "setup: need root to install packages (sudo apt-get install ${missing[*]})" >&2
+  exit 1
+fi
+apt-get update -qq >&2
+DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2

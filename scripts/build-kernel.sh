@@ -48,6 +48,7 @@ flock 9
 
 if [ -f "$out/sha256" ] && [ -f "$out/vmlinux" ] && [ -f "$out/bzImage" ]; then
   log "cached: $(cat "$out/sha256")  $out/vmlinux"
+  ln -sfn "$key" "$cache_root/kernels/current"
   echo "kernel: $out"
   exit 0
 fi
@@ -94,4 +95,6 @@ sha256sum "$stage/vmlinux" | cut -c1-64 > "$stage/sha256"
 rm -rf "$out"
 mv "$stage" "$out"
 log "built in $(( $(date +%s) - start )) s: vmlinux sha256 $(cat "$out/sha256")"
+# `current` is the default kernel of new workspaces.
+ln -sfn "$key" "$cache_root/kernels/current"
 echo "kernel: $out"

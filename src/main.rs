@@ -1,9 +1,5 @@
 //! microagent: Linux microVMs on KVM from OCI images.
 
-mod cli;
-pub mod devices;
-pub mod vmm;
-
 fn main() {
-    std::process::exit(cli::run());
+    std::process::exit(microagent::cli::run());
 }

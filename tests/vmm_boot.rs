@@ -133,3 +133,57 @@ fn guest_boots_with_smp_memory_and_disks() {
         "read-only disk was modified"
     );
 }
+
+const LARGE_INIT: &str = r#"#!/bin/sh
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+echo MICROAGENT_INIT_OK
+echo "FACT cpus=$(grep -c ^processor /proc/cpuinfo)"
+echo "FACT memtotal_kb=$(awk '/MemTotal/ {print $2}' /proc/meminfo)"
+echo "FACT high_ram=$(grep -c '^100000000-.* : System RAM' /proc/iomem)"
+echo MICROAGENT_DONE
+reboot -f
+"#;
+
+/// 4 vCPUs and 4 GiB: RAM is split around the 3-4 GiB MMIO gap and the
+/// guest must see both parts. Heavy on PVM hosts (minutes): run with
+/// `cargo test --test vmm_boot -- --ignored`.
+#[test]
+#[ignore]
+fn large_guest_above_mmio_gap() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let rootfs = busybox_rootfs(dir.path(), LARGE_INIT);
+    let console = dir.path().join("console.log");
+    let out = vmm_run(&[
+        "--kernel",
+        vmlinux().to_str().unwrap(),
+        "--rootfs",
+        rootfs.to_str().unwrap(),
+        "--vcpus",
+        "4",
+        "--memory",
+        "4096",
+        "--console-log",
+        console.to_str().unwrap(),
+        "--no-console-stdout",
+        "--cmdline",
+        "quiet root=/dev/vda rw init=/init",
+    ]);
+    let (_, stderr) = text(&out);
+    let log = std::fs::read_to_string(&console).unwrap_or_default();
+    assert!(
+        out.status.success(),
+        "VMM failed: {stderr}\nconsole:\n{log}"
+    );
+    assert_eq!(fact(&log, "cpus"), Some("4"), "{log}");
+    let mem_kb: u64 = fact(&log, "memtotal_kb").unwrap().parse().unwrap();
+    assert!(mem_kb > 3_900_000, "MemTotal {mem_kb} kB for a 4 GiB guest");
+    assert_eq!(
+        fact(&log, "high_ram"),
+        Some("1"),
+        "RAM above 4 GiB not registered:\n{log}"
+    );
+}

@@ -1,8 +1,17 @@
-//! Command-line front end. Exit codes: 0 success, 1 failure, 2 usage error.
+//! Command-line front end.
+//!
+//! Exit codes: 0 success, 1 failure, 2 usage error.
 
+mod inspect;
+mod lifecycle;
+mod output;
 mod vmm_run;
+mod vmm_serve;
 
 use clap::{Parser, Subcommand};
+
+use crate::workspace::store::StateDir;
+use output::Out;
 
 #[derive(Parser)]
 #[command(
@@ -11,15 +20,37 @@ use clap::{Parser, Subcommand};
     about = "Linux microVMs on KVM: boot, exec, snapshot, fork"
 )]
 pub struct Cli {
-    /// Machine-readable output (one JSON document on stdout).
+    /// Machine-readable output: one JSON document on stdout.
     #[arg(long, global = true)]
     json: bool,
+    /// No output on success.
+    #[arg(long, short, global = true)]
+    quiet: bool,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Create a workspace (its own copy of a root disk, not started).
+    Create(lifecycle::CreateArgs),
+    /// Start a workspace's VM in a detached VMM process.
+    Start(lifecycle::NameArgs),
+    /// Pause a running workspace's vCPUs.
+    Pause(lifecycle::NameArgs),
+    /// Resume a paused workspace.
+    Resume(lifecycle::NameArgs),
+    /// Stop a workspace's VM (forced after --timeout).
+    Halt(lifecycle::HaltArgs),
+    /// Delete a workspace with its disk and snapshots.
+    Delete(lifecycle::DeleteArgs),
+    /// List workspaces.
+    #[command(alias = "ls")]
+    List(inspect::ListArgs),
+    /// Show one workspace.
+    Status(lifecycle::NameArgs),
+    /// Print a workspace's serial console.
+    Logs(inspect::LogsArgs),
     /// Low-level VMM commands (used by the workspace commands and tests).
     #[command(hide = true, subcommand)]
     Vmm(VmmCommand),
@@ -29,6 +60,10 @@ enum Command {
 enum VmmCommand {
     /// Boot a kernel in the foreground until the guest powers off.
     Run(vmm_run::RunArgs),
+    /// Run and watch a workspace's VMM (spawned by `start`).
+    Supervise(vmm_serve::ServeArgs),
+    /// Boot a workspace's VM and serve its control socket.
+    Serve(vmm_serve::ServeArgs),
 }
 
 pub const EXIT_OK: i32 = 0;
@@ -36,17 +71,32 @@ pub const EXIT_FAILURE: i32 = 1;
 
 pub fn run() -> i32 {
     let cli = Cli::parse();
+    let out = Out {
+        json: cli.json,
+        quiet: cli.quiet,
+    };
+    let state = StateDir::from_env();
     let result = match cli.command {
-        Command::Vmm(VmmCommand::Run(args)) => vmm_run::run(args, cli.json),
+        Command::Create(a) => lifecycle::create(&state, a, &out),
+        Command::Start(a) => lifecycle::start(&state, a, &out),
+        Command::Pause(a) => lifecycle::pause(&state, a, &out),
+        Command::Resume(a) => lifecycle::resume(&state, a, &out),
+        Command::Halt(a) => lifecycle::halt(&state, a, &out),
+        Command::Delete(a) => lifecycle::delete(&state, a, &out),
+        Command::List(a) => inspect::list(&state, a, &out),
+        Command::Status(a) => inspect::status(&state, a, &out),
+        Command::Logs(a) => inspect::logs(&state, a),
+        Command::Vmm(VmmCommand::Run(a)) => vmm_run::run(a, cli.json),
+        Command::Vmm(VmmCommand::Supervise(a)) => vmm_serve::supervise(a),
+        Command::Vmm(VmmCommand::Serve(a)) => vmm_serve::serve(a),
     };
     match result {
         Ok(code) => code,
         Err(e) => {
             if cli.json {
                 println!("{}", serde_json::json!({ "error": format!("{e:#}") }));
-            } else {
-                eprintln!("microagent: {e:#}");
             }
+            eprintln!("microagent: {e:#}");
             EXIT_FAILURE
         }
     }

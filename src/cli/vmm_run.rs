@@ -90,6 +90,7 @@ pub fn run(args: RunArgs, json: bool) -> Result<i32> {
         .context("running the VM")?;
     let (code, kind, reason) = match &stop {
         GuestStop::Reset(why) => (super::EXIT_OK, "poweroff", why.clone()),
+        GuestStop::Halted(why) => (super::EXIT_OK, "halted", why.clone()),
         GuestStop::Error(why) => (super::EXIT_FAILURE, "error", why.clone()),
     };
     if json {

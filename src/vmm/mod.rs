@@ -2,6 +2,7 @@
 
 pub mod arch;
 pub mod boot;
+pub mod control;
 pub mod host;
 pub mod memory;
 pub mod vcpu;

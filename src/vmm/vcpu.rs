@@ -1,7 +1,7 @@
 //! One vCPU: boot-time register set-up and the KVM_RUN loop that turns exits
 //! into device accesses.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use kvm_bindings::{kvm_lapic_state, CpuId};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
@@ -44,8 +44,29 @@ pub enum GuestStop {
     /// event). A microVM has no firmware to reboot into, so this is how a
     /// guest powers off.
     Reset(String),
+    /// The VMM was asked to stop the guest (halt).
+    Halted(String),
     /// The VMM could not go on running the guest.
     Error(String),
+}
+
+impl GuestStop {
+    /// A stop the user or the guest asked for, as opposed to a failure.
+    pub fn is_clean(&self) -> bool {
+        !matches!(self, GuestStop::Error(_))
+    }
+
+    pub fn reason(&self) -> &str {
+        match self {
+            GuestStop::Reset(r) | GuestStop::Halted(r) | GuestStop::Error(r) => r,
+        }
+    }
+}
+
+#[derive(Default)]
+struct PauseGate {
+    want_pause: bool,
+    parked: usize,
 }
 
 /// Shared by vCPU threads and devices: the first stop reason wins, and the
@@ -54,8 +75,10 @@ pub struct StopSignal {
     reason: Mutex<Option<GuestStop>>,
     pub evt: EventFd,
     /// Set by the VMM to make each vCPU print its state at its next exit
-    /// (a diagnostic for guests that hang; see `vmm run --dump-state-after`).
+    /// (a diagnostic for guests that hang; see `vmm run --dump-state-every`).
     pub dump_state: std::sync::atomic::AtomicBool,
+    gate: Mutex<PauseGate>,
+    gate_cv: Condvar,
 }
 
 impl StopSignal {
@@ -64,15 +87,48 @@ impl StopSignal {
             reason: Mutex::new(None),
             evt,
             dump_state: std::sync::atomic::AtomicBool::new(false),
+            gate: Mutex::new(PauseGate::default()),
+            gate_cv: Condvar::new(),
         }
     }
 
+    /// Asks vCPUs to park at their next exit; see `parked`.
+    pub fn request_pause(&self, pause: bool) {
+        crate::devices::bus::lock(&self.gate).want_pause = pause;
+        self.gate_cv.notify_all();
+    }
+
+    pub fn parked(&self) -> usize {
+        crate::devices::bus::lock(&self.gate).parked
+    }
+
+    /// Called by a vCPU thread outside KVM_RUN: parks while a pause is
+    /// requested and the VM is not stopping.
+    fn checkpoint(&self) {
+        let mut g = crate::devices::bus::lock(&self.gate);
+        if !g.want_pause {
+            return;
+        }
+        g.parked += 1;
+        self.gate_cv.notify_all();
+        while g.want_pause && self.reason().is_none() {
+            g = self.gate_cv.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+        g.parked -= 1;
+        self.gate_cv.notify_all();
+    }
+
     pub fn stop(&self, why: GuestStop) {
-        let mut r = crate::devices::bus::lock(&self.reason);
-        if r.is_none() {
-            *r = Some(why);
+        {
+            let mut r = crate::devices::bus::lock(&self.reason);
+            if r.is_none() {
+                *r = Some(why);
+            }
         }
         let _ = self.evt.write(1);
+        // Parked vCPUs must wake up to exit.
+        let _g = crate::devices::bus::lock(&self.gate);
+        self.gate_cv.notify_all();
     }
 
     pub fn reason(&self) -> Option<GuestStop> {
@@ -192,6 +248,7 @@ impl Vcpu {
     /// Runs the guest until it stops or another vCPU stops the VM.
     pub fn run_loop(mut self, buses: Arc<IoBuses>, mem: GuestMemoryMmap, stop: Arc<StopSignal>) {
         loop {
+            stop.checkpoint();
             if stop.reason().is_some() {
                 return;
             }

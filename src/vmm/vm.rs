@@ -134,6 +134,75 @@ struct QueueKick {
     queue: usize,
 }
 
+/// Pause, resume and halt a running VM from another thread (the control
+/// socket server).
+#[derive(Clone)]
+pub struct VmHandle {
+    stop: Arc<StopSignal>,
+    /// vCPU threads while they run; None before start and once stopping,
+    /// so a kick never targets a joined thread.
+    threads: Arc<Mutex<Option<Vec<libc::pthread_t>>>>,
+    vcpus: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunState {
+    Running,
+    Paused,
+}
+
+impl VmHandle {
+    fn kick_all(&self) -> bool {
+        let threads = lock(&self.threads);
+        let Some(tids) = threads.as_ref() else {
+            return false;
+        };
+        for t in tids {
+            // SAFETY: the thread ids are live: the list is cleared under this
+            // lock before any vCPU thread is joined.
+            unsafe { libc::pthread_kill(*t, kick_signal()) };
+        }
+        true
+    }
+
+    /// Parks every vCPU outside KVM_RUN; returns once all are parked.
+    pub fn pause(&self) -> Result<(), String> {
+        self.stop.request_pause(true);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while self.stop.parked() < self.vcpus {
+            if self.stop.reason().is_some() {
+                return Err("the VM is stopping".into());
+            }
+            if !self.kick_all() || std::time::Instant::now() > deadline {
+                self.stop.request_pause(false);
+                return Err(format!(
+                    "only {} of {} vCPUs paused in time",
+                    self.stop.parked(),
+                    self.vcpus
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok(())
+    }
+
+    pub fn resume(&self) {
+        self.stop.request_pause(false);
+    }
+
+    pub fn state(&self) -> RunState {
+        if self.vcpus > 0 && self.stop.parked() == self.vcpus {
+            RunState::Paused
+        } else {
+            RunState::Running
+        }
+    }
+
+    pub fn halt(&self, why: &str) {
+        self.stop.stop(GuestStop::Halted(why.into()));
+    }
+}
+
 pub struct Vm {
     // Field order is drop order: vCPU threads and devices go before the VM
     // fd, and the VM fd before the guest memory it maps.
@@ -142,6 +211,8 @@ pub struct Vm {
     reset_evt: EventFd,
     buses: Arc<IoBuses>,
     stop: Arc<StopSignal>,
+    threads: Arc<Mutex<Option<Vec<libc::pthread_t>>>>,
+    vcpu_count: usize,
     _vm: VmFd,
     mem: GuestMemoryMmap,
     /// The full kernel command line the guest booted with.
@@ -260,15 +331,28 @@ impl Vm {
             reset_evt,
             buses: Arc::new(IoBuses { pio, mmio }),
             stop,
+            threads: Arc::new(Mutex::new(None)),
+            vcpu_count: usize::from(cfg.vcpus),
             _vm: vm,
             mem,
             cmdline,
         })
     }
 
-    /// Runs the guest until it resets (powers off) or fails; returns why.
+    pub fn handle(&self) -> VmHandle {
+        VmHandle {
+            stop: self.stop.clone(),
+            threads: self.threads.clone(),
+            vcpus: self.vcpu_count,
+        }
+    }
+
+    /// Runs the guest until it resets (powers off), is halted or fails;
+    /// returns why.
     pub fn run(mut self, dump_state_after: Option<Duration>) -> Result<GuestStop, VmError> {
+        use std::os::unix::thread::JoinHandleExt;
         let threads = self.start_vcpus()?;
+        *lock(&self.threads) = Some(threads.iter().map(|t| t.as_pthread_t()).collect());
         if let Some(after) = dump_state_after {
             self.spawn_state_dumper(after, &threads);
         }
@@ -276,6 +360,7 @@ impl Vm {
         if self.stop.reason().is_none() {
             self.stop.stop(GuestStop::Error("event loop ended".into()));
         }
+        *lock(&self.threads) = None;
         stop_vcpu_threads(threads);
         result?;
         Ok(self

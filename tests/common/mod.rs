@@ -53,7 +53,7 @@ pub fn kernel_dir() -> &'static Path {
         let dir = stdout
             .lines()
             .filter_map(|l| l.strip_prefix("kernel: "))
-            .last()
+            .next_back()
             .expect("build-kernel.sh printed no 'kernel:' line");
         PathBuf::from(dir.trim())
     })

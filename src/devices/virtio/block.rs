@@ -88,10 +88,7 @@ fn parse(segs: &[Seg], mem: &GuestMemoryMmap) -> Result<Request, ParseError> {
         .read_obj(header.addr.unchecked_add(8))
         .map_err(|_| ParseError::Bad(status))?;
     let data = segs[1..segs.len() - 1].to_vec();
-    let want_write_only = match kind {
-        T_IN | T_GET_ID => true,
-        _ => false,
-    };
+    let want_write_only = matches!(kind, T_IN | T_GET_ID);
     if data
         .iter()
         .any(|s| s.write_only != want_write_only || s.len > MAX_DESCRIPTOR_BYTES)

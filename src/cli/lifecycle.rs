@@ -1,0 +1,443 @@
+//! create, start, pause, resume, halt, delete: the commands that change a
+//! workspace. Each holds the workspace's lock for its whole duration.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use super::output::{print_record, Out};
+use crate::digest::sha256_file;
+use crate::vmm::arch::x86_64::cpuid::CpuTemplate;
+use crate::vmm::control::{self, Op as CtlOp};
+use crate::vmm::host;
+use crate::vmm::vm::VmConfig;
+use crate::workspace::disk::{copy_disk, grow_ext4};
+use crate::workspace::lock::WorkspaceLock;
+use crate::workspace::state::{check, read_exit_record, reconcile, supervisor_alive, Op, Status};
+use crate::workspace::store::{
+    now_rfc3339, StateDir, StoreError, WorkspaceDir, WorkspaceRecord, RECORD_VERSION,
+};
+
+/// How long `start` waits for the VMM to answer on its control socket.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Args)]
+pub struct CreateArgs {
+    name: String,
+    /// OCI image reference (not available yet: use --rootfs).
+    #[arg(long, conflicts_with = "rootfs")]
+    image: Option<String>,
+    /// A local ext4 image; the workspace gets its own copy.
+    #[arg(long)]
+    rootfs: Option<PathBuf>,
+    #[arg(long, default_value_t = 1)]
+    vcpus: u64,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 512)]
+    memory: u64,
+    /// Grow the workspace's root disk to this size (e.g. 2G, 512M).
+    #[arg(long)]
+    disk_size: Option<String>,
+    /// Guest kernel (default: $MICROAGENT_KERNEL, else the one scripts/build-kernel.sh built last).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Guest kernel arguments appended to the VMM's own.
+    #[arg(long, default_value = "quiet root=/dev/vda rw")]
+    cmdline: String,
+    /// CPU template (host, pvm-safe); default: pvm-safe on PVM hosts.
+    #[arg(long)]
+    cpu_template: Option<CpuTemplate>,
+}
+
+/// Parses sizes like 512M, 2G, 1024 (bytes).
+pub fn parse_size(s: &str) -> Result<u64> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let mult: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => bail!("invalid size {s:?}: unit must be K, M, G or T"),
+            };
+            (&s[..i], mult)
+        }
+        _ => (s, 1),
+    };
+    let n: u64 = num.parse().with_context(|| format!("invalid size {s:?}"))?;
+    n.checked_mul(mult)
+        .with_context(|| format!("size {s:?} is too large"))
+}
+
+pub fn default_kernel() -> Result<PathBuf> {
+    if let Some(k) = std::env::var_os("MICROAGENT_KERNEL").filter(|k| !k.is_empty()) {
+        return Ok(k.into());
+    }
+    let cache = std::env::var_os("MICROAGENT_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|c| PathBuf::from(c).join("microagent")))
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/microagent")
+        });
+    let k = cache.join("kernels/current/vmlinux");
+    if !k.is_file() {
+        bail!(
+            "no guest kernel at {}: pass --kernel, set MICROAGENT_KERNEL, or run scripts/build-kernel.sh",
+            k.display()
+        );
+    }
+    Ok(k)
+}
+
+pub fn create(state: &StateDir, args: CreateArgs, out: &Out) -> Result<i32> {
+    let ws = state.workspace(&args.name)?;
+    if args.image.is_some() {
+        bail!("--image is not supported yet (OCI images are a later issue); use --rootfs PATH");
+    }
+    let rootfs = args
+        .rootfs
+        .clone()
+        .context("create needs --rootfs PATH (an ext4 image)")?;
+    if !rootfs.is_file() {
+        bail!("rootfs {} does not exist", rootfs.display());
+    }
+    let kernel = match args.kernel.clone() {
+        Some(k) => k,
+        None => default_kernel()?,
+    };
+    let cpu_template = args.cpu_template.unwrap_or_else(host::default_cpu_template);
+    let vcpus = u8::try_from(args.vcpus).unwrap_or(0);
+    let disk_size = args.disk_size.as_deref().map(parse_size).transpose()?;
+    // Validate what a boot would, before anything is written.
+    VmConfig {
+        kernel: kernel.clone(),
+        disks: vec![],
+        vcpus,
+        mem_mib: args.memory,
+        cmdline: args.cmdline.clone(),
+        cpu_template,
+        pvm: false,
+        console_log: None,
+        console_stdout: false,
+    }
+    .validate()
+    .map_err(|e| match e {
+        crate::vmm::vm::VmError::Vcpus(_) => crate::vmm::vm::VmError::Vcpus(args.vcpus),
+        e => e,
+    })?;
+
+    std::fs::create_dir_all(state.workspaces())
+        .with_context(|| format!("creating {}", state.workspaces().display()))?;
+    match std::fs::create_dir(&ws.dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Err(StoreError::Exists(args.name).into())
+        }
+        Err(e) => return Err(e).with_context(|| format!("creating {}", ws.dir.display())),
+    }
+    // From here on a failure removes the half-made workspace.
+    let result = populate(&ws, &args, &rootfs, &kernel, vcpus, cpu_template, disk_size);
+    match result {
+        Ok(rec) => {
+            print_record(
+                out,
+                &ws,
+                &rec,
+                Status::Created,
+                None,
+                None,
+                &format!("workspace {} created", rec.name),
+            );
+            Ok(0)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&ws.dir);
+            Err(e)
+        }
+    }
+}
+
+fn populate(
+    ws: &WorkspaceDir,
+    args: &CreateArgs,
+    rootfs: &Path,
+    kernel: &Path,
+    vcpus: u8,
+    cpu_template: CpuTemplate,
+    disk_size: Option<u64>,
+) -> Result<WorkspaceRecord> {
+    let _lock = WorkspaceLock::acquire(&ws.lock_path())?;
+    copy_disk(rootfs, &ws.rootfs())?;
+    if let Some(size) = disk_size {
+        grow_ext4(&ws.rootfs(), size)?;
+    }
+    let kernel =
+        std::fs::canonicalize(kernel).with_context(|| format!("kernel {}", kernel.display()))?;
+    let kernel_sha256 =
+        sha256_file(&kernel).with_context(|| format!("hashing kernel {}", kernel.display()))?;
+    let rec = WorkspaceRecord {
+        version: RECORD_VERSION,
+        name: ws.name.clone(),
+        image: None,
+        image_digest: None,
+        rootfs_source: Some(rootfs.display().to_string()),
+        vcpus,
+        memory_mib: args.memory,
+        kernel: kernel.display().to_string(),
+        kernel_sha256,
+        cmdline: args.cmdline.clone(),
+        cpu_template: cpu_template.name().to_string(),
+        created: now_rfc3339(),
+        status: Status::Created,
+        vmm_pid: None,
+        crash_reason: None,
+    };
+    ws.write(&rec)?;
+    Ok(rec)
+}
+
+/// Lock, read and reconcile: the common opening of every lifecycle command.
+fn open(
+    state: &StateDir,
+    name: &str,
+) -> Result<(WorkspaceDir, WorkspaceLock, WorkspaceRecord, Status)> {
+    let ws = state.existing(name)?;
+    let lock = WorkspaceLock::acquire(&ws.lock_path())?;
+    let mut rec = ws.read()?;
+    let (status, reason) = reconcile(&ws, &rec);
+    if status != rec.status {
+        // The VMM ended behind our back: record what happened.
+        rec.status = status;
+        rec.crash_reason = reason;
+        rec.vmm_pid = None;
+        ws.write(&rec)?;
+    }
+    Ok((ws, lock, rec, status))
+}
+
+#[derive(Args)]
+pub struct NameArgs {
+    pub name: String,
+}
+
+pub fn start(state: &StateDir, args: NameArgs, out: &Out) -> Result<i32> {
+    let (ws, _lock, mut rec, status) = open(state, &args.name)?;
+    check(&ws.name, status, Op::Start)?;
+    let _ = std::fs::remove_file(ws.exit_record());
+    let _ = std::fs::remove_file(ws.control_socket());
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(ws.vmm_log())
+        .with_context(|| format!("opening {}", ws.vmm_log().display()))?;
+    let exe = std::env::current_exe().context("locating the microagent binary")?;
+    let mut cmd = Command::new(exe);
+    cmd.args(["vmm", "supervise", "--workspace-dir"])
+        .arg(&ws.dir)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // SAFETY: setsid is async-signal-safe and the closure touches nothing
+    // else; it detaches the VMM from the CLI's session and terminal.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().context("spawning the VMM")?;
+    let pid = child.id() as i32;
+    // The supervisor outlives us; it is reaped by init once we exit.
+    drop(child);
+
+    let deadline = Instant::now() + START_TIMEOUT;
+    let vmm_pid = loop {
+        match control::request(&ws.control_socket(), CtlOp::Status, CONTROL_TIMEOUT) {
+            Ok(resp) => break resp.pid,
+            Err(e) => {
+                if !supervisor_alive(pid, &ws) {
+                    let why = read_exit_record(&ws)
+                        .map(|r| r.reason)
+                        .unwrap_or_else(|| "the VMM exited".into());
+                    rec.status = Status::Crashed;
+                    rec.crash_reason = Some(why.clone());
+                    rec.vmm_pid = None;
+                    ws.write(&rec)?;
+                    bail!("workspace {} failed to start: {why}", ws.name);
+                }
+                if Instant::now() > deadline {
+                    // SAFETY: kill on a pid we spawned; worst case it is gone.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                    bail!(
+                        "workspace {} did not start within {}s: {e}",
+                        ws.name,
+                        START_TIMEOUT.as_secs()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    };
+    rec.status = Status::Running;
+    rec.vmm_pid = Some(pid);
+    rec.crash_reason = None;
+    ws.write(&rec)?;
+    print_record(
+        out,
+        &ws,
+        &rec,
+        Status::Running,
+        None,
+        vmm_pid,
+        &format!("workspace {} started", ws.name),
+    );
+    Ok(0)
+}
+
+fn pause_or_resume(state: &StateDir, name: &str, out: &Out, pause: bool) -> Result<i32> {
+    let (ws, _lock, mut rec, status) = open(state, name)?;
+    check(&ws.name, status, if pause { Op::Pause } else { Op::Resume })?;
+    let op = if pause { CtlOp::Pause } else { CtlOp::Resume };
+    let resp = control::request(&ws.control_socket(), op, CONTROL_TIMEOUT)?;
+    rec.status = if pause {
+        Status::Paused
+    } else {
+        Status::Running
+    };
+    ws.write(&rec)?;
+    let verb = if pause { "paused" } else { "resumed" };
+    print_record(
+        out,
+        &ws,
+        &rec,
+        rec.status,
+        None,
+        resp.pid,
+        &format!("workspace {} {verb}", ws.name),
+    );
+    Ok(0)
+}
+
+pub fn pause(state: &StateDir, args: NameArgs, out: &Out) -> Result<i32> {
+    pause_or_resume(state, &args.name, out, true)
+}
+
+pub fn resume(state: &StateDir, args: NameArgs, out: &Out) -> Result<i32> {
+    pause_or_resume(state, &args.name, out, false)
+}
+
+#[derive(Args)]
+pub struct HaltArgs {
+    name: String,
+    /// Seconds to wait for the VMM to stop before killing it.
+    #[arg(long, default_value_t = 10)]
+    timeout: u64,
+}
+
+/// Stops the VMM: asks over the control socket, then kills the process
+/// group if it has not gone within `timeout`. Returns whether it was forced.
+fn stop_vmm(ws: &WorkspaceDir, pid: i32, timeout: Duration) -> bool {
+    let _ = control::request(&ws.control_socket(), CtlOp::Halt, CONTROL_TIMEOUT);
+    let deadline = Instant::now() + timeout;
+    while supervisor_alive(pid, ws) {
+        if Instant::now() > deadline {
+            // The supervisor leads its own session and process group.
+            // SAFETY: kill on a process group we created.
+            unsafe { libc::kill(-pid, libc::SIGKILL) };
+            let hard = Instant::now() + Duration::from_secs(5);
+            while supervisor_alive(pid, ws) && Instant::now() < hard {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+pub fn halt(state: &StateDir, args: HaltArgs, out: &Out) -> Result<i32> {
+    let (ws, _lock, mut rec, status) = open(state, &args.name)?;
+    check(&ws.name, status, Op::Halt)?;
+    let forced = stop_vmm(
+        &ws,
+        rec.vmm_pid.unwrap_or(0),
+        Duration::from_secs(args.timeout),
+    );
+    let _ = std::fs::remove_file(ws.control_socket());
+    rec.status = Status::Halted;
+    rec.vmm_pid = None;
+    rec.crash_reason = None;
+    ws.write(&rec)?;
+    let msg = if forced {
+        format!(
+            "workspace {} halted (forced after {}s)",
+            ws.name, args.timeout
+        )
+    } else {
+        format!("workspace {} halted", ws.name)
+    };
+    print_record(out, &ws, &rec, Status::Halted, None, None, &msg);
+    Ok(0)
+}
+
+#[derive(Args)]
+pub struct DeleteArgs {
+    name: String,
+    /// Required: deleting removes the workspace's disk and snapshots.
+    #[arg(long)]
+    yes: bool,
+    /// Delete even if running (the VMM is stopped first).
+    #[arg(long)]
+    force: bool,
+}
+
+pub fn delete(state: &StateDir, args: DeleteArgs, out: &Out) -> Result<i32> {
+    if !args.yes {
+        bail!(
+            "delete removes workspace {} with its disk and snapshots: pass --yes to confirm",
+            args.name
+        );
+    }
+    let (ws, _lock, rec, status) = open(state, &args.name)?;
+    if !args.force {
+        check(&ws.name, status, Op::Delete)?;
+    }
+    if status.is_live() {
+        stop_vmm(&ws, rec.vmm_pid.unwrap_or(0), Duration::from_secs(5));
+    }
+    // Rename first so a crash mid-delete never leaves a half-deleted
+    // workspace that still looks valid.
+    let doomed = ws
+        .dir
+        .with_file_name(format!(".deleting-{}-{}", ws.name, std::process::id()));
+    std::fs::rename(&ws.dir, &doomed).with_context(|| format!("removing {}", ws.dir.display()))?;
+    std::fs::remove_dir_all(&doomed).with_context(|| format!("removing {}", doomed.display()))?;
+    out.done(
+        &format!("workspace {} deleted", ws.name),
+        serde_json::json!({ "name": ws.name, "deleted": true }),
+    );
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
+        assert_eq!(parse_size("2g").unwrap(), 2 << 30);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("12Q").unwrap_err().to_string().contains("12Q"));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+}

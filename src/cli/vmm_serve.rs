@@ -1,0 +1,111 @@
+//! The detached VMM of a workspace, in two processes of this binary:
+//!
+//! - `vmm supervise --workspace-dir D`: started by `microagent start` in a
+//!   new session; runs the VMM as its child and, when the child ends for any
+//!   reason (power-off, halt, error, kill -9), writes `vmm-exit.json` so the
+//!   CLI can tell halted from crashed and say why.
+//! - `vmm serve --workspace-dir D`: boots the workspace's VM and serves its
+//!   control socket until the guest powers off or is halted.
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use crate::vmm::control;
+use crate::vmm::host;
+use crate::vmm::vm::{DiskConfig, Vm, VmConfig};
+use crate::workspace::state::ExitRecord;
+use crate::workspace::store::{now_rfc3339, write_atomic, WorkspaceDir};
+
+#[derive(Args)]
+pub struct ServeArgs {
+    #[arg(long)]
+    workspace_dir: PathBuf,
+}
+
+fn workspace_dir(path: &Path) -> Result<WorkspaceDir> {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("workspace directory has no name")?
+        .to_string();
+    Ok(WorkspaceDir {
+        name,
+        dir: path.to_path_buf(),
+    })
+}
+
+/// Last non-empty line the VMM wrote to its log: usually its error.
+fn last_log_line(ws: &WorkspaceDir) -> Option<String> {
+    let text = std::fs::read_to_string(ws.vmm_log()).ok()?;
+    text.lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .map(|l| l.trim().to_string())
+}
+
+pub fn supervise(args: ServeArgs) -> Result<i32> {
+    let ws = workspace_dir(&args.workspace_dir)?;
+    let exe = std::env::current_exe().context("locating the microagent binary")?;
+    let status = std::process::Command::new(exe)
+        .args(["vmm", "serve", "--workspace-dir"])
+        .arg(&ws.dir)
+        .status()
+        .context("starting the VMM")?;
+    let (clean, reason) = match (status.code(), status.signal()) {
+        (Some(0), _) => (
+            true,
+            last_log_line(&ws).unwrap_or_else(|| "VMM exited".into()),
+        ),
+        (Some(code), _) => (
+            false,
+            format!(
+                "VMM exited with status {code}: {}",
+                last_log_line(&ws).unwrap_or_else(|| "no message".into())
+            ),
+        ),
+        (None, Some(sig)) => (false, format!("VMM killed by signal {sig}")),
+        (None, None) => (false, "VMM ended for an unknown reason".into()),
+    };
+    let _ = std::fs::remove_file(ws.control_socket());
+    let record = ExitRecord {
+        supervisor_pid: std::process::id() as i32,
+        clean,
+        reason,
+        at: now_rfc3339(),
+    };
+    write_atomic(&ws.exit_record(), &serde_json::to_vec_pretty(&record)?)?;
+    Ok(if clean { 0 } else { 1 })
+}
+
+pub fn serve(args: ServeArgs) -> Result<i32> {
+    let ws = workspace_dir(&args.workspace_dir)?;
+    let rec = ws.read()?;
+    let cfg = VmConfig {
+        kernel: rec.kernel.clone().into(),
+        disks: vec![DiskConfig {
+            path: ws.rootfs(),
+            read_only: false,
+        }],
+        vcpus: rec.vcpus,
+        mem_mib: rec.memory_mib,
+        cmdline: rec.cmdline.clone(),
+        cpu_template: rec.cpu_template.parse().map_err(anyhow::Error::msg)?,
+        pvm: host::is_pvm(),
+        console_log: Some(ws.console_log()),
+        console_stdout: false,
+    };
+    let vm = Vm::boot(&cfg).context("booting the VM")?;
+    control::spawn_server(&ws.control_socket(), vm.handle())
+        .with_context(|| format!("serving {}", ws.control_socket().display()))?;
+    let stop = vm.run(None).context("running the VM")?;
+    if stop.is_clean() {
+        println!("guest stopped: {}", stop.reason());
+        Ok(0)
+    } else {
+        println!("guest failed: {}", stop.reason());
+        Ok(1)
+    }
+}

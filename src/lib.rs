@@ -1,0 +1,9 @@
+//! microagent: Linux microVMs on KVM from OCI images, with exec over vsock
+//! and memory snapshots. The binary (`src/main.rs`) is a thin shell over
+//! [`cli::run`]; tests and benches use the library directly.
+
+pub mod cli;
+pub mod devices;
+pub mod digest;
+pub mod vmm;
+pub mod workspace;

@@ -1,0 +1,253 @@
+//! The VMM's control socket (`<workspace>/control.sock`): JSON lines, one
+//! request and one response per line, versioned, with a bounded request size.
+//!
+//! Request:  {"v":1,"op":"status"|"pause"|"resume"|"halt"}
+//! Response: {"v":1,"ok":true,"state":"running"|"paused","pid":N}
+//!           {"v":1,"ok":false,"error":"..."}
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::vm::{RunState, VmHandle};
+
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Requests are tiny; anything longer is refused without being buffered.
+pub const MAX_LINE_BYTES: usize = 64 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Op {
+    Status,
+    Pause,
+    Resume,
+    Halt,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Request {
+    pub v: u32,
+    pub op: Op,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Response {
+    pub v: u32,
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Response {
+    fn ok(state: RunState) -> Response {
+        Response {
+            v: PROTOCOL_VERSION,
+            ok: true,
+            state: Some(
+                match state {
+                    RunState::Running => "running",
+                    RunState::Paused => "paused",
+                }
+                .into(),
+            ),
+            pid: Some(std::process::id()),
+            error: None,
+        }
+    }
+
+    fn err(msg: impl Into<String>) -> Response {
+        Response {
+            v: PROTOCOL_VERSION,
+            ok: false,
+            state: None,
+            pid: None,
+            error: Some(msg.into()),
+        }
+    }
+}
+
+/// Parses one request line; errors are phrased for the client.
+pub fn parse_request(line: &[u8]) -> Result<Request, String> {
+    let req: Request =
+        serde_json::from_slice(line).map_err(|e| format!("malformed request: {e}"))?;
+    if req.v != PROTOCOL_VERSION {
+        return Err(format!(
+            "unsupported control protocol version {} (this VMM speaks {PROTOCOL_VERSION})",
+            req.v
+        ));
+    }
+    Ok(req)
+}
+
+fn handle(vm: &VmHandle, req: &Request) -> Response {
+    match req.op {
+        Op::Status => Response::ok(vm.state()),
+        Op::Pause => match vm.pause() {
+            Ok(()) => Response::ok(RunState::Paused),
+            Err(e) => Response::err(format!("pause failed: {e}")),
+        },
+        Op::Resume => {
+            vm.resume();
+            Response::ok(RunState::Running)
+        }
+        Op::Halt => {
+            vm.halt("halted by request");
+            Response::ok(vm.state())
+        }
+    }
+}
+
+/// Reads one line of at most MAX_LINE_BYTES; None at EOF.
+fn read_line(reader: &mut BufReader<UnixStream>) -> std::io::Result<Option<Vec<u8>>> {
+    let mut line = Vec::new();
+    let n = reader
+        .by_ref()
+        .take(MAX_LINE_BYTES as u64 + 1)
+        .read_until(b'\n', &mut line)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if line.len() > MAX_LINE_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("request longer than {MAX_LINE_BYTES} bytes"),
+        ));
+    }
+    Ok(Some(line))
+}
+
+fn serve_connection(vm: &VmHandle, stream: UnixStream) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(stream);
+    loop {
+        let resp = match read_line(&mut reader) {
+            Ok(None) => return,
+            Ok(Some(line)) => match parse_request(&line) {
+                Ok(req) => handle(vm, &req),
+                Err(e) => Response::err(e),
+            },
+            Err(e) => {
+                // Oversized or unreadable: answer once and drop the client.
+                let _ = writeln!(writer, "{}", json_line(&Response::err(e.to_string())));
+                return;
+            }
+        };
+        if writeln!(writer, "{}", json_line(&resp)).is_err() {
+            return;
+        }
+    }
+}
+
+fn json_line(resp: &Response) -> String {
+    serde_json::to_string(resp)
+        .unwrap_or_else(|_| r#"{"v":1,"ok":false,"error":"encoding"}"#.into())
+}
+
+/// Binds the socket (replacing a stale one) and serves it on a thread.
+pub fn spawn_server(path: &Path, vm: VmHandle) -> std::io::Result<()> {
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)?;
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let vm = vm.clone();
+                // One thread per client: a slow client cannot block `halt`.
+                let _ = std::thread::Builder::new()
+                    .name("control-conn".into())
+                    .spawn(move || serve_connection(&vm, stream));
+            }
+        })?;
+    Ok(())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("VMM control socket {path} is not answering: {source}")]
+    Connect {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("VMM control socket {path}: {reason}")]
+    Protocol { path: String, reason: String },
+    #[error("VMM refused {op:?}: {error}")]
+    Refused { op: Op, error: String },
+}
+
+/// Sends one request and returns the VMM's answer.
+pub fn request(path: &Path, op: Op, timeout: Duration) -> Result<Response, ClientError> {
+    let p = || path.display().to_string();
+    let stream =
+        UnixStream::connect(path).map_err(|source| ClientError::Connect { path: p(), source })?;
+    let proto = |reason: String| ClientError::Protocol { path: p(), reason };
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| proto(e.to_string()))?;
+    let mut w = stream.try_clone().map_err(|e| proto(e.to_string()))?;
+    let line = serde_json::to_string(&Request {
+        v: PROTOCOL_VERSION,
+        op,
+    })
+    .map_err(|e| proto(e.to_string()))?;
+    writeln!(w, "{line}").map_err(|e| proto(e.to_string()))?;
+    let mut reader = BufReader::new(stream);
+    let answer = read_line(&mut reader)
+        .map_err(|e| proto(e.to_string()))?
+        .ok_or_else(|| proto("closed without answering".into()))?;
+    let resp: Response =
+        serde_json::from_slice(&answer).map_err(|e| proto(format!("bad answer: {e}")))?;
+    if !resp.ok {
+        return Err(ClientError::Refused {
+            op,
+            error: resp.error.unwrap_or_default(),
+        });
+    }
+    Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_versioned_and_validated() {
+        assert_eq!(
+            parse_request(br#"{"v":1,"op":"pause"}"#).unwrap().op,
+            Op::Pause
+        );
+        assert!(parse_request(br#"{"v":2,"op":"pause"}"#)
+            .unwrap_err()
+            .contains("version 2"));
+        assert!(parse_request(br#"{"v":1,"op":"explode"}"#)
+            .unwrap_err()
+            .contains("malformed"));
+        assert!(parse_request(b"\xff\xfe")
+            .unwrap_err()
+            .contains("malformed"));
+        assert!(parse_request(br#"{"op":"status"}"#).is_err());
+    }
+
+    #[test]
+    fn oversized_lines_are_refused_without_buffering_them() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let writer = std::thread::spawn(move || {
+            let mut a = a;
+            let _ = a.write_all(&vec![b'x'; MAX_LINE_BYTES * 4]);
+        });
+        let mut reader = BufReader::new(b);
+        let err = read_line(&mut reader).unwrap_err();
+        assert!(err.to_string().contains("longer than"), "{err}");
+        drop(reader);
+        let _ = writer.join();
+    }
+}

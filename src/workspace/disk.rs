@@ -1,0 +1,207 @@
+//! Private copies of root disks: reflink (FICLONE) where the filesystem
+//! shares extents, otherwise a sparse copy that only moves data extents
+//! (SEEK_DATA/SEEK_HOLE) and leaves holes as holes.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyMethod {
+    Reflink,
+    Sparse,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("copying disk {src} to {dst}: {source}")]
+    Copy {
+        src: String,
+        dst: String,
+        source: std::io::Error,
+    },
+    #[error("growing disk {path} to {size} bytes: {reason}")]
+    Grow {
+        path: String,
+        size: u64,
+        reason: String,
+    },
+}
+
+// _IOW(0x94, 9, int)
+const FICLONE: libc::c_ulong = 0x4004_9409;
+
+fn reflink(src: &File, dst: &File) -> std::io::Result<()> {
+    // SAFETY: FICLONE takes the source fd as its argument and touches no
+    // memory of ours; both fds are open for the duration of the call.
+    let rc = unsafe { libc::ioctl(dst.as_raw_fd(), FICLONE, src.as_raw_fd()) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn seek(fd: &File, offset: u64, whence: libc::c_int) -> std::io::Result<Option<u64>> {
+    // SAFETY: lseek on an fd we own.
+    let r = unsafe { libc::lseek(fd.as_raw_fd(), offset as libc::off_t, whence) };
+    if r >= 0 {
+        return Ok(Some(r as u64));
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ENXIO) {
+        Ok(None) // No more data past `offset`.
+    } else {
+        Err(e)
+    }
+}
+
+fn copy_range(src: &File, dst: &File, mut offset: u64, end: u64) -> std::io::Result<()> {
+    while offset < end {
+        let mut off_in = offset as libc::loff_t;
+        let mut off_out = offset as libc::loff_t;
+        let len = (end - offset).min(1 << 30) as usize;
+        // SAFETY: copy_file_range between two fds we own, with offsets we
+        // pass by pointer to locals that outlive the call.
+        let n = unsafe {
+            libc::copy_file_range(
+                src.as_raw_fd(),
+                &mut off_in,
+                dst.as_raw_fd(),
+                &mut off_out,
+                len,
+                0,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "source shrank during copy",
+            ));
+        }
+        offset += n as u64;
+    }
+    Ok(())
+}
+
+fn sparse_copy(src: &File, dst: &File, len: u64) -> std::io::Result<()> {
+    dst.set_len(len)?;
+    let mut pos = 0;
+    while pos < len {
+        let Some(data) = seek(src, pos, libc::SEEK_DATA)? else {
+            break;
+        };
+        let hole = seek(src, data, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
+        copy_range(src, dst, data, hole)?;
+        pos = hole;
+    }
+    Ok(())
+}
+
+/// Copies `src` to `dst` (through a temp file and rename, so `dst` is never
+/// half-written) and says how.
+pub fn copy_disk(src: &Path, dst: &Path) -> Result<CopyMethod, DiskError> {
+    let err = |source| DiskError::Copy {
+        src: src.display().to_string(),
+        dst: dst.display().to_string(),
+        source,
+    };
+    let tmp = dst.with_extension("copying");
+    let result = (|| {
+        let s = File::open(src)?;
+        let len = s.metadata()?.len();
+        let d = File::create(&tmp)?;
+        let method = match reflink(&s, &d) {
+            Ok(()) => CopyMethod::Reflink,
+            Err(_) => {
+                sparse_copy(&s, &d, len)?;
+                CopyMethod::Sparse
+            }
+        };
+        d.sync_all()?;
+        std::fs::rename(&tmp, dst)?;
+        Ok(method)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(err)
+}
+
+/// Grows an ext4 image to `size` bytes (never shrinks) and resizes the
+/// filesystem to fill it.
+pub fn grow_ext4(path: &Path, size: u64) -> Result<(), DiskError> {
+    let err = |reason: String| DiskError::Grow {
+        path: path.display().to_string(),
+        size,
+        reason,
+    };
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| err(e.to_string()))?;
+    let cur = f.metadata().map_err(|e| err(e.to_string()))?.len();
+    if size <= cur {
+        return Ok(());
+    }
+    f.set_len(size).map_err(|e| err(e.to_string()))?;
+    drop(f);
+    let out = std::process::Command::new("resize2fs")
+        .arg("-f")
+        .arg(path)
+        .output()
+        .map_err(|e| err(format!("running resize2fs: {e}")))?;
+    if !out.status.success() {
+        return Err(err(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Seek, SeekFrom, Write};
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn sparse_copy_keeps_data_and_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src.img");
+        let mut f = File::create(&src).unwrap();
+        f.set_len(64 << 20).unwrap();
+        f.seek(SeekFrom::Start(1 << 20)).unwrap();
+        f.write_all(&[0x11; 4096]).unwrap();
+        f.seek(SeekFrom::Start(40 << 20)).unwrap();
+        f.write_all(&[0x22; 8192]).unwrap();
+        f.sync_all().unwrap();
+        let dst = dir.path().join("dst.img");
+        let method = copy_disk(&src, &dst).unwrap();
+        assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
+        let meta = std::fs::metadata(&dst).unwrap();
+        assert_eq!(meta.len(), 64 << 20);
+        if method == CopyMethod::Sparse {
+            assert!(
+                meta.blocks() * 512 < 1 << 20,
+                "holes were filled: {} blocks",
+                meta.blocks()
+            );
+        }
+        assert!(!dst.with_extension("copying").exists());
+    }
+
+    #[test]
+    fn missing_source_names_both_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = copy_disk(&dir.path().join("nope"), &dir.path().join("d"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nope") && e.contains("/d:"), "{e}");
+    }
+}

@@ -1,0 +1,7 @@
+//! Workspaces on disk: the state directory, workspace records, the status
+//! state machine, per-workspace locks and private root disks.
+
+pub mod disk;
+pub mod lock;
+pub mod state;
+pub mod store;

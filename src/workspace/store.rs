@@ -1,0 +1,357 @@
+//! The state directory and workspace records (`workspace.json`).
+//!
+//! Layout (DESIGN.md): `<home>/workspaces/<name>/{workspace.json,
+//! rootfs.ext4, console.log, control.sock, vmm.log, vmm-exit.json, lock}`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::state::Status;
+
+/// Records larger than this are not ours: refuse instead of parsing them.
+const MAX_RECORD_BYTES: u64 = 1 << 20;
+pub const RECORD_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("invalid workspace name {0:?}: use 1-63 lowercase letters, digits and '-', not starting with '-'")]
+    InvalidName(String),
+    #[error("workspace {0} does not exist")]
+    NotFound(String),
+    #[error("workspace {0} already exists")]
+    Exists(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: not a valid workspace record: {reason}")]
+    BadRecord { path: String, reason: String },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+pub fn validate_name(name: &str) -> Result<(), StoreError> {
+    let ok = (1..=63).contains(&name.len())
+        && !name.starts_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::InvalidName(name.to_string()))
+    }
+}
+
+/// What `workspace.json` holds. The status here is the last one a CLI
+/// command recorded; `state::effective_status` reconciles it with the VMM.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WorkspaceRecord {
+    pub version: u32,
+    pub name: String,
+    pub image: Option<String>,
+    pub image_digest: Option<String>,
+    /// Where the root disk came from when not from an image.
+    pub rootfs_source: Option<String>,
+    pub vcpus: u8,
+    pub memory_mib: u64,
+    pub kernel: String,
+    pub kernel_sha256: String,
+    /// Guest arguments appended to the VMM's own.
+    pub cmdline: String,
+    pub cpu_template: String,
+    pub created: String,
+    pub status: Status,
+    /// Supervisor process of the running VMM, if any.
+    pub vmm_pid: Option<i32>,
+    /// Why the workspace is crashed, when it is.
+    pub crash_reason: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    pub root: PathBuf,
+}
+
+impl StateDir {
+    /// `$MICROAGENT_HOME`, else /var/lib/microagent for root, else
+    /// `$XDG_DATA_HOME/microagent` (or ~/.local/share/microagent).
+    pub fn from_env() -> StateDir {
+        if let Some(h) = std::env::var_os("MICROAGENT_HOME").filter(|h| !h.is_empty()) {
+            return StateDir { root: h.into() };
+        }
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } == 0 {
+            return StateDir {
+                root: "/var/lib/microagent".into(),
+            };
+        }
+        let data = std::env::var_os("XDG_DATA_HOME")
+            .filter(|d| !d.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".local/share")
+            });
+        StateDir {
+            root: data.join("microagent"),
+        }
+    }
+
+    pub fn workspaces(&self) -> PathBuf {
+        self.root.join("workspaces")
+    }
+
+    pub fn workspace(&self, name: &str) -> Result<WorkspaceDir, StoreError> {
+        validate_name(name)?;
+        Ok(WorkspaceDir {
+            name: name.to_string(),
+            dir: self.workspaces().join(name),
+        })
+    }
+
+    /// An existing workspace, or NotFound.
+    pub fn existing(&self, name: &str) -> Result<WorkspaceDir, StoreError> {
+        let ws = self.workspace(name)?;
+        if !ws.record_path().is_file() {
+            return Err(StoreError::NotFound(name.to_string()));
+        }
+        Ok(ws)
+    }
+
+    /// Names of all workspaces, sorted.
+    pub fn list(&self) -> Result<Vec<String>, StoreError> {
+        let dir = self.workspaces();
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+            Err(e) => return Err(io_err(&dir)(e)),
+        };
+        let mut names: Vec<String> = entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| validate_name(n).is_ok())
+            .filter(|n| dir.join(n).join("workspace.json").is_file())
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkspaceDir {
+    pub name: String,
+    pub dir: PathBuf,
+}
+
+impl WorkspaceDir {
+    pub fn record_path(&self) -> PathBuf {
+        self.dir.join("workspace.json")
+    }
+    pub fn rootfs(&self) -> PathBuf {
+        self.dir.join("rootfs.ext4")
+    }
+    pub fn console_log(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+    pub fn control_socket(&self) -> PathBuf {
+        self.dir.join("control.sock")
+    }
+    pub fn vmm_log(&self) -> PathBuf {
+        self.dir.join("vmm.log")
+    }
+    pub fn exit_record(&self) -> PathBuf {
+        self.dir.join("vmm-exit.json")
+    }
+    pub fn lock_path(&self) -> PathBuf {
+        self.dir.join("lock")
+    }
+    pub fn snapshots(&self) -> PathBuf {
+        self.dir.join("snapshots")
+    }
+
+    pub fn read(&self) -> Result<WorkspaceRecord, StoreError> {
+        let path = self.record_path();
+        let bytes = read_bounded(&path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => StoreError::NotFound(self.name.clone()),
+            _ => io_err(&path)(e),
+        })?;
+        let rec: WorkspaceRecord =
+            serde_json::from_slice(&bytes).map_err(|e| StoreError::BadRecord {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
+        if rec.version != RECORD_VERSION || rec.name != self.name {
+            return Err(StoreError::BadRecord {
+                path: path.display().to_string(),
+                reason: format!("version {} name {:?}", rec.version, rec.name),
+            });
+        }
+        Ok(rec)
+    }
+
+    pub fn write(&self, rec: &WorkspaceRecord) -> Result<(), StoreError> {
+        let json = serde_json::to_vec_pretty(rec).map_err(|e| StoreError::BadRecord {
+            path: self.record_path().display().to_string(),
+            reason: e.to_string(),
+        })?;
+        write_atomic(&self.record_path(), &json)
+    }
+}
+
+/// Reads a small file, refusing anything over MAX_RECORD_BYTES.
+pub fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let f = std::fs::File::open(path)?;
+    let mut buf = Vec::new();
+    f.take(MAX_RECORD_BYTES + 1).read_to_end(&mut buf)?;
+    if buf.len() as u64 > MAX_RECORD_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {MAX_RECORD_BYTES} bytes"),
+        ));
+    }
+    Ok(buf)
+}
+
+/// Temp file in the same directory, fsync, rename, fsync the directory:
+/// readers see the old content or the new, never half of it.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StoreError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{file_name}.tmp.{}", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(io_err(path))
+}
+
+/// RFC 3339 UTC timestamp with second precision.
+pub fn now_rfc3339() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    rfc3339(secs)
+}
+
+pub fn rfc3339(unix_secs: u64) -> String {
+    let days = unix_secs / 86_400;
+    let rem = unix_secs % 86_400;
+    let (y, m, d) = civil_from_days(days as i64);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day), Howard Hinnant's algorithm.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_rules() {
+        for ok in ["builder", "builder-fork", "a", "0", &"x".repeat(63)] {
+            assert!(validate_name(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "Builder",
+            "a_b",
+            "-a",
+            "a/b",
+            "..",
+            "a.b",
+            &"x".repeat(64),
+            "caf\u{e9}",
+        ] {
+            let err = validate_name(bad).unwrap_err().to_string();
+            assert!(err.contains("invalid workspace name"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_utc() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_781_167_964), "2026-06-11T08:52:44Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn records_round_trip_atomically_and_bad_ones_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir {
+            root: dir.path().to_path_buf(),
+        };
+        let ws = state.workspace("demo").unwrap();
+        std::fs::create_dir_all(&ws.dir).unwrap();
+        let rec = WorkspaceRecord {
+            version: RECORD_VERSION,
+            name: "demo".into(),
+            image: None,
+            image_digest: None,
+            rootfs_source: Some("/tmp/r.ext4".into()),
+            vcpus: 2,
+            memory_mib: 512,
+            kernel: "/k".into(),
+            kernel_sha256: "ab".into(),
+            cmdline: "quiet".into(),
+            cpu_template: "host".into(),
+            created: now_rfc3339(),
+            status: Status::Created,
+            vmm_pid: None,
+            crash_reason: None,
+        };
+        ws.write(&rec).unwrap();
+        assert_eq!(ws.read().unwrap(), rec);
+        assert_eq!(state.list().unwrap(), vec!["demo".to_string()]);
+        std::fs::write(ws.record_path(), b"{not json").unwrap();
+        assert!(ws
+            .read()
+            .unwrap_err()
+            .to_string()
+            .contains("not a valid workspace record"));
+        std::fs::write(
+            ws.record_path(),
+            vec![b' '; (MAX_RECORD_BYTES + 10) as usize],
+        )
+        .unwrap();
+        assert!(ws.read().is_err());
+        assert!(matches!(
+            state.existing("nope"),
+            Err(StoreError::NotFound(_))
+        ));
+    }
+}

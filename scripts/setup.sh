@@ -3,7 +3,7 @@
 # (the kernel build's own dependencies are installed by build-kernel.sh).
 # Runs apt-get update before installing; does nothing if all are present.
 set -euo pipefail
-packages=(busybox-static e2fsprogs file util-linux)
+packages=(busybox-static e2fsprogs file util-linux xfsprogs)
 if [ "${1:-}" = "--with-qemu" ]; then
   packages+=(qemu-system-x86)
 fi

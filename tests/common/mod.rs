@@ -129,3 +129,81 @@ pub fn fact<'a>(console: &'a str, key: &str) -> Option<&'a str> {
         .lines()
         .find_map(|l| l.trim_end_matches('\r').strip_prefix(prefix.as_str()))
 }
+
+/// A private state directory (`MICROAGENT_HOME`) for one test.
+pub struct Home {
+    pub dir: tempfile::TempDir,
+}
+
+impl Home {
+    pub fn new() -> Home {
+        Home {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn cmd(&self) -> Command {
+        let mut c = microagent();
+        c.env("MICROAGENT_HOME", self.dir.path());
+        c
+    }
+
+    /// Runs `microagent ARGS` with this home; returns (exit code, stdout, stderr).
+    pub fn run(&self, args: &[&str]) -> (i32, String, String) {
+        let out = self.cmd().args(args).output().expect("running microagent");
+        let (o, e) = text(&out);
+        assert!(!e.contains("panicked"), "microagent panicked: {e}");
+        (out.status.code().unwrap_or(-1), o, e)
+    }
+
+    /// Runs and requires success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let (code, o, e) = self.run(args);
+        assert_eq!(code, 0, "microagent {args:?} failed: {e}");
+        o
+    }
+
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        let o = self.ok(&a);
+        serde_json::from_str(&o).unwrap_or_else(|e| panic!("bad JSON from {args:?}: {e}: {o}"))
+    }
+
+    pub fn workspace_dir(&self, name: &str) -> PathBuf {
+        self.dir.path().join("workspaces").join(name)
+    }
+
+    /// Waits until the workspace's console contains `marker`.
+    pub fn wait_console(&self, name: &str, marker: &str, timeout: std::time::Duration) -> String {
+        let start = std::time::Instant::now();
+        loop {
+            let log = std::fs::read_to_string(self.workspace_dir(name).join("console.log"))
+                .unwrap_or_default();
+            if log.contains(marker) {
+                return log;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "{name}: no {marker:?} on the console after {timeout:?}:\n{log}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
+    }
+}
+
+impl Drop for Home {
+    /// Never leave VMMs behind, whatever the test did.
+    fn drop(&mut self) {
+        let ws = self.dir.path().join("workspaces");
+        if let Ok(entries) = std::fs::read_dir(&ws) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let _ = self
+                    .cmd()
+                    .args(["delete", &name, "--yes", "--force"])
+                    .output();
+            }
+        }
+    }
+}

@@ -1,0 +1,312 @@
+//! Workspace lifecycle with real VMs: detached VMMs, the control socket,
+//! the state machine, crash detection and recovery, concurrency.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+/// Prints a tick every second forever: the console shows whether the guest
+/// is running or frozen.
+const TICK_INIT: &str = r#"#!/bin/sh
+mount -t proc proc /proc
+echo WORKSPACE_INIT_OK
+i=0
+while true; do echo "tick $i"; i=$((i+1)); sleep 1; done
+"#;
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+
+fn create(home: &Home, name: &str, rootfs: &std::path::Path) {
+    home.ok(&[
+        "create",
+        name,
+        "--rootfs",
+        rootfs.to_str().unwrap(),
+        "--kernel",
+        vmlinux().to_str().unwrap(),
+        "--memory",
+        "128",
+        "--cmdline",
+        "quiet root=/dev/vda rw init=/init",
+    ]);
+}
+
+fn status(home: &Home, name: &str) -> serde_json::Value {
+    home.json(&["status", name])
+}
+
+fn console_len(home: &Home, name: &str) -> u64 {
+    std::fs::metadata(home.workspace_dir(name).join("console.log")).map_or(0, |m| m.len())
+}
+
+#[test]
+fn full_lifecycle_with_two_workspaces_crash_and_recovery() {
+    if !kvm_available() {
+        return;
+    }
+    let home = Home::new();
+    let rootfs = busybox_rootfs(home.dir.path(), TICK_INIT);
+    create(&home, "builder", &rootfs);
+    create(&home, "second", &rootfs);
+
+    // Documented JSON fields of a created workspace.
+    let s = status(&home, "builder");
+    assert_eq!(s["status"], "created");
+    for field in [
+        "name",
+        "vcpus",
+        "memory_mib",
+        "kernel_sha256",
+        "created",
+        "cpu_template",
+        "dir",
+    ] {
+        assert!(!s[field].is_null(), "status --json lacks {field}: {s}");
+    }
+    assert_eq!(s["memory_mib"], 128);
+    // Each workspace owns a private copy of the disk.
+    assert!(home.workspace_dir("builder").join("rootfs.ext4").is_file());
+
+    // Two workspaces running at once, both guests reaching userspace.
+    let started = home.json(&["start", "builder"]);
+    assert_eq!(started["status"], "running");
+    home.ok(&["start", "second"]);
+    let list = home.json(&["list"]);
+    let running: Vec<_> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| w["status"] == "running")
+        .collect();
+    assert_eq!(running.len(), 2, "{list}");
+    assert_ne!(running[0]["pid"], running[1]["pid"]);
+    home.wait_console("builder", "tick 1", BOOT_TIMEOUT);
+    home.wait_console("second", "tick 1", BOOT_TIMEOUT);
+    let (_, logs, _) = home.run(&["logs", "builder"]);
+    assert!(logs.contains("WORKSPACE_INIT_OK"), "logs: {logs}");
+
+    // Pause freezes the guest; resume lets it go on.
+    assert_eq!(home.json(&["pause", "builder"])["status"], "paused");
+    assert_eq!(status(&home, "builder")["status"], "paused");
+    let frozen = console_len(&home, "builder");
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(
+        console_len(&home, "builder"),
+        frozen,
+        "guest ran while paused"
+    );
+    let (code, _, err) = home.run(&["pause", "builder"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("workspace builder is paused"), "{err}");
+    assert_eq!(home.json(&["resume", "builder"])["status"], "running");
+    let resumed = std::time::Instant::now();
+    while console_len(&home, "builder") == frozen {
+        assert!(
+            resumed.elapsed() < Duration::from_secs(60),
+            "guest did not resume"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Illegal transitions name the workspace and its state.
+    let (code, _, err) = home.run(&["delete", "builder", "--yes"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("workspace builder is running; halt it first"),
+        "{err}"
+    );
+    let (code, _, err) = home.run(&["start", "builder"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("already running"), "{err}");
+
+    // kill -9 of the VMM: crashed, with the reason; start recovers.
+    let pid = status(&home, "builder")["pid"]
+        .as_i64()
+        .expect("running workspace has a pid");
+    // SAFETY: sending a signal to the VMM process this test started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let t = std::time::Instant::now();
+    let crashed = loop {
+        let s = status(&home, "builder");
+        if s["status"] == "crashed" {
+            break s;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "never crashed: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        crashed["crash_reason"]
+            .as_str()
+            .unwrap()
+            .contains("killed by signal 9"),
+        "{crashed}"
+    );
+    assert!(
+        !home.workspace_dir("builder").join("control.sock").exists(),
+        "stale socket left"
+    );
+    assert_eq!(home.json(&["start", "builder"])["status"], "running");
+
+    // The other workspace was never disturbed.
+    assert_eq!(status(&home, "second")["status"], "running");
+
+    // Halt, start again, halt, delete.
+    assert_eq!(home.json(&["halt", "builder"])["status"], "halted");
+    assert_eq!(status(&home, "builder")["status"], "halted");
+    assert_eq!(home.json(&["start", "builder"])["status"], "running");
+    home.ok(&["halt", "builder"]);
+    home.ok(&["halt", "second"]);
+    let (code, _, err) = home.run(&["halt", "second"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("workspace second is halted; it is not running"),
+        "{err}"
+    );
+    assert_eq!(home.json(&["delete", "builder", "--yes"])["deleted"], true);
+    home.ok(&["delete", "second", "--yes"]);
+    assert!(!home.workspace_dir("builder").exists());
+    let (code, _, err) = home.run(&["status", "builder"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("workspace builder does not exist"), "{err}");
+}
+
+/// Processes serving `dir` (supervisors and VMMs).
+fn vmm_processes(dir: &std::path::Path) -> Vec<(i32, String)> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmd
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.iter().any(|a| a == dir.to_str().unwrap()) {
+            found.push((pid, args.get(2).cloned().unwrap_or_default()));
+        }
+    }
+    found
+}
+
+#[test]
+fn twenty_concurrent_starts_make_exactly_one_vmm() {
+    if !kvm_available() {
+        return;
+    }
+    let home = Home::new();
+    let rootfs = busybox_rootfs(home.dir.path(), TICK_INIT);
+    create(&home, "racer", &rootfs);
+    // All twenty processes are started before any is waited for.
+    let spawned: Vec<_> = (0..20)
+        .map(|_| {
+            home.cmd()
+                .args(["start", "racer"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outputs: Vec<_> = spawned
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    let ok = outputs.iter().filter(|o| o.status.success()).count();
+    assert_eq!(ok, 1, "exactly one start wins");
+    for o in outputs.iter().filter(|o| !o.status.success()) {
+        assert_eq!(o.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("workspace racer is running; it is already running"),
+            "{err}"
+        );
+    }
+    let procs = vmm_processes(&home.workspace_dir("racer"));
+    let serves = procs.iter().filter(|(_, role)| role == "serve").count();
+    let supervisors = procs.iter().filter(|(_, role)| role == "supervise").count();
+    assert_eq!((serves, supervisors), (1, 1), "{procs:?}");
+    home.ok(&["halt", "racer"]);
+    assert!(vmm_processes(&home.workspace_dir("racer")).is_empty());
+}
+
+#[test]
+fn names_unknown_workspaces_and_confirmation() {
+    let home = Home::new();
+    let dir = tempfile::tempdir().unwrap();
+    let rootfs = dir.path().join("r.ext4");
+    mkfs_ext4(&rootfs, "4M", None);
+    for bad in ["Builder", "-x", "a_b", "a/b", ""] {
+        let (code, _, err) = home.run(&[
+            "create",
+            "--rootfs",
+            rootfs.to_str().unwrap(),
+            "--kernel",
+            "/bin/sh",
+            "--",
+            bad,
+        ]);
+        assert_eq!(code, 1, "{bad}: {err}");
+        assert!(err.contains("invalid workspace name"), "{bad}: {err}");
+    }
+    for cmd in ["start", "status", "pause", "resume", "halt", "logs"] {
+        let (code, _, err) = home.run(&[cmd, "ghost"]);
+        assert_eq!(code, 1, "{cmd}");
+        assert!(
+            err.contains("workspace ghost does not exist"),
+            "{cmd}: {err}"
+        );
+    }
+    let (code, out, _) = home.run(&["status", "ghost", "--json"]);
+    assert_eq!(code, 1);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v["error"].as_str().unwrap().contains("ghost"));
+    let (code, _, err) = home.run(&[
+        "create",
+        "w",
+        "--rootfs",
+        "/nonexistent.ext4",
+        "--kernel",
+        "/bin/sh",
+    ]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("rootfs /nonexistent.ext4 does not exist"),
+        "{err}"
+    );
+    let (code, _, err) = home.run(&[
+        "create",
+        "w",
+        "--rootfs",
+        rootfs.to_str().unwrap(),
+        "--kernel",
+        "/bin/sh",
+        "--vcpus",
+        "0",
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("invalid vCPU count 0"), "{err}");
+    assert!(
+        !home.workspace_dir("w").exists(),
+        "a refused create left a directory"
+    );
+    home.ok(&[
+        "create",
+        "w",
+        "--rootfs",
+        rootfs.to_str().unwrap(),
+        "--kernel",
+        "/bin/sh",
+    ]);
+    let (code, _, err) = home.run(&["delete", "w"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--yes"), "{err}");
+    assert!(home.workspace_dir("w").exists());
+    let (code, _, _) = home.run(&["frobnicate"]);
+    assert_eq!(code, 2, "usage errors exit 2");
+    assert_eq!(home.json(&["list"]).as_array().unwrap().len(), 1);
+}

@@ -2,6 +2,7 @@
 //! and memory snapshots. The binary (`src/main.rs`) is a thin shell over
 //! [`cli::run`]; tests and benches use the library directly.
 
+pub mod agent;
 pub mod cli;
 pub mod devices;
 pub mod digest;

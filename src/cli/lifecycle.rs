@@ -10,12 +10,14 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use super::output::{print_record, Out};
+use crate::agent::{agent_binary, wait_ready, AgentConn, AGENT_GUEST_PATH};
 use crate::digest::sha256_file;
 use crate::vmm::arch::x86_64::cpuid::CpuTemplate;
 use crate::vmm::control::{self, Op as CtlOp};
 use crate::vmm::host;
 use crate::vmm::vm::VmConfig;
 use crate::workspace::disk::{copy_disk, grow_ext4};
+use crate::workspace::inject::inject_agent;
 use crate::workspace::lock::WorkspaceLock;
 use crate::workspace::state::{check, read_exit_record, reconcile, supervisor_alive, Op, Status};
 use crate::workspace::store::{
@@ -52,6 +54,10 @@ pub struct CreateArgs {
     /// CPU template (host, pvm-safe); default: pvm-safe on PVM hosts.
     #[arg(long)]
     cpu_template: Option<CpuTemplate>,
+    /// A program in the root disk that the guest agent (always PID 1)
+    /// starts at boot, such as the image's own init.
+    #[arg(long)]
+    init: Option<String>,
 }
 
 /// Parses sizes like 512M, 2G, 1024 (bytes).
@@ -125,6 +131,7 @@ pub fn create(state: &StateDir, args: CreateArgs, out: &Out) -> Result<i32> {
         pvm: false,
         console_log: None,
         console_stdout: false,
+        vsock: None,
     }
     .validate()
     .map_err(|e| match e {
@@ -173,9 +180,16 @@ fn populate(
     disk_size: Option<u64>,
 ) -> Result<WorkspaceRecord> {
     let _lock = WorkspaceLock::acquire(&ws.lock_path())?;
+    let agent = agent_binary()?;
     copy_disk(rootfs, &ws.rootfs())?;
     if let Some(size) = disk_size {
         grow_ext4(&ws.rootfs(), size)?;
+    }
+    inject_agent(&ws.rootfs(), &agent, AGENT_GUEST_PATH)?;
+    if let Some(init) = &args.init {
+        if !init.starts_with('/') || init.contains(char::is_whitespace) {
+            bail!("--init must be an absolute path without spaces, got {init:?}");
+        }
     }
     let kernel =
         std::fs::canonicalize(kernel).with_context(|| format!("kernel {}", kernel.display()))?;
@@ -192,6 +206,7 @@ fn populate(
         kernel: kernel.display().to_string(),
         kernel_sha256,
         cmdline: args.cmdline.clone(),
+        init: args.init.clone(),
         cpu_template: cpu_template.name().to_string(),
         created: now_rfc3339(),
         status: Status::Created,
@@ -226,7 +241,18 @@ pub struct NameArgs {
     pub name: String,
 }
 
-pub fn start(state: &StateDir, args: NameArgs, out: &Out) -> Result<i32> {
+#[derive(Args)]
+pub struct StartArgs {
+    pub name: String,
+    /// Return once the VMM runs, without waiting for the guest agent.
+    #[arg(long)]
+    no_wait: bool,
+    /// Seconds to wait for the guest agent (boots are slow on PVM hosts).
+    #[arg(long, default_value_t = 600)]
+    timeout: u64,
+}
+
+pub fn start(state: &StateDir, args: StartArgs, out: &Out) -> Result<i32> {
     let (ws, _lock, mut rec, status) = open(state, &args.name)?;
     check(&ws.name, status, Op::Start)?;
     let _ = std::fs::remove_file(ws.exit_record());
@@ -290,6 +316,23 @@ pub fn start(state: &StateDir, args: NameArgs, out: &Out) -> Result<i32> {
     rec.vmm_pid = Some(pid);
     rec.crash_reason = None;
     ws.write(&rec)?;
+    if !args.no_wait {
+        let t = Instant::now();
+        wait_ready(
+            &ws.vsock_socket(),
+            Duration::from_secs(args.timeout),
+            || supervisor_alive(pid, &ws),
+        )
+        .with_context(|| {
+            format!(
+                "workspace {} is running but its guest agent is not answering",
+                ws.name
+            )
+        })?;
+        if !out.json && !out.quiet {
+            eprintln!("guest agent ready after {:.1}s", t.elapsed().as_secs_f64());
+        }
+    }
     print_record(
         out,
         &ws,
@@ -345,8 +388,23 @@ pub struct HaltArgs {
 /// Stops the VMM: asks over the control socket, then kills the process
 /// group if it has not gone within `timeout`. Returns whether it was forced.
 fn stop_vmm(ws: &WorkspaceDir, pid: i32, timeout: Duration) -> bool {
-    let _ = control::request(&ws.control_socket(), CtlOp::Halt, CONTROL_TIMEOUT);
     let deadline = Instant::now() + timeout;
+    // Graceful: the agent syncs, stops processes and powers off. A paused
+    // guest cannot do that, and a guest without an agent answering gets
+    // the VMM's halt (like pulling the power).
+    let paused = control::request(&ws.control_socket(), CtlOp::Status, CONTROL_TIMEOUT)
+        .map(|r| r.state.as_deref() == Some("paused"))
+        .unwrap_or(true);
+    let graceful = !paused
+        && AgentConn::connect(&ws.vsock_socket(), Duration::from_secs(2))
+            .and_then(|c| c.call(&guest_agent::Request::Shutdown))
+            .is_ok();
+    if graceful {
+        while supervisor_alive(pid, ws) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let _ = control::request(&ws.control_socket(), CtlOp::Halt, CONTROL_TIMEOUT);
     while supervisor_alive(pid, ws) {
         if Instant::now() > deadline {
             // The supervisor leads its own session and process group.

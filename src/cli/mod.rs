@@ -2,6 +2,7 @@
 //!
 //! Exit codes: 0 success, 1 failure, 2 usage error.
 
+mod exec;
 mod inspect;
 mod lifecycle;
 mod output;
@@ -34,8 +35,9 @@ pub struct Cli {
 enum Command {
     /// Create a workspace (its own copy of a root disk, not started).
     Create(lifecycle::CreateArgs),
-    /// Start a workspace's VM in a detached VMM process.
-    Start(lifecycle::NameArgs),
+    /// Start a workspace's VM in a detached VMM process; returns once the
+    /// guest agent answers.
+    Start(lifecycle::StartArgs),
     /// Pause a running workspace's vCPUs.
     Pause(lifecycle::NameArgs),
     /// Resume a paused workspace.
@@ -51,6 +53,10 @@ enum Command {
     Status(lifecycle::NameArgs),
     /// Print a workspace's serial console.
     Logs(inspect::LogsArgs),
+    /// Run a command in a running workspace (exit status passes through).
+    Exec(exec::ExecArgs),
+    /// Interactive shell in a running workspace.
+    Shell(exec::ShellArgs),
     /// Low-level VMM commands (used by the workspace commands and tests).
     #[command(hide = true, subcommand)]
     Vmm(VmmCommand),
@@ -86,6 +92,8 @@ pub fn run() -> i32 {
         Command::List(a) => inspect::list(&state, a, &out),
         Command::Status(a) => inspect::status(&state, a, &out),
         Command::Logs(a) => inspect::logs(&state, a),
+        Command::Exec(a) => exec::exec(&state, a),
+        Command::Shell(a) => exec::shell(&state, a),
         Command::Vmm(VmmCommand::Run(a)) => vmm_run::run(a, cli.json),
         Command::Vmm(VmmCommand::Supervise(a)) => vmm_serve::supervise(a),
         Command::Vmm(VmmCommand::Serve(a)) => vmm_serve::serve(a),

@@ -9,7 +9,10 @@ use clap::Args;
 use crate::vmm::arch::x86_64::cpuid::CpuTemplate;
 use crate::vmm::host;
 use crate::vmm::vcpu::GuestStop;
-use crate::vmm::vm::{DiskConfig, Vm, VmConfig, VmError};
+use crate::vmm::vm::{DiskConfig, Vm, VmConfig, VmError, VsockConfig};
+
+/// Every guest is alone on its vsock, so all can use the first guest CID.
+pub const GUEST_CID: u64 = 3;
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -39,6 +42,9 @@ pub struct RunArgs {
     /// Do not echo the serial console to stdout.
     #[arg(long)]
     no_console_stdout: bool,
+    /// Give the guest a virtio-vsock device (CID 3) fronted by this Unix socket.
+    #[arg(long)]
+    vsock: Option<PathBuf>,
     /// Diagnostic: every SECS seconds print each vCPU's mode, RIP and bytes.
     #[arg(long, value_name = "SECS")]
     dump_state_every: Option<u64>,
@@ -81,6 +87,10 @@ pub fn run(args: RunArgs, json: bool) -> Result<i32> {
         pvm: host::is_pvm(),
         console_log: args.console_log,
         console_stdout: !args.no_console_stdout && !json,
+        vsock: args.vsock.map(|socket| VsockConfig {
+            guest_cid: GUEST_CID,
+            socket,
+        }),
     };
     let started = std::time::Instant::now();
     let vm = Vm::boot(&cfg).context("booting the VM")?;

@@ -15,7 +15,7 @@ use clap::Args;
 
 use crate::vmm::control;
 use crate::vmm::host;
-use crate::vmm::vm::{DiskConfig, Vm, VmConfig};
+use crate::vmm::vm::{DiskConfig, Vm, VmConfig, VsockConfig};
 use crate::workspace::state::ExitRecord;
 use crate::workspace::store::{now_rfc3339, write_atomic, WorkspaceDir};
 
@@ -70,6 +70,7 @@ pub fn supervise(args: ServeArgs) -> Result<i32> {
         (None, None) => (false, "VMM ended for an unknown reason".into()),
     };
     let _ = std::fs::remove_file(ws.control_socket());
+    let _ = std::fs::remove_file(ws.vsock_socket());
     let record = ExitRecord {
         supervisor_pid: std::process::id() as i32,
         clean,
@@ -78,6 +79,21 @@ pub fn supervise(args: ServeArgs) -> Result<i32> {
     };
     write_atomic(&ws.exit_record(), &serde_json::to_vec_pretty(&record)?)?;
     Ok(if clean { 0 } else { 1 })
+}
+
+/// The user's arguments, then what makes the agent PID 1 (last, so it wins
+/// over any `init=` before it), the program it starts and the hostname.
+fn guest_cmdline(rec: &crate::workspace::store::WorkspaceRecord) -> String {
+    let mut line = format!(
+        "{} init={}",
+        rec.cmdline.trim(),
+        crate::agent::AGENT_GUEST_PATH
+    );
+    if let Some(init) = &rec.init {
+        line.push_str(&format!(" microagent.init={init}"));
+    }
+    line.push_str(&format!(" microagent.hostname={}", rec.name));
+    line
 }
 
 pub fn serve(args: ServeArgs) -> Result<i32> {
@@ -91,11 +107,15 @@ pub fn serve(args: ServeArgs) -> Result<i32> {
         }],
         vcpus: rec.vcpus,
         mem_mib: rec.memory_mib,
-        cmdline: rec.cmdline.clone(),
+        cmdline: guest_cmdline(&rec),
         cpu_template: rec.cpu_template.parse().map_err(anyhow::Error::msg)?,
         pvm: host::is_pvm(),
         console_log: Some(ws.console_log()),
         console_stdout: false,
+        vsock: Some(VsockConfig {
+            guest_cid: super::vmm_run::GUEST_CID,
+            socket: ws.vsock_socket(),
+        }),
     };
     let vm = Vm::boot(&cfg).context("booting the VM")?;
     control::spawn_server(&ws.control_socket(), vm.handle())

@@ -27,7 +27,8 @@ use crate::devices::i8042::{I8042, I8042_LEN, I8042_PORT};
 use crate::devices::serial::{ConsoleSink, SerialDevice, COM1_LEN, COM1_PORT};
 use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
-use crate::devices::virtio::Interrupt;
+use crate::devices::virtio::vsock::Vsock;
+use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::devices::EventFdTrigger;
 
 pub const MIN_MEM_MIB: u64 = 32;
@@ -38,6 +39,13 @@ const GUEST_HZ: u64 = 100;
 pub struct DiskConfig {
     pub path: PathBuf,
     pub read_only: bool,
+}
+
+/// The guest's vsock: its CID and the host Unix socket that fronts it.
+#[derive(Debug, Clone)]
+pub struct VsockConfig {
+    pub guest_cid: u64,
+    pub socket: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -54,6 +62,7 @@ pub struct VmConfig {
     pub pvm: bool,
     pub console_log: Option<PathBuf>,
     pub console_stdout: bool,
+    pub vsock: Option<VsockConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +100,8 @@ pub enum VmError {
     #[error(transparent)]
     Block(#[from] BlockError),
     #[error(transparent)]
+    Vsock(#[from] crate::devices::virtio::vsock::VsockError),
+    #[error(transparent)]
     Mptable(#[from] mptable::MptableError),
     #[error("device layout: {0}")]
     Layout(#[from] crate::devices::bus::OverlapError),
@@ -120,9 +131,65 @@ impl VmConfig {
                 return Err(VmError::DiskMissing(d.path.display().to_string()));
             }
         }
-        if self.disks.len() > (IRQ_MAX - VIRTIO_IRQ_BASE + 1) as usize {
+        // One IRQ per virtio device; the vsock takes one too.
+        if self.disks.len() + usize::from(self.vsock.is_some())
+            > (IRQ_MAX - VIRTIO_IRQ_BASE + 1) as usize
+        {
             return Err(VmError::TooManyDisks(self.disks.len()));
         }
+        Ok(())
+    }
+}
+
+/// The virtio-mmio devices of a VM as they are created: one MMIO window
+/// and one IRQ each, in order.
+#[derive(Default)]
+struct VirtioSet {
+    mmio: Bus,
+    kicks: Vec<QueueKick>,
+    backends: Vec<Arc<Mutex<MmioTransport>>>,
+    cmdline_args: Vec<String>,
+}
+
+impl VirtioSet {
+    fn add(
+        &mut self,
+        vm: &VmFd,
+        mem: &GuestMemoryMmap,
+        device: Box<dyn VirtioDevice>,
+    ) -> Result<(), VmError> {
+        let i = self.cmdline_args.len();
+        let base = VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE;
+        let irq = VIRTIO_IRQ_BASE + i as u32;
+        let has_backend = device.backend_fd().is_some();
+        let irqfd = eventfd()?;
+        vm.register_irqfd(&irqfd, irq)
+            .map_err(kvm_err("registering virtio irqfd"))?;
+        let transport = Arc::new(Mutex::new(MmioTransport::new(
+            device,
+            mem.clone(),
+            Arc::new(Interrupt::new(irqfd)),
+        )));
+        for q in 0..lock(&transport).num_queues() {
+            let evt = eventfd()?;
+            vm.register_ioevent(
+                &evt,
+                &IoEventAddress::Mmio(base + REG_QUEUE_NOTIFY),
+                q as u32,
+            )
+            .map_err(kvm_err("registering virtio ioeventfd"))?;
+            self.kicks.push(QueueKick {
+                evt,
+                transport: transport.clone(),
+                queue: q,
+            });
+        }
+        if has_backend {
+            self.backends.push(transport.clone());
+        }
+        self.mmio.insert(base, VIRTIO_MMIO_SIZE, transport)?;
+        self.cmdline_args
+            .push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
         Ok(())
     }
 }
@@ -208,6 +275,8 @@ pub struct Vm {
     // fd, and the VM fd before the guest memory it maps.
     vcpus: Vec<Vcpu>,
     kicks: Vec<QueueKick>,
+    /// Devices with host-side I/O of their own (the vsock's sockets).
+    backends: Vec<Arc<Mutex<MmioTransport>>>,
     reset_evt: EventFd,
     buses: Arc<IoBuses>,
     stop: Arc<StopSignal>,
@@ -275,39 +344,21 @@ impl Vm {
         pio.insert(I8042_PORT, I8042_LEN, Arc::new(Mutex::new(i8042)))?;
 
         // virtio-mmio devices, described to the guest on the command line.
-        let mut mmio = Bus::default();
-        let mut kicks = Vec::new();
-        let mut device_args = Vec::new();
+        let mut virtio = VirtioSet::default();
         for (i, disk) in cfg.disks.iter().enumerate() {
-            let base = VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE;
-            let irq = VIRTIO_IRQ_BASE + i as u32;
             let id = format!("microagent-vd{}", (b'a' + i as u8) as char);
             let block = Block::open(&disk.path, disk.read_only, &id)?;
-            let irqfd = eventfd()?;
-            vm.register_irqfd(&irqfd, irq)
-                .map_err(kvm_err("registering virtio irqfd"))?;
-            let transport = Arc::new(Mutex::new(MmioTransport::new(
-                Box::new(block),
-                mem.clone(),
-                Arc::new(Interrupt::new(irqfd)),
-            )));
-            for q in 0..lock(&transport).num_queues() {
-                let evt = eventfd()?;
-                vm.register_ioevent(
-                    &evt,
-                    &IoEventAddress::Mmio(base + REG_QUEUE_NOTIFY),
-                    q as u32,
-                )
-                .map_err(kvm_err("registering virtio ioeventfd"))?;
-                kicks.push(QueueKick {
-                    evt,
-                    transport: transport.clone(),
-                    queue: q,
-                });
-            }
-            mmio.insert(base, VIRTIO_MMIO_SIZE, transport)?;
-            device_args.push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
+            virtio.add(&vm, &mem, Box::new(block))?;
         }
+        if let Some(v) = &cfg.vsock {
+            virtio.add(&vm, &mem, Box::new(Vsock::new(v.guest_cid, &v.socket)?))?;
+        }
+        let VirtioSet {
+            mmio,
+            kicks,
+            backends,
+            cmdline_args: device_args,
+        } = virtio;
 
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -328,6 +379,7 @@ impl Vm {
         Ok(Vm {
             vcpus,
             kicks,
+            backends,
             reset_evt,
             buses: Arc::new(IoBuses { pio, mmio }),
             stop,
@@ -412,6 +464,7 @@ impl Vm {
 
     fn event_loop(&mut self) -> Result<(), VmError> {
         const STOP: u64 = u64::MAX;
+        const BACKEND_BASE: u64 = 1 << 32;
         const RESET: u64 = u64::MAX - 1;
         let epoll = Epoll::new().map_err(VmError::EventLoop)?;
         let add = |fd: i32, token: u64| {
@@ -427,6 +480,11 @@ impl Vm {
         add(self.reset_evt.as_raw_fd(), RESET)?;
         for (i, k) in self.kicks.iter().enumerate() {
             add(k.evt.as_raw_fd(), i as u64)?;
+        }
+        for (i, b) in self.backends.iter().enumerate() {
+            if let Some(fd) = lock(b).backend_fd() {
+                add(fd, BACKEND_BASE + i as u64)?;
+            }
         }
         let mut events = vec![EpollEvent::default(); 32];
         loop {
@@ -444,6 +502,11 @@ impl Vm {
                             "i8042 reset (guest reboot or power-off)".into(),
                         ));
                         return Ok(());
+                    }
+                    i if i >= BACKEND_BASE => {
+                        if let Some(b) = self.backends.get((i - BACKEND_BASE) as usize) {
+                            lock(b).process_backend();
+                        }
                     }
                     i => {
                         if let Some(k) = self.kicks.get(i as usize) {
@@ -532,6 +595,7 @@ mod tests {
             pvm: false,
             console_log: None,
             console_stdout: false,
+            vsock: None,
         }
     }
 

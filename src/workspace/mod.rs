@@ -2,6 +2,7 @@
 //! state machine, per-workspace locks and private root disks.
 
 pub mod disk;
+pub mod inject;
 pub mod lock;
 pub mod state;
 pub mod store;

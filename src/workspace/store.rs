@@ -67,6 +67,9 @@ pub struct WorkspaceRecord {
     pub kernel_sha256: String,
     /// Guest arguments appended to the VMM's own.
     pub cmdline: String,
+    /// Program the agent starts at boot (the image's init/entrypoint).
+    #[serde(default)]
+    pub init: Option<String>,
     pub cpu_template: String,
     pub created: String,
     pub status: Status,
@@ -163,6 +166,10 @@ impl WorkspaceDir {
     }
     pub fn control_socket(&self) -> PathBuf {
         self.dir.join("control.sock")
+    }
+    /// Host end of the guest's vsock (`CONNECT <port>` protocol).
+    pub fn vsock_socket(&self) -> PathBuf {
+        self.dir.join("vsock.sock")
     }
     pub fn vmm_log(&self) -> PathBuf {
         self.dir.join("vmm.log")
@@ -328,6 +335,7 @@ mod tests {
             kernel: "/k".into(),
             kernel_sha256: "ab".into(),
             cmdline: "quiet".into(),
+            init: None,
             cpu_template: "host".into(),
             created: now_rfc3339(),
             status: Status::Created,

@@ -87,6 +87,16 @@ impl MmioTransport {
         }
     }
 
+    pub fn backend_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.device.backend_fd()
+    }
+
+    /// Host-side I/O is ready; handled even before DRIVER_OK so clients can
+    /// queue up (the device decides what it can do without queues).
+    pub fn process_backend(&mut self) {
+        self.device.process_backend();
+    }
+
     fn selected_queue(&mut self) -> Option<&mut Queue> {
         if self.activated {
             return None; // Queue registers are read-only once live.

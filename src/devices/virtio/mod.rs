@@ -2,6 +2,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -73,6 +74,13 @@ pub trait VirtioDevice: Send {
     fn process_queue(&mut self, index: usize);
     /// The driver reset the device: drop queues, forget activation.
     fn reset(&mut self);
+    /// An fd the VMM's event loop should watch for this device's host-side
+    /// I/O (sockets), if it has any.
+    fn backend_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+    /// `backend_fd` is readable.
+    fn process_backend(&mut self) {}
 }
 
 /// Reads `data.len()` bytes at `offset` of a device config blob; out-of-range

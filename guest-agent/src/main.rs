@@ -1,0 +1,190 @@
+//! microagent's guest agent: PID 1 of every workspace. It sets up the
+//! basic filesystems, reaps orphans, and serves the host over vsock: exec
+//! with streamed stdio, power-off, file copies. Blocking I/O with a thread
+//! per stream: on PVM hosts every system call is expensive, and an async
+//! runtime would only add wake-up syscalls to a handful of streams.
+
+mod copy;
+mod exec;
+mod init;
+mod reaper;
+mod vsock;
+
+use std::fs::File;
+use std::sync::{Arc, Mutex};
+
+use guest_agent::{
+    read_frame, write_json, Hello, Kind, Request, Response, AGENT_PORT, PROTOCOL_VERSION,
+};
+
+fn response(ok: bool, message: String) -> Response {
+    Response {
+        ok,
+        message,
+        hostname: init::hostname(),
+        uptime_ms: init::uptime_ms(),
+    }
+}
+
+fn session(conn: File) {
+    let Ok(mut reader) = conn.try_clone() else {
+        return;
+    };
+    let w: exec::Writer = Arc::new(Mutex::new(conn));
+    let hello = match read_frame(&mut reader) {
+        Ok(f) if f.kind == Kind::Hello => f.json::<Hello>(),
+        Ok(f) => {
+            exec::send_error(&w, format!("expected HELLO, got {:?}", f.kind));
+            return;
+        }
+        Err(_) => return,
+    };
+    match hello {
+        Ok(h) if h.version == PROTOCOL_VERSION => {}
+        Ok(h) => {
+            exec::send_error(
+                &w,
+                format!(
+                    "unsupported protocol version {} (agent speaks {PROTOCOL_VERSION})",
+                    h.version
+                ),
+            );
+            return;
+        }
+        Err(e) => {
+            exec::send_error(&w, e.to_string());
+            return;
+        }
+    }
+    {
+        let mut f = w.lock().unwrap_or_else(|p| p.into_inner());
+        let me = Hello {
+            version: PROTOCOL_VERSION,
+            role: "agent".into(),
+        };
+        if write_json(&mut *f, Kind::Hello, &me).is_err() {
+            return;
+        }
+    }
+    let req = match read_frame(&mut reader).and_then(|f| f.json::<Request>()) {
+        Ok(r) => r,
+        Err(e) => {
+            exec::send_error(&w, e.to_string());
+            return;
+        }
+    };
+    match req {
+        Request::Ping => reply(&w, response(true, String::new())),
+        Request::Exec(e) => exec::run(e, reader, w),
+        Request::Shutdown => {
+            reply(&w, response(true, "powering off".into()));
+            power_off();
+        }
+        Request::CopyIn { dest } => copy::copy_in(&dest, reader, &w),
+        Request::CopyOut { path } => copy::copy_out(&path, &w),
+    }
+}
+
+fn reply(w: &exec::Writer, r: Response) {
+    let mut f = w.lock().unwrap_or_else(|p| p.into_inner());
+    let _ = write_json(&mut *f, Kind::Response, &r);
+}
+
+/// Stops every process, makes the disk consistent and powers off (through
+/// the i8042 reset line, which the VMM treats as power-off).
+fn power_off() -> ! {
+    // SAFETY: sync/kill/mount/reboot are plain system calls with valid
+    // arguments; as PID 1, kill(-1) spares us.
+    unsafe {
+        libc::sync();
+        libc::kill(-1, libc::SIGTERM);
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        libc::kill(-1, libc::SIGKILL);
+        libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REMOUNT | libc::MS_RDONLY,
+            std::ptr::null(),
+        );
+        libc::sync();
+        libc::reboot(libc::RB_AUTOBOOT);
+    }
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+}
+
+/// Points stdio at the console: the kernel may have found no /dev/console
+/// on the root disk before devtmpfs was mounted.
+fn console_stdio() {
+    if let Ok(c) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/console")
+    {
+        use std::os::fd::AsRawFd;
+        for fd in 0..3 {
+            // SAFETY: dup2 onto the standard fds.
+            unsafe { libc::dup2(c.as_raw_fd(), fd) };
+        }
+    }
+}
+
+/// Starts the workspace's own init/entrypoint (microagent.init=PATH) as a
+/// child, with the console as its stdio.
+fn start_entrypoint() {
+    let Some(path) = init::cmdline_value("microagent.init") else {
+        return;
+    };
+    let spawned = reaper::spawn_watched(|| {
+        let child = std::process::Command::new(&path).current_dir("/").spawn()?;
+        let pid = child.id() as i32;
+        Ok((child, pid))
+    });
+    match spawned {
+        Ok((_, rx)) => {
+            std::thread::spawn(move || {
+                if let Ok(st) = rx.recv() {
+                    eprintln!("microagent-agent: entrypoint {path} exited: {st:?}");
+                }
+            });
+        }
+        Err(e) => eprintln!("microagent-agent: starting entrypoint {path}: {e}"),
+    }
+}
+
+fn main() {
+    if std::process::id() == 1 {
+        init::mount_basics();
+        console_stdio();
+        let name =
+            init::cmdline_value("microagent.hostname").unwrap_or_else(|| "microagent".into());
+        init::set_hostname(&name);
+    }
+    reaper::spawn();
+    start_entrypoint();
+    let listener = loop {
+        match vsock::Listener::bind(AGENT_PORT) {
+            Ok(l) => break l,
+            Err(e) => {
+                eprintln!("microagent-agent: vsock port {AGENT_PORT}: {e}; retrying");
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+        }
+    };
+    println!("microagent-agent: ready on vsock port {AGENT_PORT}");
+    loop {
+        match listener.accept() {
+            Ok(conn) => {
+                let _ = std::thread::Builder::new()
+                    .name("session".into())
+                    .spawn(move || session(conn));
+            }
+            Err(e) => {
+                eprintln!("microagent-agent: accept: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }
+    }
+}

@@ -1,0 +1,74 @@
+//! AF_VSOCK stream sockets through libc (std has none).
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{FromRawFd, RawFd};
+
+#[repr(C)]
+struct SockaddrVm {
+    family: libc::sa_family_t,
+    reserved1: u16,
+    port: u32,
+    cid: u32,
+    zero: [u8; 4],
+}
+
+const VMADDR_CID_ANY: u32 = u32::MAX;
+
+pub struct Listener(RawFd);
+
+impl Listener {
+    pub fn bind(port: u32) -> io::Result<Listener> {
+        // SAFETY: plain socket creation; the fd is owned by the Listener.
+        let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let addr = SockaddrVm {
+            family: libc::AF_VSOCK as libc::sa_family_t,
+            reserved1: 0,
+            port,
+            cid: VMADDR_CID_ANY,
+            zero: [0; 4],
+        };
+        // SAFETY: addr is a valid sockaddr_vm of the size we pass.
+        let rc = unsafe {
+            libc::bind(
+                fd,
+                (&addr as *const SockaddrVm).cast(),
+                std::mem::size_of::<SockaddrVm>() as libc::socklen_t,
+            )
+        };
+        // SAFETY: listen on the fd we just bound.
+        if rc != 0 || unsafe { libc::listen(fd, 128) } != 0 {
+            let e = io::Error::last_os_error();
+            // SAFETY: closing the fd we own.
+            unsafe { libc::close(fd) };
+            return Err(e);
+        }
+        Ok(Listener(fd))
+    }
+
+    /// Blocks for the next connection.
+    pub fn accept(&self) -> io::Result<File> {
+        loop {
+            // SAFETY: accept4 without an address buffer.
+            let fd = unsafe {
+                libc::accept4(
+                    self.0,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    libc::SOCK_CLOEXEC,
+                )
+            };
+            if fd >= 0 {
+                // SAFETY: a fresh fd from accept4, owned by the File from now on.
+                return Ok(unsafe { File::from_raw_fd(fd) });
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+}

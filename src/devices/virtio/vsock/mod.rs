@@ -1,0 +1,580 @@
+//! virtio-vsock in userspace (this host has no vhost-vsock), exposed on the
+//! host Firecracker-style as a Unix socket: a client connects, writes
+//! `CONNECT <port>\n`, gets `OK <local port>\n` once the guest accepts, and
+//! then has a byte stream to that guest port.
+
+mod conn;
+pub mod packet;
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestMemoryMmap};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use super::{
+    read_config_bytes, ActivateError, Interrupt, VirtioDevice, INT_USED_RING, VIRTIO_F_VERSION_1,
+};
+use conn::{Conn, ConnState};
+use packet::{
+    read_packet, rx_capacity, write_packet, Header, Seg, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE,
+    OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW, OP_SHUTDOWN, TYPE_STREAM,
+};
+
+pub const TYPE_VSOCK: u32 = 19;
+pub const HOST_CID: u64 = 2;
+const QUEUE_SIZE: u16 = 256;
+const RX: usize = 0;
+const TX: usize = 1;
+const EVENT: usize = 2;
+/// Open streams plus clients still sending their CONNECT line.
+const MAX_CLIENTS: usize = 1024;
+/// A CONNECT line longer than this is not one.
+const MAX_CONNECT_LINE: usize = 64;
+const LISTENER_TOKEN: u64 = u64::MAX;
+/// Host-side ports handed to streams start here, away from guest services.
+const FIRST_LOCAL_PORT: u32 = 1 << 30;
+const VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: u32 = 0;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VsockError {
+    #[error("vsock socket {path}: {source}")]
+    Listen {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("vsock event loop: {0}")]
+    Epoll(std::io::Error),
+}
+
+struct Pending {
+    stream: UnixStream,
+    line: Vec<u8>,
+}
+
+struct Active {
+    mem: GuestMemoryMmap,
+    interrupt: Arc<Interrupt>,
+    queues: Vec<Queue>,
+}
+
+pub struct Vsock {
+    guest_cid: u64,
+    config: [u8; 8],
+    listener: UnixListener,
+    epoll: Epoll,
+    pending: HashMap<RawFd, Pending>,
+    conns: HashMap<u32, Conn>,
+    fd_port: HashMap<RawFd, u32>,
+    next_port: u32,
+    /// Packets owed to the guest that belong to no live stream (RSTs, REQUESTs).
+    rx_control: VecDeque<Header>,
+    active: Option<Active>,
+}
+
+fn segs_of<M>(chain: virtio_queue::DescriptorChain<M>) -> Vec<Seg>
+where
+    M: std::ops::Deref,
+    M::Target: vm_memory::GuestMemory,
+{
+    chain
+        .map(|d| Seg {
+            addr: d.addr(),
+            len: d.len(),
+            write_only: d.is_write_only(),
+        })
+        .collect()
+}
+
+impl Vsock {
+    pub fn new(guest_cid: u64, socket: &Path) -> Result<Vsock, VsockError> {
+        let listen_err = |source| VsockError::Listen {
+            path: socket.display().to_string(),
+            source,
+        };
+        let _ = std::fs::remove_file(socket);
+        let listener = UnixListener::bind(socket).map_err(listen_err)?;
+        listener.set_nonblocking(true).map_err(listen_err)?;
+        let epoll = Epoll::new().map_err(VsockError::Epoll)?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                listener.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, LISTENER_TOKEN),
+            )
+            .map_err(VsockError::Epoll)?;
+        Ok(Vsock {
+            guest_cid,
+            config: guest_cid.to_le_bytes(),
+            listener,
+            epoll,
+            pending: HashMap::new(),
+            conns: HashMap::new(),
+            fd_port: HashMap::new(),
+            next_port: FIRST_LOCAL_PORT,
+            rx_control: VecDeque::new(),
+            active: None,
+        })
+    }
+
+    fn alloc_port(&mut self) -> u32 {
+        loop {
+            let p = self.next_port;
+            self.next_port = self.next_port.checked_add(1).unwrap_or(FIRST_LOCAL_PORT);
+            if !self.conns.contains_key(&p) {
+                return p;
+            }
+        }
+    }
+
+    fn set_interest(&self, fd: RawFd, events: EventSet) {
+        let _ = self.epoll.ctl(
+            ControlOperation::Modify,
+            fd,
+            EpollEvent::new(events, fd as u64),
+        );
+    }
+
+    fn accept_clients(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    if self.pending.len() + self.conns.len() >= MAX_CLIENTS
+                        || stream.set_nonblocking(true).is_err()
+                    {
+                        continue; // Dropping the stream closes it.
+                    }
+                    let fd = stream.as_raw_fd();
+                    if self
+                        .epoll
+                        .ctl(
+                            ControlOperation::Add,
+                            fd,
+                            EpollEvent::new(EventSet::IN, fd as u64),
+                        )
+                        .is_ok()
+                    {
+                        self.pending.insert(
+                            fd,
+                            Pending {
+                                stream,
+                                line: Vec::new(),
+                            },
+                        );
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// Reads a client's `CONNECT <port>\n`; on a full line, opens the stream.
+    fn read_connect_line(&mut self, fd: RawFd) {
+        let Some(p) = self.pending.get_mut(&fd) else {
+            return;
+        };
+        let mut buf = [0u8; MAX_CONNECT_LINE];
+        let outcome = loop {
+            match p
+                .stream
+                .read(&mut buf[..MAX_CONNECT_LINE - p.line.len().min(MAX_CONNECT_LINE - 1)])
+            {
+                Ok(0) => break Err(()),
+                Ok(n) => {
+                    p.line.extend_from_slice(&buf[..n]);
+                    if let Some(pos) = p.line.iter().position(|b| *b == b'\n') {
+                        break Ok(parse_connect(&p.line[..pos]));
+                    }
+                    if p.line.len() >= MAX_CONNECT_LINE {
+                        break Err(());
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => break Err(()),
+            }
+        };
+        let Some(p) = self.pending.remove(&fd) else {
+            return;
+        };
+        let _ = self
+            .epoll
+            .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        let Ok(Some(peer_port)) = outcome else { return };
+        let local_port = self.alloc_port();
+        let mut c = Conn::new(p.stream, local_port, peer_port);
+        let req = c.request_header(HOST_CID, self.guest_cid);
+        self.rx_control.push_back(req);
+        if self
+            .epoll
+            .ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::empty(), fd as u64),
+            )
+            .is_ok()
+        {
+            self.fd_port.insert(fd, local_port);
+            self.conns.insert(local_port, c);
+        }
+    }
+
+    fn drop_conn(&mut self, port: u32, send_rst: bool) {
+        if let Some(mut c) = self.conns.remove(&port) {
+            let fd = c.stream.as_raw_fd();
+            let _ = self
+                .epoll
+                .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+            self.fd_port.remove(&fd);
+            if send_rst {
+                let rst = c.rst_header(HOST_CID, self.guest_cid);
+                self.rx_control.push_back(rst);
+            }
+        }
+    }
+
+    fn conn_io(&mut self, port: u32, events: EventSet) {
+        let Some(c) = self.conns.get_mut(&port) else {
+            return;
+        };
+        let mut failed = false;
+        if events.intersects(EventSet::OUT) && c.flush_to_unix().is_err() {
+            failed = true;
+        }
+        if events.intersects(EventSet::IN | EventSet::HANG_UP) && c.wants_unix_read() {
+            if c.fill_from_unix().is_err() {
+                failed = true;
+            }
+        } else if events.intersects(EventSet::HANG_UP | EventSet::ERROR) {
+            // epoll reports a hang-up whatever we asked for; a client that
+            // is gone while we are not reading would otherwise spin us.
+            failed = true;
+        }
+        if failed {
+            self.drop_conn(port, true);
+        }
+    }
+
+    fn reply_rst(&mut self, to: &Header) {
+        self.rx_control.push_back(Header {
+            src_cid: HOST_CID,
+            dst_cid: self.guest_cid,
+            src_port: to.dst_port,
+            dst_port: to.src_port,
+            len: 0,
+            type_: TYPE_STREAM,
+            op: OP_RST,
+            flags: 0,
+            buf_alloc: 0,
+            fwd_cnt: 0,
+        });
+    }
+
+    /// Handles one packet the guest sent.
+    fn handle_tx(&mut self, hdr: Header, payload: Vec<u8>) {
+        if hdr.src_cid != self.guest_cid || hdr.dst_cid != HOST_CID {
+            return; // Not addressed to us: drop silently, as the spec says.
+        }
+        if hdr.type_ != TYPE_STREAM {
+            if hdr.op != OP_RST {
+                self.reply_rst(&hdr);
+            }
+            return;
+        }
+        let port = hdr.dst_port;
+        let known = self
+            .conns
+            .get(&port)
+            .is_some_and(|c| c.peer_port == hdr.src_port);
+        if !known {
+            // Guest-initiated streams to the host are not offered; stray
+            // packets for closed streams get a reset.
+            if hdr.op != OP_RST {
+                self.reply_rst(&hdr);
+            }
+            return;
+        }
+        let Some(c) = self.conns.get_mut(&port) else {
+            return;
+        };
+        c.update_peer_credit(&hdr);
+        match hdr.op {
+            OP_RESPONSE if c.state == ConnState::Connecting => {
+                c.state = ConnState::Connected;
+                let ok = format!("OK {port}\n");
+                if c.stream.write_all(ok.as_bytes()).is_err() {
+                    self.drop_conn(port, true);
+                }
+            }
+            OP_RW if c.state == ConnState::Connected || c.state == ConnState::Closing => {
+                if !c.push_from_guest(&payload) || c.flush_to_unix().is_err() {
+                    self.drop_conn(port, true);
+                }
+            }
+            OP_CREDIT_UPDATE => {}
+            OP_CREDIT_REQUEST => c.credit_update_due = true,
+            OP_SHUTDOWN => c.guest_shutdown(hdr.flags),
+            OP_RST => self.drop_conn(port, false),
+            OP_REQUEST | OP_RESPONSE | OP_RW => self.drop_conn(port, true),
+            _ => self.drop_conn(port, true),
+        }
+    }
+
+    fn process_tx(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let mem = active.mem.clone();
+        let mut packets = Vec::new();
+        let mut used = Vec::new();
+        if let Ok(iter) = active.queues[TX].iter(&mem) {
+            for chain in iter {
+                let head = chain.head_index();
+                let segs = segs_of(chain);
+                // Malformed packets are consumed and dropped.
+                if let Ok(p) = read_packet(&mem, &segs) {
+                    packets.push(p);
+                }
+                used.push(head);
+            }
+        }
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        for head in used.iter() {
+            let _ = active.queues[TX].add_used(&mem, *head, 0);
+        }
+        if !used.is_empty() && active.queues[TX].needs_notification(&mem).unwrap_or(true) {
+            active.interrupt.signal(INT_USED_RING);
+        }
+        for (hdr, payload) in packets {
+            self.handle_tx(hdr, payload);
+        }
+    }
+
+    /// Next packet for the guest, given the payload room of an RX buffer.
+    fn next_rx_packet(&mut self, room: usize) -> Option<(Header, Vec<u8>)> {
+        if let Some(h) = self.rx_control.pop_front() {
+            return Some((h, Vec::new()));
+        }
+        let (host, guest) = (HOST_CID, self.guest_cid);
+        for c in self.conns.values_mut() {
+            if let Some(h) = c.pending_control(host, guest) {
+                return Some((h, Vec::new()));
+            }
+        }
+        for c in self.conns.values_mut() {
+            if c.state == ConnState::Connected && c.has_data_for_guest() && room > 0 {
+                let data = c.take_for_guest(room);
+                let h = c.rw_header(host, guest, data.len() as u32);
+                return Some((h, data));
+            }
+        }
+        None
+    }
+
+    /// Moves everything owed to the guest into RX buffers while it has some.
+    fn process_rx(&mut self) {
+        let Some(active) = self.active.as_ref() else {
+            return;
+        };
+        let mem = active.mem.clone();
+        let mut delivered = false;
+        loop {
+            let Some(active) = self.active.as_mut() else {
+                return;
+            };
+            let Some(chain) = active.queues[RX].pop_descriptor_chain(&mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let segs = segs_of(chain);
+            let Some((hdr, data)) = self.next_rx_packet(rx_capacity(&segs)) else {
+                if let Some(a) = self.active.as_mut() {
+                    a.queues[RX].go_to_previous_position();
+                }
+                break;
+            };
+            let len = write_packet(&mem, &segs, &hdr, &data).unwrap_or(0);
+            if let Some(a) = self.active.as_mut() {
+                let _ = a.queues[RX].add_used(&mem, head, len);
+            }
+            delivered = true;
+        }
+        if let Some(a) = self.active.as_mut() {
+            if delivered && a.queues[RX].needs_notification(&mem).unwrap_or(true) {
+                a.interrupt.signal(INT_USED_RING);
+            }
+        }
+    }
+
+    /// Closes finished streams and refreshes what each Unix socket is polled for.
+    fn settle(&mut self) {
+        let mut finished = Vec::new();
+        for (port, c) in self.conns.iter_mut() {
+            if c.guest_done_sending && !c.has_unix_backlog() {
+                let _ = c.stream.shutdown(std::net::Shutdown::Write);
+            }
+            if c.state == ConnState::Closing && !c.has_unix_backlog() {
+                finished.push(*port);
+            }
+        }
+        for port in finished {
+            self.drop_conn(port, true);
+        }
+        for c in self.conns.values() {
+            let mut ev = EventSet::empty();
+            if c.wants_unix_read() {
+                ev |= EventSet::IN;
+            }
+            if c.has_unix_backlog() {
+                ev |= EventSet::OUT;
+            }
+            self.set_interest(c.stream.as_raw_fd(), ev);
+        }
+    }
+
+    fn pump(&mut self) {
+        self.process_tx();
+        self.process_rx();
+        self.settle();
+        // Settling may have queued RSTs or credit updates.
+        self.process_rx();
+    }
+
+    /// Tells the guest its transport was reset (after a snapshot restore):
+    /// all streams are gone, listeners survive. Returns false if the guest
+    /// has posted no event buffer.
+    pub fn transport_reset(&mut self) -> bool {
+        let ports: Vec<u32> = self.conns.keys().copied().collect();
+        for p in ports {
+            self.drop_conn(p, false);
+        }
+        self.rx_control.clear();
+        let Some(active) = self.active.as_mut() else {
+            return false;
+        };
+        let mem = active.mem.clone();
+        let Some(chain) = active.queues[EVENT].pop_descriptor_chain(&mem) else {
+            return false;
+        };
+        let head = chain.head_index();
+        let segs = segs_of(chain);
+        let Some(s) = segs.iter().find(|s| s.write_only && s.len >= 4) else {
+            let _ = active.queues[EVENT].add_used(&mem, head, 0);
+            return false;
+        };
+        let ok = mem
+            .write_obj(VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.to_le(), s.addr)
+            .is_ok();
+        let _ = active.queues[EVENT].add_used(&mem, head, if ok { 4 } else { 0 });
+        active.interrupt.signal(INT_USED_RING);
+        ok
+    }
+}
+
+/// `CONNECT <port>` (the newline already stripped).
+fn parse_connect(line: &[u8]) -> Option<u32> {
+    let s = std::str::from_utf8(line).ok()?.trim_end_matches('\r');
+    let port = s.strip_prefix("CONNECT ")?;
+    port.trim().parse().ok()
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        TYPE_VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE; 3]
+    }
+
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+        queues: Vec<Queue>,
+        _acked_features: u64,
+    ) -> Result<(), ActivateError> {
+        if queues.len() != 3 {
+            return Err(ActivateError::InvalidQueue {
+                index: queues.len(),
+            });
+        }
+        self.active = Some(Active {
+            mem,
+            interrupt,
+            queues,
+        });
+        self.pump();
+        Ok(())
+    }
+
+    fn process_queue(&mut self, _index: usize) {
+        self.pump();
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        let ports: Vec<u32> = self.conns.keys().copied().collect();
+        for p in ports {
+            self.drop_conn(p, false);
+        }
+        self.rx_control.clear();
+    }
+
+    fn backend_fd(&self) -> Option<RawFd> {
+        Some(self.epoll.as_raw_fd())
+    }
+
+    fn process_backend(&mut self) {
+        let mut events = [EpollEvent::default(); 64];
+        let n = self.epoll.wait(0, &mut events).unwrap_or(0);
+        for ev in &events[..n] {
+            let token = ev.data();
+            if token == LISTENER_TOKEN {
+                self.accept_clients();
+                continue;
+            }
+            let fd = token as RawFd;
+            if self.pending.contains_key(&fd) {
+                self.read_connect_line(fd);
+            } else if let Some(port) = self.fd_port.get(&fd).copied() {
+                self.conn_io(port, ev.event_set());
+            }
+        }
+        self.pump();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_connect;
+
+    #[test]
+    fn connect_lines() {
+        assert_eq!(parse_connect(b"CONNECT 52"), Some(52));
+        assert_eq!(parse_connect(b"CONNECT 52\r"), Some(52));
+        assert_eq!(parse_connect(b"CONNECT"), None);
+        assert_eq!(parse_connect(b"CONNECT -1"), None);
+        assert_eq!(parse_connect(b"CONNECT 99999999999"), None);
+        assert_eq!(parse_connect(b"connect 52"), None);
+        assert_eq!(parse_connect(b"\xff\xfe"), None);
+    }
+}

@@ -158,6 +158,11 @@ pub fn run(req: ExecRequest, mut reader: File, w: Writer) {
     if req.tty {
         env.push(("TERM".into(), "xterm-256color".into()));
     }
+    // Set by the VMM on PVM hosts, where AVX state is not preserved across
+    // guest context switches: every command must inherit it.
+    if let Ok(t) = std::env::var("GLIBC_TUNABLES") {
+        env.push(("GLIBC_TUNABLES".into(), t));
+    }
     for (k, v) in &req.env {
         env.retain(|(ek, _)| ek != k);
         env.push((k.clone(), v.clone()));

@@ -32,6 +32,8 @@ use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::devices::EventFdTrigger;
 
 pub const MIN_MEM_MIB: u64 = 32;
+/// Keeps glibc in PVM guests off AVX and XSAVE (see full_cmdline).
+pub const PVM_GLIBC_TUNABLES: &str = "glibc.cpu.hwcaps=-XSAVE,-XSAVEC,-OSXSAVE,-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD,-FMA,-FMA4,-F16C,-AVX_Fast_Unaligned_Load";
 /// Loops-per-jiffy is derived from the TSC at this HZ (our kernel's CONFIG_HZ).
 const GUEST_HZ: u64 = 100;
 
@@ -539,6 +541,12 @@ fn full_cmdline(cfg: &VmConfig, tsc_khz: Option<u32>, device_args: &[String]) ->
     }
     if cfg.pvm {
         parts.push("microagent.pvm_syscall".into());
+        // Guest user code runs natively on PVM and sees the host's AVX, but
+        // the emulated guest kernel saves only FXSAVE state, so YMM upper
+        // halves are clobbered across guest context switches (seen as
+        // 16-byte zeroed runs in glibc's AVX2 memcpy output). Init gets
+        // this as environment; the agent passes it to every command.
+        parts.push(format!("GLIBC_TUNABLES={PVM_GLIBC_TUNABLES}"));
     }
     parts.extend(device_args.iter().cloned());
     if !cfg.cmdline.trim().is_empty() {
@@ -643,6 +651,7 @@ mod tests {
         c.cpu_template = CpuTemplate::PvmSafe;
         let line = full_cmdline(&c, None, &[]);
         assert!(line.contains("microagent.pvm_syscall"));
+        assert!(line.contains("GLIBC_TUNABLES=glibc.cpu.hwcaps=-XSAVE"));
         assert!(line.contains("clearcpuid=cx16,popcnt"));
         assert!(!line.contains("lpj="));
     }

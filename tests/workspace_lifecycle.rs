@@ -28,8 +28,8 @@ fn create(home: &Home, name: &str, rootfs: &std::path::Path) {
         vmlinux().to_str().unwrap(),
         "--memory",
         "128",
-        "--cmdline",
-        "quiet root=/dev/vda rw init=/init",
+        "--init",
+        "/init",
     ]);
 }
 
@@ -70,9 +70,10 @@ fn full_lifecycle_with_two_workspaces_crash_and_recovery() {
     assert!(home.workspace_dir("builder").join("rootfs.ext4").is_file());
 
     // Two workspaces running at once, both guests reaching userspace.
-    let started = home.json(&["start", "builder"]);
+    // --no-wait: these checks are about the VMM, not the guest agent.
+    let started = home.json(&["start", "builder", "--no-wait"]);
     assert_eq!(started["status"], "running");
-    home.ok(&["start", "second"]);
+    home.ok(&["start", "second", "--no-wait"]);
     let list = home.json(&["list"]);
     let running: Vec<_> = list
         .as_array()
@@ -147,7 +148,10 @@ fn full_lifecycle_with_two_workspaces_crash_and_recovery() {
         !home.workspace_dir("builder").join("control.sock").exists(),
         "stale socket left"
     );
-    assert_eq!(home.json(&["start", "builder"])["status"], "running");
+    assert_eq!(
+        home.json(&["start", "builder", "--no-wait"])["status"],
+        "running"
+    );
 
     // The other workspace was never disturbed.
     assert_eq!(status(&home, "second")["status"], "running");
@@ -155,7 +159,10 @@ fn full_lifecycle_with_two_workspaces_crash_and_recovery() {
     // Halt, start again, halt, delete.
     assert_eq!(home.json(&["halt", "builder"])["status"], "halted");
     assert_eq!(status(&home, "builder")["status"], "halted");
-    assert_eq!(home.json(&["start", "builder"])["status"], "running");
+    assert_eq!(
+        home.json(&["start", "builder", "--no-wait"])["status"],
+        "running"
+    );
     home.ok(&["halt", "builder"]);
     home.ok(&["halt", "second"]);
     let (code, _, err) = home.run(&["halt", "second"]);
@@ -205,7 +212,7 @@ fn twenty_concurrent_starts_make_exactly_one_vmm() {
     let spawned: Vec<_> = (0..20)
         .map(|_| {
             home.cmd()
-                .args(["start", "racer"])
+                .args(["start", "racer", "--no-wait"])
                 .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::piped())
                 .spawn()

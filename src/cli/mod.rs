@@ -2,6 +2,7 @@
 //!
 //! Exit codes: 0 success, 1 failure, 2 usage error.
 
+mod cp;
 mod exec;
 mod inspect;
 mod lifecycle;
@@ -57,6 +58,8 @@ enum Command {
     Exec(exec::ExecArgs),
     /// Interactive shell in a running workspace.
     Shell(exec::ShellArgs),
+    /// Copy between host and workspace: cp SRC NAME:DIR | cp NAME:PATH DIR
+    Cp(cp::CpArgs),
     /// Low-level VMM commands (used by the workspace commands and tests).
     #[command(hide = true, subcommand)]
     Vmm(VmmCommand),
@@ -94,6 +97,7 @@ pub fn run() -> i32 {
         Command::Logs(a) => inspect::logs(&state, a),
         Command::Exec(a) => exec::exec(&state, a),
         Command::Shell(a) => exec::shell(&state, a),
+        Command::Cp(a) => cp::cp(&state, a),
         Command::Vmm(VmmCommand::Run(a)) => vmm_run::run(a, cli.json),
         Command::Vmm(VmmCommand::Supervise(a)) => vmm_serve::supervise(a),
         Command::Vmm(VmmCommand::Serve(a)) => vmm_serve::serve(a),

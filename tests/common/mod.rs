@@ -59,6 +59,28 @@ pub fn kernel_dir() -> &'static Path {
     })
 }
 
+/// Makes sure the static guest agent sits next to the microagent binary
+/// under test (where `create` looks for it), building it if needed.
+pub fn ensure_agent() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let next_to_bin =
+            PathBuf::from(env!("CARGO_BIN_EXE_microagent")).with_file_name("microagent-agent");
+        if next_to_bin.is_file() {
+            return;
+        }
+        let out = Command::new("bash")
+            .arg(repo_root().join("scripts/build-agent.sh"))
+            .output()
+            .expect("running scripts/build-agent.sh");
+        assert!(
+            out.status.success() && next_to_bin.is_file(),
+            "agent build failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+}
+
 pub fn vmlinux() -> PathBuf {
     kernel_dir().join("vmlinux")
 }
@@ -143,6 +165,7 @@ impl Home {
     }
 
     pub fn cmd(&self) -> Command {
+        ensure_agent();
         let mut c = microagent();
         c.env("MICROAGENT_HOME", self.dir.path());
         c

@@ -13,21 +13,17 @@ step "installing packages (if missing)"
 bash scripts/setup.sh
 step "building the guest kernel (cached after the first run, ~7 min on 2 cores)"
 kernel_dir=$(bash scripts/build-kernel.sh | sed -n 's/^kernel: //p')
-step "building microagent"
+step "building microagent and its static guest agent"
 cargo build --release --quiet
+bash scripts/build-agent.sh >/dev/null
 bin=$repo/target/release/microagent
 
 step "building a busybox root disk"
 mkdir -p "$cache/demo"
 cat > "$cache/demo/init" <<'INIT'
 #!/bin/sh
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-echo "hello from a microagent guest: $(uname -sr), $(grep -c ^processor /proc/cpuinfo) vCPUs, $(awk '/MemTotal/ {print $2}' /proc/meminfo) kB RAM"
-echo "root disk: $(df -h / | awk 'NR==2 {print $2 " total, " $4 " free"}'); init ran at $(cut -d' ' -f1 /proc/uptime) s"
-i=0
-while true; do echo "guest alive: tick $i"; i=$((i+1)); sleep 2; done
+echo "demo init started by the guest agent at $(cut -d' ' -f1 /proc/uptime) s of guest uptime"
+while true; do sleep 3600; done
 INIT
 bash scripts/make-busybox-rootfs.sh "$cache/demo/rootfs.ext4" "$cache/demo/init"
 
@@ -37,22 +33,24 @@ export MICROAGENT_KERNEL=$kernel_dir/vmlinux
 "$bin" delete demo --yes --force >/dev/null 2>&1 || true
 
 timed() { local s; s=$(date +%s%N); "$@"; echo "    ($(( ($(date +%s%N) - s) / 1000000 )) ms)"; }
-step "create: the workspace gets its own copy of the disk"
-timed "$bin" create demo --rootfs "$cache/demo/rootfs.ext4" --vcpus 2 --memory 512 --disk-size 256M \
-  --cmdline "quiet root=/dev/vda rw init=/init"
-step "start: a detached VMM per workspace"
+step "create: the workspace gets its own copy of the disk, with the guest agent injected"
+timed "$bin" create demo --rootfs "$cache/demo/rootfs.ext4" --vcpus 2 --memory 512 --disk-size 256M --init /init
+step "start: a detached VMM; returns once the guest agent answers (about a minute on PVM hosts)"
 timed "$bin" start demo
 "$bin" list
-step "waiting for the guest to reach userspace (about a minute on PVM hosts)"
-t1=$(date +%s)
-until grep -q "guest alive" "$MICROAGENT_HOME/workspaces/demo/console.log" 2>/dev/null; do sleep 1; done
-echo "    guest userspace after $(( $(date +%s) - t1 )) s"
-"$bin" logs demo
+step "exec"
+timed "$bin" exec demo -- sh -c 'echo "hello from $(hostname): $(uname -sr), $(grep -c ^processor /proc/cpuinfo) vCPUs"; echo checkpoint-1 > /root/progress.txt'
+timed "$bin" exec demo -- cat /root/progress.txt
+step "cp out and back in"
+rm -rf "$cache/demo/out" && mkdir -p "$cache/demo/out"
+timed "$bin" cp demo:/root/progress.txt "$cache/demo/out"
+echo "    host copy says: $(cat "$cache/demo/out/progress.txt")"
 step "pause and resume"
 timed "$bin" pause demo
-"$bin" status demo
 timed "$bin" resume demo
-step "halt and delete"
+step "console"
+"$bin" logs demo | tail -n 3
+step "halt (graceful, through the agent) and delete"
 timed "$bin" halt demo
 timed "$bin" delete demo --yes
 step "done in $(( $(date +%s) - t0 )) s"

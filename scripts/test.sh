@@ -6,8 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/build-kernel.sh
+bash scripts/build-agent.sh
 cargo fmt --all -- --check
-cargo clippy --all-targets -- -D warnings
+cargo clippy --workspace --all-targets -- -D warnings
 if [ -r /dev/kvm ] && [ -w /dev/kvm ]; then
   # A VM test that cannot open /dev/kvm now fails instead of skipping.
   export MICROAGENT_REQUIRE_KVM=1

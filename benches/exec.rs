@@ -1,0 +1,136 @@
+//! Exec benchmark on one booted workspace, one JSON line per figure:
+//! - `exec NAME -- true` end to end (min/median/max);
+//! - where that time goes on our side: CLI process start, and connect +
+//!   CONNECT/OK + HELLO + ping through the VMM's vsock to the agent;
+//! - stdout streaming throughput in MB/s.
+//!
+//! Runs: MICROAGENT_BENCH_RUNS, default 10 on PVM hosts and 100 elsewhere.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use microagent::agent::AgentConn;
+
+const STREAM_BYTES: usize = 16 << 20;
+
+fn stats(name: &str, unit: &str, mut samples: Vec<f64>, extra: &str) {
+    if samples.is_empty() {
+        println!(r#"{{"bench":"exec","metric":"{name}","error":"no samples"}}"#);
+        return;
+    }
+    samples.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        r#"{{"bench":"exec","metric":"{name}","unit":"{unit}","runs":{},"min":{:.2},"median":{:.2},"max":{:.2},"pvm_host":{}{extra}}}"#,
+        samples.len(),
+        samples[0],
+        samples[samples.len() / 2],
+        samples[samples.len() - 1],
+        common::is_pvm_host()
+    );
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn main() {
+    if !common::kvm_available() {
+        println!(r#"{{"bench":"exec","error":"/dev/kvm not available"}}"#);
+        return;
+    }
+    let runs: usize = std::env::var("MICROAGENT_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if common::is_pvm_host() { 10 } else { 100 });
+    let home = common::Home::new();
+    let rootfs = common::busybox_rootfs(
+        home.dir.path(),
+        "#!/bin/sh\nwhile true; do sleep 3600; done\n",
+    );
+    home.ok(&[
+        "create",
+        "bench",
+        "--rootfs",
+        rootfs.to_str().unwrap(),
+        "--kernel",
+        common::vmlinux().to_str().unwrap(),
+        "--memory",
+        "256",
+        "--init",
+        "/init",
+    ]);
+    home.ok(&["start", "bench"]);
+
+    let mut cli = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        let ok = home
+            .cmd()
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            cli.push(ms(t.elapsed()));
+        }
+    }
+    stats("cli_process_start_ms", "ms", cli, "");
+
+    let sock = home.workspace_dir("bench").join("vsock.sock");
+    let mut ping = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        if AgentConn::connect(&sock, Duration::from_secs(30))
+            .and_then(|c| c.call(&guest_agent::Request::Ping))
+            .is_ok()
+        {
+            ping.push(ms(t.elapsed()));
+        }
+    }
+    stats("vsock_handshake_and_ping_ms", "ms", ping, "");
+
+    let mut exec = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        let ok = home
+            .cmd()
+            .args(["exec", "bench", "--", "true"])
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            exec.push(ms(t.elapsed()));
+        }
+    }
+    stats("exec_true_ms", "ms", exec, "");
+
+    let mut tput = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        let out = home
+            .cmd()
+            .args([
+                "exec",
+                "bench",
+                "--",
+                "sh",
+                "-c",
+                &format!("head -c {STREAM_BYTES} /dev/zero"),
+            ])
+            .output();
+        if let Ok(o) = out {
+            if o.stdout.len() == STREAM_BYTES {
+                tput.push(STREAM_BYTES as f64 / 1e6 / t.elapsed().as_secs_f64());
+            }
+        }
+    }
+    stats(
+        "stdout_throughput",
+        "MB/s",
+        tput,
+        &format!(r#","bytes":{STREAM_BYTES}"#),
+    );
+    home.ok(&["halt", "bench"]);
+}

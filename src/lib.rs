@@ -6,5 +6,6 @@ pub mod agent;
 pub mod cli;
 pub mod devices;
 pub mod digest;
+pub mod snapshot;
 pub mod vmm;
 pub mod workspace;

@@ -13,8 +13,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use clap::Args;
 
-use crate::vmm::control;
+use crate::snapshot::format;
+use crate::vmm::control::{self, ServeInfo};
 use crate::vmm::host;
+use crate::vmm::snapshot::VmSnapshot;
 use crate::vmm::vm::{DiskConfig, Vm, VmConfig, VsockConfig};
 use crate::workspace::state::ExitRecord;
 use crate::workspace::store::{now_rfc3339, write_atomic, WorkspaceDir};
@@ -23,6 +25,9 @@ use crate::workspace::store::{now_rfc3339, write_atomic, WorkspaceDir};
 pub struct ServeArgs {
     #[arg(long)]
     workspace_dir: PathBuf,
+    /// Resume from this snapshot directory instead of booting.
+    #[arg(long)]
+    restore_from: Option<PathBuf>,
 }
 
 fn workspace_dir(path: &Path) -> Result<WorkspaceDir> {
@@ -49,11 +54,12 @@ fn last_log_line(ws: &WorkspaceDir) -> Option<String> {
 pub fn supervise(args: ServeArgs) -> Result<i32> {
     let ws = workspace_dir(&args.workspace_dir)?;
     let exe = std::env::current_exe().context("locating the microagent binary")?;
-    let status = std::process::Command::new(exe)
-        .args(["vmm", "serve", "--workspace-dir"])
-        .arg(&ws.dir)
-        .status()
-        .context("starting the VMM")?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["vmm", "serve", "--workspace-dir"]).arg(&ws.dir);
+    if let Some(snap) = &args.restore_from {
+        cmd.arg("--restore-from").arg(snap);
+    }
+    let status = cmd.status().context("starting the VMM")?;
     let (clean, reason) = match (status.code(), status.signal()) {
         (Some(0), _) => (
             true,
@@ -117,8 +123,21 @@ pub fn serve(args: ServeArgs) -> Result<i32> {
             socket: ws.vsock_socket(),
         }),
     };
-    let vm = Vm::boot(&cfg).context("booting the VM")?;
-    control::spawn_server(&ws.control_socket(), vm.handle())
+    let vm = match &args.restore_from {
+        Some(dir) => {
+            let bytes = std::fs::read(dir.join("vmstate.bin"))
+                .with_context(|| format!("reading {}", dir.display()))?;
+            let snap: VmSnapshot =
+                format::decode(&bytes).with_context(|| format!("{}/vmstate.bin", dir.display()))?;
+            Vm::restore(&cfg, &snap, &dir.join("memory.bin")).context("restoring the VM")?
+        }
+        None => Vm::boot(&cfg).context("booting the VM")?,
+    };
+    let info = ServeInfo {
+        cmdline: vm.cmdline.clone(),
+        mem_mib: cfg.mem_mib,
+    };
+    control::spawn_server(&ws.control_socket(), vm.handle(), info)
         .with_context(|| format!("serving {}", ws.control_socket().display()))?;
     let stop = vm.run(None).context("running the VM")?;
     if stop.is_clean() {

@@ -25,12 +25,18 @@ pub enum Op {
     Pause,
     Resume,
     Halt,
+    /// Save the VM into `dir` (vmstate.bin, memory.bin) and leave it
+    /// paused; the client copies the disk, then resumes if it wants.
+    Snapshot,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Request {
     pub v: u32,
     pub op: Op,
+    /// Snapshot only: directory to write into (must exist).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -43,6 +49,9 @@ pub struct Response {
     pub pid: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Snapshot only: the state the VM was in before (running or paused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub was: Option<String>,
 }
 
 impl Response {
@@ -59,6 +68,7 @@ impl Response {
             ),
             pid: Some(std::process::id()),
             error: None,
+            was: None,
         }
     }
 
@@ -69,6 +79,7 @@ impl Response {
             state: None,
             pid: None,
             error: Some(msg.into()),
+            was: None,
         }
     }
 }
@@ -86,8 +97,50 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
     Ok(req)
 }
 
-fn handle(vm: &VmHandle, req: &Request) -> Response {
+/// What the VMM knows that a snapshot records beyond the VM itself.
+#[derive(Clone)]
+pub struct ServeInfo {
+    pub cmdline: String,
+    pub mem_mib: u64,
+}
+
+fn snapshot(vm: &VmHandle, info: &ServeInfo, dir: Option<&str>) -> Response {
+    let Some(dir) = dir.map(std::path::Path::new).filter(|d| d.is_dir()) else {
+        return Response::err("snapshot needs an existing directory");
+    };
+    let was = vm.state();
+    let result = vm
+        .save(&dir.join("memory.bin"), &info.cmdline, info.mem_mib)
+        .and_then(|snap| crate::snapshot::format::encode(&snap).map_err(|e| e.to_string()))
+        .and_then(|bytes| {
+            crate::workspace::store::write_atomic(&dir.join("vmstate.bin"), &bytes)
+                .map_err(|e| e.to_string())
+        });
+    match result {
+        Ok(()) => {
+            let mut r = Response::ok(RunState::Paused);
+            r.was = Some(
+                if was == RunState::Paused {
+                    "paused"
+                } else {
+                    "running"
+                }
+                .into(),
+            );
+            r
+        }
+        Err(e) => {
+            if was == RunState::Running {
+                vm.resume();
+            }
+            Response::err(format!("snapshot failed: {e}"))
+        }
+    }
+}
+
+fn handle(vm: &VmHandle, info: &ServeInfo, req: &Request) -> Response {
     match req.op {
+        Op::Snapshot => snapshot(vm, info, req.dir.as_deref()),
         Op::Status => Response::ok(vm.state()),
         Op::Pause => match vm.pause() {
             Ok(()) => Response::ok(RunState::Paused),
@@ -123,7 +176,7 @@ fn read_line(reader: &mut BufReader<UnixStream>) -> std::io::Result<Option<Vec<u
     Ok(Some(line))
 }
 
-fn serve_connection(vm: &VmHandle, stream: UnixStream) {
+fn serve_connection(vm: &VmHandle, info: &ServeInfo, stream: UnixStream) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
     let Ok(mut writer) = stream.try_clone() else {
         return;
@@ -133,7 +186,7 @@ fn serve_connection(vm: &VmHandle, stream: UnixStream) {
         let resp = match read_line(&mut reader) {
             Ok(None) => return,
             Ok(Some(line)) => match parse_request(&line) {
-                Ok(req) => handle(vm, &req),
+                Ok(req) => handle(vm, info, &req),
                 Err(e) => Response::err(e),
             },
             Err(e) => {
@@ -154,18 +207,18 @@ fn json_line(resp: &Response) -> String {
 }
 
 /// Binds the socket (replacing a stale one) and serves it on a thread.
-pub fn spawn_server(path: &Path, vm: VmHandle) -> std::io::Result<()> {
+pub fn spawn_server(path: &Path, vm: VmHandle, info: ServeInfo) -> std::io::Result<()> {
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path)?;
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
             for stream in listener.incoming().flatten() {
-                let vm = vm.clone();
+                let (vm, info) = (vm.clone(), info.clone());
                 // One thread per client: a slow client cannot block `halt`.
                 let _ = std::thread::Builder::new()
                     .name("control-conn".into())
-                    .spawn(move || serve_connection(&vm, stream));
+                    .spawn(move || serve_connection(&vm, &info, stream));
             }
         })?;
     Ok(())
@@ -186,6 +239,19 @@ pub enum ClientError {
 
 /// Sends one request and returns the VMM's answer.
 pub fn request(path: &Path, op: Op, timeout: Duration) -> Result<Response, ClientError> {
+    request_with(
+        path,
+        Request {
+            v: PROTOCOL_VERSION,
+            op,
+            dir: None,
+        },
+        timeout,
+    )
+}
+
+pub fn request_with(path: &Path, req: Request, timeout: Duration) -> Result<Response, ClientError> {
+    let op = req.op;
     let p = || path.display().to_string();
     let stream =
         UnixStream::connect(path).map_err(|source| ClientError::Connect { path: p(), source })?;
@@ -194,11 +260,7 @@ pub fn request(path: &Path, op: Op, timeout: Duration) -> Result<Response, Clien
         .set_read_timeout(Some(timeout))
         .map_err(|e| proto(e.to_string()))?;
     let mut w = stream.try_clone().map_err(|e| proto(e.to_string()))?;
-    let line = serde_json::to_string(&Request {
-        v: PROTOCOL_VERSION,
-        op,
-    })
-    .map_err(|e| proto(e.to_string()))?;
+    let line = serde_json::to_string(&req).map_err(|e| proto(e.to_string()))?;
     writeln!(w, "{line}").map_err(|e| proto(e.to_string()))?;
     let mut reader = BufReader::new(stream);
     let answer = read_line(&mut reader)

@@ -5,5 +5,7 @@ pub mod boot;
 pub mod control;
 pub mod host;
 pub mod memory;
+pub mod snapshot;
 pub mod vcpu;
+pub mod vcpu_state;
 pub mod vm;

@@ -10,6 +10,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::arch::x86_64::cpuid::{self, CpuTemplate};
 use super::arch::x86_64::{msrs, regs};
+use super::vcpu_state::VcpuState;
 use crate::devices::bus::Bus;
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +68,10 @@ impl GuestStop {
 struct PauseGate {
     want_pause: bool,
     parked: usize,
+    /// Bumped to ask parked vCPUs to save their state into `saved`.
+    save_gen: u64,
+    handled_gen: Vec<u64>,
+    saved: Vec<Option<Result<VcpuState, String>>>,
 }
 
 /// Shared by vCPU threads and devices: the first stop reason wins, and the
@@ -79,11 +84,14 @@ pub struct StopSignal {
     pub dump_state: std::sync::atomic::AtomicBool,
     gate: Mutex<PauseGate>,
     gate_cv: Condvar,
+    /// MSRs a snapshot saves (KVM's index list for this host).
+    pub msr_list: Arc<Vec<u32>>,
 }
 
 impl StopSignal {
-    pub fn new(evt: EventFd) -> Self {
+    pub fn new(evt: EventFd, msr_list: Vec<u32>) -> Self {
         StopSignal {
+            msr_list: Arc::new(msr_list),
             reason: Mutex::new(None),
             evt,
             dump_state: std::sync::atomic::AtomicBool::new(false),
@@ -103,8 +111,9 @@ impl StopSignal {
     }
 
     /// Called by a vCPU thread outside KVM_RUN: parks while a pause is
-    /// requested and the VM is not stopping.
-    fn checkpoint(&self) {
+    /// requested and the VM is not stopping; while parked, saves its state
+    /// when asked (`save` runs on the vCPU's own thread).
+    fn checkpoint(&self, index: usize, save: &mut dyn FnMut() -> Result<VcpuState, String>) {
         let mut g = crate::devices::bus::lock(&self.gate);
         if !g.want_pause {
             return;
@@ -112,10 +121,59 @@ impl StopSignal {
         g.parked += 1;
         self.gate_cv.notify_all();
         while g.want_pause && self.reason().is_none() {
+            if g.handled_gen.get(index).is_some_and(|h| *h != g.save_gen) {
+                g.handled_gen[index] = g.save_gen;
+                g.saved[index] = Some(save());
+                self.gate_cv.notify_all();
+                continue;
+            }
             g = self.gate_cv.wait(g).unwrap_or_else(|p| p.into_inner());
         }
         g.parked -= 1;
         self.gate_cv.notify_all();
+    }
+
+    /// With every vCPU parked, has each save its state; in vCPU order.
+    pub fn save_parked(
+        &self,
+        vcpus: usize,
+        timeout: std::time::Duration,
+    ) -> Result<Vec<VcpuState>, String> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut g = crate::devices::bus::lock(&self.gate);
+        if !g.want_pause || g.parked < vcpus {
+            return Err("vCPUs are not paused".into());
+        }
+        g.save_gen += 1;
+        let gen = g.save_gen;
+        g.handled_gen.resize(vcpus, 0);
+        for h in g.handled_gen.iter_mut() {
+            if *h == gen {
+                *h = gen - 1;
+            }
+        }
+        g.saved = (0..vcpus).map(|_| None).collect();
+        self.gate_cv.notify_all();
+        while g.saved.iter().any(|s| s.is_none()) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err("vCPUs did not save their state in time".into());
+            }
+            g = self
+                .gate_cv
+                .wait_timeout(g, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        g.saved
+            .iter_mut()
+            .enumerate()
+            .map(|(i, s)| {
+                s.take()
+                    .unwrap_or_else(|| Err("missing".into()))
+                    .map_err(|e| format!("vCPU {i}: {e}"))
+            })
+            .collect()
     }
 
     pub fn stop(&self, why: GuestStop) {
@@ -145,6 +203,19 @@ pub struct IoBuses {
 pub struct Vcpu {
     fd: VcpuFd,
     pub index: u8,
+}
+
+impl Vcpu {
+    /// A vCPU whose state was loaded from a snapshot.
+    pub fn from_restored(fd: VcpuFd, index: u8) -> Vcpu {
+        Vcpu { fd, index }
+    }
+
+    /// Tells the guest's kvmclock it was paused, so its watchdogs do not
+    /// report soft lockups. Fails harmlessly if the guest has no kvmclock.
+    pub fn kvmclock_ctrl(&self) {
+        let _ = self.fd.kvmclock_ctrl();
+    }
 }
 
 const APIC_LVT0: usize = 0x350;
@@ -247,8 +318,12 @@ impl Vcpu {
 
     /// Runs the guest until it stops or another vCPU stops the VM.
     pub fn run_loop(mut self, buses: Arc<IoBuses>, mem: GuestMemoryMmap, stop: Arc<StopSignal>) {
+        let msr_list = stop.msr_list.clone();
         loop {
-            stop.checkpoint();
+            let index = self.index;
+            stop.checkpoint(usize::from(index), &mut || {
+                super::vcpu_state::save(&mut self.fd, index, &msr_list)
+            });
             if stop.reason().is_some() {
                 return;
             }

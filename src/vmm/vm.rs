@@ -30,6 +30,7 @@ use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::devices::EventFdTrigger;
+use crate::vmm::snapshot::DeviceState;
 
 pub const MIN_MEM_MIB: u64 = 32;
 /// Keeps glibc in PVM guests off AVX and XSAVE (see full_cmdline).
@@ -109,6 +110,8 @@ pub enum VmError {
     Layout(#[from] crate::devices::bus::OverlapError),
     #[error("event loop: {0}")]
     EventLoop(std::io::Error),
+    #[error("restoring: {0}")]
+    Restore(String),
 }
 
 impl VmConfig {
@@ -150,6 +153,7 @@ struct VirtioSet {
     mmio: Bus,
     kicks: Vec<QueueKick>,
     backends: Vec<Arc<Mutex<MmioTransport>>>,
+    named: Vec<(String, Arc<Mutex<MmioTransport>>)>,
     cmdline_args: Vec<String>,
 }
 
@@ -158,7 +162,10 @@ impl VirtioSet {
         &mut self,
         vm: &VmFd,
         mem: &GuestMemoryMmap,
+        id: String,
         device: Box<dyn VirtioDevice>,
+        saved: Option<&DeviceState>,
+        restoring: bool,
     ) -> Result<(), VmError> {
         let i = self.cmdline_args.len();
         let base = VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE;
@@ -167,11 +174,21 @@ impl VirtioSet {
         let irqfd = eventfd()?;
         vm.register_irqfd(&irqfd, irq)
             .map_err(kvm_err("registering virtio irqfd"))?;
-        let transport = Arc::new(Mutex::new(MmioTransport::new(
-            device,
-            mem.clone(),
-            Arc::new(Interrupt::new(irqfd)),
-        )));
+        let interrupt = Arc::new(Interrupt::new(irqfd));
+        let transport = match (saved, restoring) {
+            (Some(DeviceState::Virtio(st)), _) => {
+                MmioTransport::restore(device, mem.clone(), interrupt, st)
+                    .map_err(|e| VmError::Restore(format!("{id}: {e}")))?
+            }
+            (Some(_), _) => {
+                return Err(VmError::Restore(format!(
+                    "{id}: not a virtio device's state"
+                )))
+            }
+            (None, true) => return Err(VmError::Restore(format!("no state for device {id}"))),
+            (None, false) => MmioTransport::new(device, mem.clone(), interrupt),
+        };
+        let transport = Arc::new(Mutex::new(transport));
         for q in 0..lock(&transport).num_queues() {
             let evt = eventfd()?;
             vm.register_ioevent(
@@ -189,6 +206,7 @@ impl VirtioSet {
         if has_backend {
             self.backends.push(transport.clone());
         }
+        self.named.push((id, transport.clone()));
         self.mmio.insert(base, VIRTIO_MMIO_SIZE, transport)?;
         self.cmdline_args
             .push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
@@ -207,11 +225,15 @@ struct QueueKick {
 /// socket server).
 #[derive(Clone)]
 pub struct VmHandle {
-    stop: Arc<StopSignal>,
+    pub(crate) stop: Arc<StopSignal>,
     /// vCPU threads while they run; None before start and once stopping,
     /// so a kick never targets a joined thread.
     threads: Arc<Mutex<Option<Vec<libc::pthread_t>>>>,
-    vcpus: usize,
+    pub(crate) vcpus: usize,
+    pub(crate) vm_fd: Arc<VmFd>,
+    pub(crate) mem: GuestMemoryMmap,
+    pub(crate) serial: Arc<Mutex<SerialDevice>>,
+    pub(crate) devices: Vec<(String, Arc<Mutex<MmioTransport>>)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -275,7 +297,7 @@ impl VmHandle {
 pub struct Vm {
     // Field order is drop order: vCPU threads and devices go before the VM
     // fd, and the VM fd before the guest memory it maps.
-    vcpus: Vec<Vcpu>,
+    pub(crate) vcpus: Vec<Vcpu>,
     kicks: Vec<QueueKick>,
     /// Devices with host-side I/O of their own (the vsock's sockets).
     backends: Vec<Arc<Mutex<MmioTransport>>>,
@@ -284,8 +306,13 @@ pub struct Vm {
     stop: Arc<StopSignal>,
     threads: Arc<Mutex<Option<Vec<libc::pthread_t>>>>,
     vcpu_count: usize,
-    _vm: VmFd,
-    mem: GuestMemoryMmap,
+    serial: Arc<Mutex<SerialDevice>>,
+    devices: Vec<(String, Arc<Mutex<MmioTransport>>)>,
+    /// Built from a snapshot: tell devices and the guest's clock once the
+    /// vCPUs run.
+    restored: bool,
+    pub(crate) vm_fd: Arc<VmFd>,
+    pub(crate) mem: GuestMemoryMmap,
     /// The full kernel command line the guest booted with.
     pub cmdline: String,
 }
@@ -298,25 +325,42 @@ fn eventfd() -> Result<EventFd, VmError> {
     EventFd::new(EFD_NONBLOCK).map_err(VmError::EventFd)
 }
 
+/// The KVM VM with the in-kernel irqchip and PIT, before memory and devices.
+pub(crate) fn create_vm() -> Result<(Kvm, VmFd), VmError> {
+    let kvm = Kvm::new().map_err(VmError::Kvm)?;
+    let vm = kvm.create_vm().map_err(kvm_err("creating VM"))?;
+    vm.set_tss_address(KVM_TSS_ADDRESS as usize)
+        .map_err(kvm_err("setting TSS address"))?;
+    vm.create_irq_chip().map_err(kvm_err("creating irqchip"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(kvm_err("creating PIT"))?;
+    Ok((kvm, vm))
+}
+
+/// Device ids, stable across snapshot and restore: the serial port, then
+/// vda, vdb, ... for disks, then the vsock.
+pub(crate) const SERIAL_ID: &str = "com1";
+pub(crate) const VSOCK_ID: &str = "vsock";
+
+fn disk_id(i: usize) -> String {
+    format!("vd{}", (b'a' + i as u8) as char)
+}
+
 impl Vm {
-    pub fn boot(cfg: &VmConfig) -> Result<Vm, VmError> {
-        cfg.validate()?;
-        let kvm = Kvm::new().map_err(VmError::Kvm)?;
-        let vm = kvm.create_vm().map_err(kvm_err("creating VM"))?;
-        vm.set_tss_address(KVM_TSS_ADDRESS as usize)
-            .map_err(kvm_err("setting TSS address"))?;
-        vm.create_irq_chip().map_err(kvm_err("creating irqchip"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm.create_pit2(pit).map_err(kvm_err("creating PIT"))?;
-
-        let mem = memory::create(cfg.mem_mib)?;
-        memory::register(&vm, &mem)?;
-        let kernel = boot::load_kernel(&mem, &cfg.kernel)?;
-
-        // Legacy devices.
+    /// Devices and plumbing shared by boot and restore. With `devices`
+    /// (from a snapshot), each device is restored from its saved state.
+    pub(crate) fn assemble(
+        kvm: &Kvm,
+        vm: VmFd,
+        mem: GuestMemoryMmap,
+        cfg: &VmConfig,
+        devices: Option<&[(String, DeviceState)]>,
+    ) -> Result<(Vm, Vec<String>), VmError> {
+        let saved =
+            |id: &str| devices.and_then(|d| d.iter().find(|(i, _)| i == id).map(|(_, s)| s));
         let mut pio = Bus::default();
         let serial_irq = eventfd()?;
         vm.register_irqfd(&serial_irq, SERIAL_IRQ)
@@ -334,11 +378,24 @@ impl Vm {
             ),
             None => None,
         };
-        let serial = SerialDevice::new(
-            EventFdTrigger(serial_irq),
-            ConsoleSink::new(log, cfg.console_stdout),
-        );
-        pio.insert(COM1_PORT, COM1_LEN, Arc::new(Mutex::new(serial)))?;
+        let sink = ConsoleSink::new(log, cfg.console_stdout);
+        let serial = match saved(SERIAL_ID) {
+            Some(DeviceState::Serial(snap)) => {
+                SerialDevice::restore(EventFdTrigger(serial_irq), sink, snap)
+                    .map_err(|e| VmError::Restore(format!("{SERIAL_ID}: {e}")))?
+            }
+            Some(_) => {
+                return Err(VmError::Restore(format!(
+                    "{SERIAL_ID}: not a serial port's state"
+                )))
+            }
+            None if devices.is_some() => {
+                return Err(VmError::Restore(format!("no state for {SERIAL_ID}")))
+            }
+            None => SerialDevice::new(EventFdTrigger(serial_irq), sink),
+        };
+        let serial = Arc::new(Mutex::new(serial));
+        pio.insert(COM1_PORT, COM1_LEN, serial.clone())?;
         let reset_evt = eventfd()?;
         let i8042 = I8042::new(EventFdTrigger(
             reset_evt.try_clone().map_err(VmError::EventFd)?,
@@ -348,38 +405,43 @@ impl Vm {
         // virtio-mmio devices, described to the guest on the command line.
         let mut virtio = VirtioSet::default();
         for (i, disk) in cfg.disks.iter().enumerate() {
-            let id = format!("microagent-vd{}", (b'a' + i as u8) as char);
-            let block = Block::open(&disk.path, disk.read_only, &id)?;
-            virtio.add(&vm, &mem, Box::new(block))?;
+            let id = disk_id(i);
+            let block = Block::open(&disk.path, disk.read_only, &format!("microagent-{id}"))?;
+            virtio.add(
+                &vm,
+                &mem,
+                id.clone(),
+                Box::new(block),
+                saved(&id),
+                devices.is_some(),
+            )?;
         }
         if let Some(v) = &cfg.vsock {
-            virtio.add(&vm, &mem, Box::new(Vsock::new(v.guest_cid, &v.socket)?))?;
+            let dev = Vsock::new(v.guest_cid, &v.socket)?;
+            virtio.add(
+                &vm,
+                &mem,
+                VSOCK_ID.into(),
+                Box::new(dev),
+                saved(VSOCK_ID),
+                devices.is_some(),
+            )?;
         }
         let VirtioSet {
             mmio,
             kicks,
             backends,
-            cmdline_args: device_args,
+            named,
+            cmdline_args,
         } = virtio;
 
-        let supported = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("reading supported CPUID"))?;
-        let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
-        for index in 0..cfg.vcpus {
-            let mut vcpu = Vcpu::new(&vm, index)?;
-            vcpu.configure_boot(&mem, &supported, cfg.cpu_template, cfg.vcpus, kernel.entry)?;
-            vcpus.push(vcpu);
-        }
-
-        let cmdline = full_cmdline(cfg, vcpus[0].tsc_khz(), &device_args);
-        let parsed = boot::new_cmdline(&cmdline)?;
-        boot::write_boot_params(&mem, &kernel, &parsed, cfg.mem_mib << 20)?;
-        mptable::setup_mptable(&mem, cfg.vcpus)?;
-
-        let stop = Arc::new(StopSignal::new(eventfd()?));
-        Ok(Vm {
-            vcpus,
+        let msr_list = kvm
+            .get_msr_index_list()
+            .map(|l| l.as_slice().to_vec())
+            .unwrap_or_default();
+        let stop = Arc::new(StopSignal::new(eventfd()?, msr_list));
+        let vm = Vm {
+            vcpus: Vec::new(),
             kicks,
             backends,
             reset_evt,
@@ -387,10 +449,43 @@ impl Vm {
             stop,
             threads: Arc::new(Mutex::new(None)),
             vcpu_count: usize::from(cfg.vcpus),
-            _vm: vm,
+            serial,
+            devices: named,
+            restored: devices.is_some(),
+            vm_fd: Arc::new(vm),
             mem,
-            cmdline,
-        })
+            cmdline: String::new(),
+        };
+        Ok((vm, cmdline_args))
+    }
+
+    pub fn boot(cfg: &VmConfig) -> Result<Vm, VmError> {
+        cfg.validate()?;
+        let (kvm, vm) = create_vm()?;
+        let mem = memory::create(cfg.mem_mib)?;
+        memory::register(&vm, &mem)?;
+        let kernel = boot::load_kernel(&mem, &cfg.kernel)?;
+        let (mut this, device_args) = Vm::assemble(&kvm, vm, mem, cfg, None)?;
+
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("reading supported CPUID"))?;
+        for index in 0..cfg.vcpus {
+            let mut vcpu = Vcpu::new(&this.vm_fd, index)?;
+            vcpu.configure_boot(
+                &this.mem,
+                &supported,
+                cfg.cpu_template,
+                cfg.vcpus,
+                kernel.entry,
+            )?;
+            this.vcpus.push(vcpu);
+        }
+        this.cmdline = full_cmdline(cfg, this.vcpus[0].tsc_khz(), &device_args);
+        let parsed = boot::new_cmdline(&this.cmdline)?;
+        boot::write_boot_params(&this.mem, &kernel, &parsed, cfg.mem_mib << 20)?;
+        mptable::setup_mptable(&this.mem, cfg.vcpus)?;
+        Ok(this)
     }
 
     pub fn handle(&self) -> VmHandle {
@@ -398,6 +493,10 @@ impl Vm {
             stop: self.stop.clone(),
             threads: self.threads.clone(),
             vcpus: self.vcpu_count,
+            vm_fd: self.vm_fd.clone(),
+            mem: self.mem.clone(),
+            serial: self.serial.clone(),
+            devices: self.devices.clone(),
         }
     }
 
@@ -405,8 +504,18 @@ impl Vm {
     /// returns why.
     pub fn run(mut self, dump_state_after: Option<Duration>) -> Result<GuestStop, VmError> {
         use std::os::unix::thread::JoinHandleExt;
+        if self.restored {
+            for v in &self.vcpus {
+                v.kvmclock_ctrl();
+            }
+        }
         let threads = self.start_vcpus()?;
         *lock(&self.threads) = Some(threads.iter().map(|t| t.as_pthread_t()).collect());
+        if self.restored {
+            for (_, t) in &self.devices {
+                lock(t).after_restore();
+            }
+        }
         if let Some(after) = dump_state_after {
             self.spawn_state_dumper(after, &threads);
         }

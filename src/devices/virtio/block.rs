@@ -119,6 +119,16 @@ struct Active {
 }
 
 impl Block {
+    /// Makes everything the guest wrote durable (before a snapshot copies
+    /// the disk).
+    pub fn flush(&self) -> std::io::Result<()> {
+        if self.read_only {
+            Ok(())
+        } else {
+            self.disk.sync_data()
+        }
+    }
+
     pub fn open(path: &std::path::Path, read_only: bool, id: &str) -> Result<Block, BlockError> {
         let disk = std::fs::OpenOptions::new()
             .read(true)
@@ -324,6 +334,14 @@ impl VirtioDevice for Block {
 
     fn process_queue(&mut self, _index: usize) {
         self.process();
+    }
+
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.active.iter().map(|a| a.queue.state()).collect()
+    }
+
+    fn prepare_snapshot(&self) -> Result<(), String> {
+        self.flush().map_err(|e| format!("flushing the disk: {e}"))
     }
 
     fn reset(&mut self) {

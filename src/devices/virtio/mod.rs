@@ -45,6 +45,14 @@ impl Interrupt {
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
+
+    /// Restores pending status bits and re-raises the line if any are set.
+    pub fn restore(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
+        if bits != 0 {
+            let _ = self.irqfd.write(1);
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +89,62 @@ pub trait VirtioDevice: Send {
     }
     /// `backend_fd` is readable.
     fn process_backend(&mut self) {}
+    /// The live queues' state once activated (for snapshots).
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState>;
+    /// Make host-side state durable before a snapshot (disks: fdatasync).
+    fn prepare_snapshot(&self) -> Result<(), String> {
+        Ok(())
+    }
+    /// Called after a restore, once the VM runs again (the vsock tells the
+    /// guest its streams are gone).
+    fn after_restore(&mut self) {}
+}
+
+/// Serde mirror of virtio-queue's QueueState. Restored through
+/// `Queue::try_from`, which validates it.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct QueueSnap {
+    pub max_size: u16,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx_enabled: bool,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+}
+
+impl From<virtio_queue::QueueState> for QueueSnap {
+    fn from(q: virtio_queue::QueueState) -> Self {
+        QueueSnap {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+impl From<QueueSnap> for virtio_queue::QueueState {
+    fn from(q: QueueSnap) -> Self {
+        virtio_queue::QueueState {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
 }
 
 /// Reads `data.len()` bytes at `offset` of a device config blob; out-of-range

@@ -539,6 +539,18 @@ impl VirtioDevice for Vsock {
         self.rx_control.clear();
     }
 
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.active
+            .iter()
+            .flat_map(|a| a.queues.iter().map(|q| q.state()))
+            .collect()
+    }
+
+    fn after_restore(&mut self) {
+        self.transport_reset();
+        self.pump();
+    }
+
     fn backend_fd(&self) -> Option<RawFd> {
         Some(self.epoll.as_raw_fd())
     }

@@ -1,0 +1,305 @@
+//! Saving a running VM (vCPUs, VM-wide KVM state, devices, memory) and
+//! building a VM from that state again.
+//!
+//! Save: pause vCPUs, lock every device (so neither the event loop nor a
+//! vCPU touches guest memory or queues), flush disks, save devices, have
+//! each parked vCPU save itself, save irqchip/PIT/clock, write memory
+//! sparse. Restore order: VM, memory (MAP_PRIVATE from memory.bin),
+//! devices, VM-wide state, vCPUs; kvmclock is told about the pause and the
+//! vsock sends TRANSPORT_RESET once the vCPUs run (see Vm::run).
+
+use std::fs::File;
+use std::io::{Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::Duration;
+
+use kvm_bindings::{kvm_clock_data, kvm_irqchip, kvm_pit_state2};
+use serde::{Deserialize, Serialize};
+use vm_memory::{
+    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+    MmapRegion,
+};
+
+use super::arch::x86_64::layout::ram_ranges;
+use super::vcpu::Vcpu;
+use super::vcpu_state::{self, VcpuState};
+use super::vm::{create_vm, RunState, Vm, VmConfig, VmError, VmHandle};
+use crate::devices::bus::lock;
+use crate::devices::serial::SerialSnap;
+use crate::devices::virtio::mmio::TransportState;
+
+const PAGE: usize = 4096;
+const KVM_IRQCHIP_PIC_MASTER: u32 = 0;
+const KVM_IRQCHIP_PIC_SLAVE: u32 = 1;
+const KVM_IRQCHIP_IOAPIC: u32 = 2;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum DeviceState {
+    Serial(SerialSnap),
+    Virtio(TransportState),
+}
+
+/// Where each guest RAM region lives in memory.bin.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RegionSnap {
+    pub guest_addr: u64,
+    pub size: u64,
+    pub file_offset: u64,
+}
+
+/// The body of vmstate.bin.
+#[derive(Serialize, Deserialize)]
+pub struct VmSnapshot {
+    pub vcpu_count: u8,
+    pub mem_mib: u64,
+    pub cmdline: String,
+    pub vcpus: Vec<VcpuState>,
+    pub pic_master: kvm_irqchip,
+    pub pic_slave: kvm_irqchip,
+    pub ioapic: kvm_irqchip,
+    pub pit: kvm_pit_state2,
+    pub clock: kvm_clock_data,
+    pub devices: Vec<(String, DeviceState)>,
+    pub memory: Vec<RegionSnap>,
+}
+
+fn irqchip(vm: &kvm_ioctls::VmFd, id: u32) -> Result<kvm_irqchip, String> {
+    let mut c = kvm_irqchip {
+        chip_id: id,
+        ..Default::default()
+    };
+    vm.get_irqchip(&mut c)
+        .map_err(|e| format!("reading irqchip {id}: {e}"))?;
+    Ok(c)
+}
+
+/// Writes guest memory to `file`, region after region, leaving all-zero
+/// pages as holes. Returns each region's place in the file.
+fn write_memory(mem: &GuestMemoryMmap, file: &mut File) -> Result<Vec<RegionSnap>, String> {
+    let mut regions = Vec::new();
+    let mut offset = 0u64;
+    for region in mem.iter() {
+        let size = region.len();
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|e| format!("guest memory: {e}"))?;
+        // SAFETY: the region maps `size` bytes at `host` for as long as `mem`
+        // lives. vCPUs are parked and every device is locked by the caller,
+        // so nothing writes guest memory while we read it.
+        let bytes = unsafe { std::slice::from_raw_parts(host as *const u8, size as usize) };
+        let mut page = 0;
+        while page < bytes.len() {
+            // Coalesce a run of non-zero pages into one write.
+            let start = page;
+            while page < bytes.len() && bytes[page..page + PAGE].iter().any(|b| *b != 0) {
+                page += PAGE;
+            }
+            if page > start {
+                file.write_all_at(&bytes[start..page], offset + start as u64)
+                    .map_err(|e| format!("writing memory: {e}"))?;
+            }
+            while page < bytes.len() && bytes[page..page + PAGE].iter().all(|b| *b == 0) {
+                page += PAGE;
+            }
+        }
+        regions.push(RegionSnap {
+            guest_addr: region.start_addr().0,
+            size,
+            file_offset: offset,
+        });
+        offset += size;
+    }
+    file.set_len(offset)
+        .map_err(|e| format!("sizing memory file: {e}"))?;
+    file.sync_all()
+        .map_err(|e| format!("syncing memory file: {e}"))?;
+    Ok(regions)
+}
+
+impl VmHandle {
+    /// Saves the whole VM: its state is returned, guest memory goes to
+    /// `memory_file`. Leaves the VM paused; the caller resumes it.
+    pub fn save(
+        &self,
+        memory_file: &Path,
+        cmdline: &str,
+        mem_mib: u64,
+    ) -> Result<VmSnapshot, String> {
+        if self.state() != RunState::Paused {
+            self.pause()?;
+        }
+        // Lock every device for the whole save: no queue processing, no
+        // DMA into guest memory, no console bytes while we look.
+        let serial = lock(&self.serial);
+        let transports: Vec<_> = self
+            .devices
+            .iter()
+            .map(|(id, t)| (id.clone(), lock(t)))
+            .collect();
+        for (id, t) in &transports {
+            t.device()
+                .prepare_snapshot()
+                .map_err(|e| format!("{id}: {e}"))?;
+        }
+        let mut devices = vec![(
+            super::vm::SERIAL_ID.to_string(),
+            DeviceState::Serial(serial.save()),
+        )];
+        devices.extend(
+            transports
+                .iter()
+                .map(|(id, t)| (id.clone(), DeviceState::Virtio(t.save()))),
+        );
+        let vcpus = self.stop.save_parked(self.vcpus, Duration::from_secs(10))?;
+        let vm = &self.vm_fd;
+        let snap_vm = (
+            irqchip(vm, KVM_IRQCHIP_PIC_MASTER)?,
+            irqchip(vm, KVM_IRQCHIP_PIC_SLAVE)?,
+            irqchip(vm, KVM_IRQCHIP_IOAPIC)?,
+            vm.get_pit2().map_err(|e| format!("reading PIT: {e}"))?,
+            vm.get_clock().map_err(|e| format!("reading clock: {e}"))?,
+        );
+        let mut file =
+            File::create(memory_file).map_err(|e| format!("{}: {e}", memory_file.display()))?;
+        let memory = write_memory(&self.mem, &mut file)?;
+        drop(transports);
+        drop(serial);
+        Ok(VmSnapshot {
+            vcpu_count: self.vcpus as u8,
+            mem_mib,
+            cmdline: cmdline.to_string(),
+            vcpus,
+            pic_master: snap_vm.0,
+            pic_slave: snap_vm.1,
+            ioapic: snap_vm.2,
+            pit: snap_vm.3,
+            clock: snap_vm.4,
+            devices,
+            memory,
+        })
+    }
+}
+
+/// Maps memory.bin privately: pages are read on first touch and shared
+/// through the page cache by every VM restored from the same file; writes
+/// stay private to each VM.
+fn map_memory(path: &Path, snap: &VmSnapshot) -> Result<GuestMemoryMmap, String> {
+    let file = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let file_len = file.metadata().map_err(|e| e.to_string())?.len();
+    let expected = ram_ranges(snap.mem_mib << 20);
+    if snap.memory.len() != expected.len() {
+        return Err(format!(
+            "{} memory regions, expected {}",
+            snap.memory.len(),
+            expected.len()
+        ));
+    }
+    let mut regions = Vec::new();
+    for (r, (addr, size)) in snap.memory.iter().zip(expected) {
+        if r.guest_addr != addr || r.size != size {
+            return Err(format!(
+                "memory region {:#x}+{:#x} does not match the layout",
+                r.guest_addr, r.size
+            ));
+        }
+        let end = r
+            .file_offset
+            .checked_add(r.size)
+            .ok_or("memory region overflows")?;
+        if end > file_len || r.file_offset % PAGE as u64 != 0 {
+            return Err(format!(
+                "memory region at file offset {:#x} is outside {}",
+                r.file_offset,
+                path.display()
+            ));
+        }
+        let f = file.try_clone().map_err(|e| e.to_string())?;
+        let mapping = vm_memory::mmap::MmapRegionBuilder::new(r.size as usize)
+            .with_file_offset(vm_memory::FileOffset::new(f, r.file_offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| format!("mapping memory: {e}"))?;
+        let region: MmapRegion<()> = mapping;
+        regions.push(
+            GuestRegionMmap::new(region, GuestAddress(r.guest_addr)).ok_or("bad memory region")?,
+        );
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| format!("guest memory: {e}"))
+}
+
+impl Vm {
+    /// Builds a VM from a snapshot. `cfg` supplies the host-side resources
+    /// (kernel is not reloaded; disks, vsock socket, console); its vCPU and
+    /// memory sizes must match the snapshot.
+    pub fn restore(cfg: &VmConfig, snap: &VmSnapshot, memory_file: &Path) -> Result<Vm, VmError> {
+        let bad = |m: String| VmError::Restore(m);
+        if snap.vcpu_count != cfg.vcpus || usize::from(snap.vcpu_count) != snap.vcpus.len() {
+            return Err(bad(format!(
+                "snapshot has {} vCPUs ({} states), workspace {}",
+                snap.vcpu_count,
+                snap.vcpus.len(),
+                cfg.vcpus
+            )));
+        }
+        if snap.mem_mib != cfg.mem_mib {
+            return Err(bad(format!(
+                "snapshot has {} MiB, workspace {} MiB",
+                snap.mem_mib, cfg.mem_mib
+            )));
+        }
+        for (i, v) in snap.vcpus.iter().enumerate() {
+            if usize::from(v.index) != i {
+                return Err(bad(format!("vCPU state {i} claims index {}", v.index)));
+            }
+        }
+        let (kvm, vm) = create_vm()?;
+        let mem = map_memory(memory_file, snap).map_err(bad)?;
+        super::memory::register(&vm, &mem)?;
+        let (mut this, _) = Vm::assemble(&kvm, vm, mem, cfg, Some(&snap.devices))?;
+
+        // VM-wide state before the vCPUs (the LAPICs depend on the irqchip).
+        let vmfd = &this.vm_fd;
+        for (chip, id) in [
+            (&snap.pic_master, 0u32),
+            (&snap.pic_slave, 1),
+            (&snap.ioapic, 2),
+        ] {
+            if chip.chip_id != id {
+                return Err(bad(format!(
+                    "irqchip {id} state is for chip {}",
+                    chip.chip_id
+                )));
+            }
+            vmfd.set_irqchip(chip)
+                .map_err(|e| bad(format!("irqchip {id}: {e}")))?;
+        }
+        vmfd.set_pit2(&snap.pit)
+            .map_err(|e| bad(format!("PIT: {e}")))?;
+        let clock = kvm_clock_data {
+            clock: snap.clock.clock,
+            ..Default::default()
+        };
+        vmfd.set_clock(&clock)
+            .map_err(|e| bad(format!("clock: {e}")))?;
+        for state in &snap.vcpus {
+            let fd = vcpu_state::restore(vmfd, state)
+                .map_err(|e| bad(format!("vCPU {}: {e}", state.index)))?;
+            this.vcpus.push(Vcpu::from_restored(fd, state.index));
+        }
+        this.cmdline = snap.cmdline.clone();
+        Ok(this)
+    }
+}
+
+/// Size on disk of a sparse file (allocated blocks).
+pub fn allocated_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).map_or(0, |m| m.blocks() * 512)
+}
+
+#[allow(dead_code)]
+fn _assert_seek(f: &mut File) -> std::io::Result<u64> {
+    f.seek(SeekFrom::Current(0))
+}

@@ -95,3 +95,57 @@ pub fn uptime_ms() -> u64 {
         })
         .map_or(0, |s| (s * 1000.0) as u64)
 }
+
+fn hex_bytes(s: &str) -> Vec<u8> {
+    (0..s.len() / 2)
+        .filter_map(|i| u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok())
+        .collect()
+}
+
+// _IOW('R', 0x03, int[2]) and _IO('R', 0x07) from <linux/random.h>.
+const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+
+/// Gives a restored or forked guest its own identity: hostname, wall
+/// clock, machine-id, and a CRNG reseeded with host entropy. Returns "" on
+/// success, else what failed.
+pub fn refresh(r: &guest_agent::Refresh) -> String {
+    let mut errors = Vec::new();
+    if !r.hostname.is_empty() {
+        set_hostname(&r.hostname);
+    }
+    let ts = libc::timespec {
+        tv_sec: (r.unix_time_ns / 1_000_000_000) as libc::time_t,
+        tv_nsec: (r.unix_time_ns % 1_000_000_000) as libc::c_long,
+    };
+    // SAFETY: clock_settime reads a timespec we own.
+    if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {
+        errors.push(format!("setting the clock: {}", std::io::Error::last_os_error()));
+    }
+    let entropy = hex_bytes(&r.entropy_hex);
+    match std::fs::OpenOptions::new().write(true).open("/dev/urandom") {
+        Ok(f) => {
+            use std::os::fd::AsRawFd;
+            // struct rand_pool_info { int entropy_count; int buf_size; u32 buf[]; }
+            let mut info = Vec::with_capacity(8 + entropy.len());
+            info.extend_from_slice(&((entropy.len() * 8) as i32).to_ne_bytes());
+            info.extend_from_slice(&(entropy.len() as i32).to_ne_bytes());
+            info.extend_from_slice(&entropy);
+            // SAFETY: the buffer holds a complete rand_pool_info of the
+            // sizes it declares; RNDRESEEDCRNG takes no argument.
+            unsafe {
+                if libc::ioctl(f.as_raw_fd(), RNDADDENTROPY, info.as_ptr()) != 0 {
+                    errors.push(format!("adding entropy: {}", std::io::Error::last_os_error()));
+                }
+                if libc::ioctl(f.as_raw_fd(), RNDRESEEDCRNG) != 0 {
+                    errors.push(format!("reseeding: {}", std::io::Error::last_os_error()));
+                }
+            }
+        }
+        Err(e) => errors.push(format!("/dev/urandom: {e}")),
+    }
+    if r.machine_id.len() == 32 && r.machine_id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        let _ = std::fs::write("/etc/machine-id", format!("{}\n", r.machine_id));
+    }
+    errors.join("; ")
+}

@@ -194,6 +194,20 @@ pub enum Request {
     CopyOut {
         path: String,
     },
+    /// After a restore or fork: new identity, wall clock and entropy.
+    Refresh(Refresh),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Refresh {
+    pub hostname: String,
+    /// Host wall clock, nanoseconds since the Unix epoch.
+    pub unix_time_ns: u128,
+    /// Fresh host entropy (hex) mixed into the guest CRNG, which is then
+    /// reseeded: forks must not share random streams.
+    pub entropy_hex: String,
+    /// New /etc/machine-id (32 hex digits).
+    pub machine_id: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

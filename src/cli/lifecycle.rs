@@ -17,6 +17,7 @@ use crate::vmm::control::{self, Op as CtlOp};
 use crate::vmm::host;
 use crate::vmm::vm::VmConfig;
 use crate::workspace::disk::{copy_disk, grow_ext4};
+use crate::snapshot::manifest::{validate_tag, HostCpu, Manifest, MANIFEST, MEMORY, ROOTFS, VMSTATE};
 use crate::workspace::inject::inject_agent;
 use crate::workspace::lock::WorkspaceLock;
 use crate::workspace::state::{check, read_exit_record, reconcile, supervisor_alive, Op, Status};
@@ -58,6 +59,12 @@ pub struct CreateArgs {
     /// starts at boot, such as the image's own init.
     #[arg(long)]
     init: Option<String>,
+    /// Fork: a new workspace resumed from WORKSPACE:TAG (started at once).
+    #[arg(long, value_name = "WORKSPACE:TAG", conflicts_with_all = ["image", "rootfs", "disk_size", "kernel"])]
+    from_snapshot: Option<String>,
+    /// With --from-snapshot: return once the VMM runs, without waiting for the guest agent.
+    #[arg(long)]
+    no_wait: bool,
 }
 
 /// Parses sizes like 512M, 2G, 1024 (bytes).
@@ -103,6 +110,10 @@ pub fn default_kernel() -> Result<PathBuf> {
 
 pub fn create(state: &StateDir, args: CreateArgs, out: &Out) -> Result<i32> {
     let ws = state.workspace(&args.name)?;
+    if let Some(from) = &args.from_snapshot {
+        let wait = (!args.no_wait).then(|| Duration::from_secs(600));
+        return super::snapshot::fork(state, &args.name, from, wait, out);
+    }
     if args.image.is_some() {
         bail!("--image is not supported yet (OCI images are a later issue); use --rootfs PATH");
     }
@@ -218,7 +229,7 @@ fn populate(
 }
 
 /// Lock, read and reconcile: the common opening of every lifecycle command.
-fn open(
+pub(crate) fn open(
     state: &StateDir,
     name: &str,
 ) -> Result<(WorkspaceDir, WorkspaceLock, WorkspaceRecord, Status)> {
@@ -250,11 +261,85 @@ pub struct StartArgs {
     /// Seconds to wait for the guest agent (boots are slow on PVM hosts).
     #[arg(long, default_value_t = 600)]
     timeout: u64,
+    /// Roll back: resume memory, devices and disk from this snapshot tag.
+    #[arg(long, value_name = "TAG")]
+    from_snapshot: Option<String>,
 }
 
 pub fn start(state: &StateDir, args: StartArgs, out: &Out) -> Result<i32> {
     let (ws, _lock, mut rec, status) = open(state, &args.name)?;
     check(&ws.name, status, Op::Start)?;
+    let snapshot = match &args.from_snapshot {
+        Some(tag) => {
+            let dir = snapshot_dir(&ws, tag)?;
+            let manifest = check_snapshot(&dir, &rec)?;
+            // Roll the disk back with the memory: both are from that moment.
+            copy_disk(&dir.join(ROOTFS), &ws.rootfs())?;
+            Some((dir, manifest))
+        }
+        None => None,
+    };
+    let wait = (!args.no_wait).then(|| Duration::from_secs(args.timeout));
+    let vmm_pid = launch(&ws, &mut rec, snapshot.as_ref().map(|(d, _)| d.as_path()), wait, out)?;
+    let msg = match &args.from_snapshot {
+        Some(tag) => format!("workspace {} started from snapshot {tag}", ws.name),
+        None => format!("workspace {} started", ws.name),
+    };
+    print_record(out, &ws, &rec, Status::Running, None, vmm_pid, &msg);
+    Ok(0)
+}
+
+/// Snapshot TAG of a workspace, which must exist.
+pub fn snapshot_dir(ws: &WorkspaceDir, tag: &str) -> Result<PathBuf> {
+    validate_tag(tag).map_err(anyhow::Error::msg)?;
+    let dir = ws.snapshots().join(tag);
+    if !dir.join(MANIFEST).is_file() {
+        bail!("snapshot {tag} of workspace {} does not exist", ws.name);
+    }
+    Ok(dir)
+}
+
+/// Reads a snapshot's manifest and refuses what cannot run here: another
+/// kernel, CPU template, host CPU or TSC rate, or missing files.
+pub fn check_snapshot(dir: &Path, rec: &WorkspaceRecord) -> Result<Manifest> {
+    let m = Manifest::read(dir)?;
+    let kernel_now = sha256_file(Path::new(&rec.kernel)).with_context(|| format!("hashing kernel {}", rec.kernel))?;
+    m.check_compatible(&kernel_now, &rec.cpu_template, &HostCpu::current(), host::guest_tsc_khz())?;
+    if m.vcpus != rec.vcpus || m.memory_mib != rec.memory_mib {
+        bail!(
+            "snapshot has {} vCPUs and {} MiB, workspace {} has {} and {} MiB",
+            m.vcpus,
+            m.memory_mib,
+            rec.name,
+            rec.vcpus,
+            rec.memory_mib
+        );
+    }
+    for name in [VMSTATE, MEMORY, ROOTFS] {
+        let want = m.file(name).with_context(|| format!("snapshot manifest lists no {name}"))?;
+        let size = std::fs::metadata(dir.join(name)).map(|md| md.len()).unwrap_or(u64::MAX);
+        if size != want.size {
+            bail!("snapshot file {name} is damaged: {size} bytes, manifest says {}", want.size);
+        }
+    }
+    // The VM state is small: check it whole (magic, version, checksum,
+    // shape) before anything is changed or started.
+    let bytes = std::fs::read(dir.join(VMSTATE)).with_context(|| format!("reading {}", dir.join(VMSTATE).display()))?;
+    crate::snapshot::format::decode::<crate::vmm::snapshot::VmSnapshot>(&bytes)
+        .with_context(|| format!("snapshot {}", dir.display()))?;
+    Ok(m)
+}
+
+/// Spawns the workspace's VMM (booting, or resuming `restore_from`), waits
+/// for its control socket and, with `wait`, for the guest agent; a restored
+/// guest then gets a fresh identity. Records the workspace as running.
+pub fn launch(
+    ws: &WorkspaceDir,
+    rec: &mut WorkspaceRecord,
+    restore_from: Option<&Path>,
+    wait: Option<Duration>,
+    out: &Out,
+) -> Result<Option<u32>> {
     let _ = std::fs::remove_file(ws.exit_record());
     let _ = std::fs::remove_file(ws.control_socket());
     let log = std::fs::OpenOptions::new()
@@ -269,6 +354,9 @@ pub fn start(state: &StateDir, args: StartArgs, out: &Out) -> Result<i32> {
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
+    if let Some(dir) = restore_from {
+        cmd.arg("--restore-from").arg(dir);
+    }
     // SAFETY: setsid is async-signal-safe and the closure touches nothing
     // else; it detaches the VMM from the CLI's session and terminal.
     unsafe {
@@ -289,24 +377,20 @@ pub fn start(state: &StateDir, args: StartArgs, out: &Out) -> Result<i32> {
         match control::request(&ws.control_socket(), CtlOp::Status, CONTROL_TIMEOUT) {
             Ok(resp) => break resp.pid,
             Err(e) => {
-                if !supervisor_alive(pid, &ws) {
-                    let why = read_exit_record(&ws)
+                if !supervisor_alive(pid, ws) {
+                    let why = read_exit_record(ws)
                         .map(|r| r.reason)
                         .unwrap_or_else(|| "the VMM exited".into());
                     rec.status = Status::Crashed;
                     rec.crash_reason = Some(why.clone());
                     rec.vmm_pid = None;
-                    ws.write(&rec)?;
+                    ws.write(rec)?;
                     bail!("workspace {} failed to start: {why}", ws.name);
                 }
                 if Instant::now() > deadline {
                     // SAFETY: kill on a pid we spawned; worst case it is gone.
                     unsafe { libc::kill(pid, libc::SIGKILL) };
-                    bail!(
-                        "workspace {} did not start within {}s: {e}",
-                        ws.name,
-                        START_TIMEOUT.as_secs()
-                    );
+                    bail!("workspace {} did not start within {}s: {e}", ws.name, START_TIMEOUT.as_secs());
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -315,34 +399,45 @@ pub fn start(state: &StateDir, args: StartArgs, out: &Out) -> Result<i32> {
     rec.status = Status::Running;
     rec.vmm_pid = Some(pid);
     rec.crash_reason = None;
-    ws.write(&rec)?;
-    if !args.no_wait {
+    ws.write(rec)?;
+    if let Some(timeout) = wait {
         let t = Instant::now();
-        wait_ready(
-            &ws.vsock_socket(),
-            Duration::from_secs(args.timeout),
-            || supervisor_alive(pid, &ws),
-        )
-        .with_context(|| {
-            format!(
-                "workspace {} is running but its guest agent is not answering",
-                ws.name
-            )
-        })?;
+        wait_ready(&ws.vsock_socket(), timeout, || supervisor_alive(pid, ws))
+            .with_context(|| format!("workspace {} is running but its guest agent is not answering", ws.name))?;
+        if restore_from.is_some() {
+            refresh_identity(ws, &rec.name)?;
+        }
         if !out.json && !out.quiet {
             eprintln!("guest agent ready after {:.1}s", t.elapsed().as_secs_f64());
         }
     }
-    print_record(
-        out,
-        &ws,
-        &rec,
-        Status::Running,
-        None,
-        vmm_pid,
-        &format!("workspace {} started", ws.name),
-    );
-    Ok(0)
+    Ok(vmm_pid)
+}
+
+/// Hostname, clock, entropy and machine-id for a guest that was resumed
+/// from a snapshot (a fork must not share its source's identity or RNG).
+fn refresh_identity(ws: &WorkspaceDir, hostname: &str) -> Result<()> {
+    let mut entropy = [0u8; 64];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut entropy))
+        .context("reading host entropy")?;
+    let hex = crate::digest::hex(&entropy);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let req = guest_agent::Request::Refresh(guest_agent::Refresh {
+        hostname: hostname.to_string(),
+        unix_time_ns: now,
+        entropy_hex: hex[..64].to_string(),
+        machine_id: hex[64..96].to_string(),
+    });
+    let resp = AgentConn::connect(&ws.vsock_socket(), Duration::from_secs(30))
+        .and_then(|c| c.call(&req))
+        .with_context(|| format!("refreshing the identity of workspace {}", ws.name))?;
+    if !resp.ok {
+        bail!("refreshing the identity of workspace {}: {}", ws.name, resp.message);
+    }
+    Ok(())
 }
 
 fn pause_or_resume(state: &StateDir, name: &str, out: &Out, pause: bool) -> Result<i32> {

@@ -7,6 +7,7 @@ mod exec;
 mod inspect;
 mod lifecycle;
 mod output;
+mod snapshot;
 mod vmm_run;
 mod vmm_serve;
 
@@ -60,6 +61,10 @@ enum Command {
     Shell(exec::ShellArgs),
     /// Copy between host and workspace: cp SRC NAME:DIR | cp NAME:PATH DIR
     Cp(cp::CpArgs),
+    /// Snapshots: create, list, delete (restore: start --from-snapshot;
+    /// fork: create --from-snapshot).
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCommand),
     /// Low-level VMM commands (used by the workspace commands and tests).
     #[command(hide = true, subcommand)]
     Vmm(VmmCommand),
@@ -98,6 +103,7 @@ pub fn run() -> i32 {
         Command::Exec(a) => exec::exec(&state, a),
         Command::Shell(a) => exec::shell(&state, a),
         Command::Cp(a) => cp::cp(&state, a),
+        Command::Snapshot(c) => snapshot::run(&state, c, &out),
         Command::Vmm(VmmCommand::Run(a)) => vmm_run::run(a, cli.json),
         Command::Vmm(VmmCommand::Supervise(a)) => vmm_serve::supervise(a),
         Command::Vmm(VmmCommand::Serve(a)) => vmm_serve::serve(a),

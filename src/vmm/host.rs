@@ -27,3 +27,13 @@ pub fn total_ram_bytes() -> Option<u64> {
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
 }
+
+/// The TSC frequency KVM gives guests on this host (a throwaway VM and vCPU
+/// ask it). Snapshots record it: without TSC scaling a guest cannot move to
+/// a host whose TSC runs at another rate.
+pub fn guest_tsc_khz() -> Option<u32> {
+    let kvm = kvm_ioctls::Kvm::new().ok()?;
+    let vm = kvm.create_vm().ok()?;
+    let vcpu = vm.create_vcpu(0).ok()?;
+    vcpu.get_tsc_khz().ok()
+}

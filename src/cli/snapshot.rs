@@ -1,0 +1,302 @@
+//! `snapshot create|list|delete`, and forking (`create --from-snapshot`).
+//!
+//! A snapshot is `workspaces/<name>/snapshots/<tag>/{manifest.json,
+//! vmstate.bin, memory.bin, rootfs.ext4}`. It is assembled in a temp
+//! directory and renamed into place, so a tag either exists whole or not at
+//! all.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use serde_json::json;
+
+use super::lifecycle::{check_snapshot, launch, open, snapshot_dir};
+use super::output::{print_record, Out};
+use crate::digest::sha256_file;
+use crate::snapshot::manifest::{validate_tag, FileInfo, Manifest, MANIFEST, MEMORY, ROOTFS, VMSTATE};
+use crate::vmm::control::{self, Op as CtlOp, Request, PROTOCOL_VERSION};
+use crate::vmm::host;
+use crate::vmm::snapshot::allocated_bytes;
+use crate::workspace::disk::copy_disk;
+use crate::workspace::lock::WorkspaceLock;
+use crate::workspace::state::Status;
+use crate::workspace::store::{now_rfc3339, StateDir, StoreError, WorkspaceRecord, RECORD_VERSION};
+
+/// Saving guest memory of a large VM can take a while.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
+
+#[derive(Subcommand)]
+pub enum SnapshotCommand {
+    /// Checkpoint a running or paused workspace: memory, devices, disk.
+    Create(CreateArgs),
+    /// List a workspace's snapshots.
+    #[command(alias = "ls")]
+    List(ListArgs),
+    /// Delete one snapshot.
+    #[command(alias = "rm")]
+    Delete(DeleteArgs),
+}
+
+#[derive(Args)]
+pub struct CreateArgs {
+    name: String,
+    /// Tag (default: a UTC timestamp).
+    #[arg(long)]
+    tag: Option<String>,
+}
+
+#[derive(Args)]
+pub struct ListArgs {
+    name: String,
+}
+
+#[derive(Args)]
+pub struct DeleteArgs {
+    name: String,
+    tag: String,
+}
+
+pub fn run(state: &StateDir, cmd: SnapshotCommand, out: &Out) -> Result<i32> {
+    match cmd {
+        SnapshotCommand::Create(a) => create(state, a, out),
+        SnapshotCommand::List(a) => list(state, a, out),
+        SnapshotCommand::Delete(a) => delete(state, a, out),
+    }
+}
+
+fn default_tag() -> String {
+    now_rfc3339().replace([':', '-'], "")
+}
+
+fn file_info(dir: &Path, name: &str) -> Result<FileInfo> {
+    let path = dir.join(name);
+    Ok(FileInfo {
+        name: name.to_string(),
+        size: std::fs::metadata(&path)
+            .with_context(|| format!("{}", path.display()))?
+            .len(),
+        sha256: sha256_file(&path).with_context(|| format!("hashing {}", path.display()))?,
+    })
+}
+
+fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes}B")
+    } else {
+        format!("{v:.1}{}", UNITS[u])
+    }
+}
+
+fn create(state: &StateDir, args: CreateArgs, out: &Out) -> Result<i32> {
+    let tag = args.tag.clone().unwrap_or_else(default_tag);
+    validate_tag(&tag).map_err(anyhow::Error::msg)?;
+    let (ws, _lock, rec, status) = open(state, &args.name)?;
+    match status {
+        Status::Running | Status::Paused => {}
+        s => bail!(
+            "workspace {} is {s}; only a running or paused workspace can be snapshotted (start it first)",
+            ws.name
+        ),
+    }
+    let dest = ws.snapshots().join(&tag);
+    if dest.exists() {
+        bail!("snapshot {tag} already exists in workspace {}", ws.name);
+    }
+    std::fs::create_dir_all(ws.snapshots())?;
+    let tmp = ws.snapshots().join(format!(".creating-{tag}-{}", std::process::id()));
+    std::fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let result = (|| -> Result<(Manifest, bool)> {
+        let req = Request {
+            v: PROTOCOL_VERSION,
+            op: CtlOp::Snapshot,
+            dir: Some(tmp.display().to_string()),
+        };
+        let resp = control::request_with(&ws.control_socket(), req, SNAPSHOT_TIMEOUT)?;
+        let was_running = resp.was.as_deref() == Some("running");
+        // The VM stays paused until its disk is copied: memory and disk
+        // are from the same moment.
+        let copied = copy_disk(&ws.rootfs(), &tmp.join(ROOTFS));
+        if was_running {
+            control::request(&ws.control_socket(), CtlOp::Resume, Duration::from_secs(15))?;
+        }
+        copied?;
+        let files = [VMSTATE, MEMORY, ROOTFS]
+            .iter()
+            .map(|f| file_info(&tmp, f))
+            .collect::<Result<Vec<_>>>()?;
+        let m = Manifest::new(&tag, &rec, now_rfc3339(), host::guest_tsc_khz(), files);
+        m.write(&tmp)?;
+        std::fs::rename(&tmp, &dest).with_context(|| format!("renaming into {}", dest.display()))?;
+        Ok((m, was_running))
+    })();
+    let (m, _) = match result {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e.context(format!("snapshot {tag} of workspace {} failed; nothing was kept", ws.name)));
+        }
+    };
+    let size: u64 = [VMSTATE, MEMORY, ROOTFS, MANIFEST]
+        .iter()
+        .map(|f| allocated_bytes(&dest.join(f)))
+        .sum();
+    out.done(
+        &format!(
+            "snapshot {tag} created ({} MiB RAM, {} vCPU) at {}",
+            m.memory_mib, m.vcpus, m.created
+        ),
+        json!({
+            "workspace": ws.name,
+            "tag": tag,
+            "created": m.created,
+            "vcpus": m.vcpus,
+            "memory_mib": m.memory_mib,
+            "size_bytes": size,
+            "dir": dest.display().to_string(),
+        }),
+    );
+    Ok(0)
+}
+
+fn list(state: &StateDir, args: ListArgs, out: &Out) -> Result<i32> {
+    let ws = state.existing(&args.name)?;
+    let mut rows = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(ws.snapshots()) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if validate_tag(&name).is_err() {
+                continue;
+            }
+            let Ok(m) = Manifest::read(&e.path()) else { continue };
+            let size: u64 = [VMSTATE, MEMORY, ROOTFS, MANIFEST]
+                .iter()
+                .map(|f| allocated_bytes(&e.path().join(f)))
+                .sum();
+            rows.push((m, size));
+        }
+    }
+    rows.sort_by(|a, b| a.0.created.cmp(&b.0.created).then(a.0.tag.cmp(&b.0.tag)));
+    if out.json {
+        let v: Vec<_> = rows
+            .iter()
+            .map(|(m, size)| {
+                json!({
+                    "tag": m.tag, "size_bytes": size, "created": m.created,
+                    "image": m.image, "vcpus": m.vcpus, "memory_mib": m.memory_mib,
+                    "kernel_sha256": m.kernel_sha256,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(v));
+        return Ok(0);
+    }
+    println!("{:<24} {:>9} {:<21} IMAGE", "TAG", "SIZE", "CREATED");
+    for (m, size) in &rows {
+        let rec = ws.read().ok();
+        let image = m
+            .image
+            .clone()
+            .or_else(|| rec.and_then(|r| r.rootfs_source))
+            .unwrap_or_default();
+        println!("{:<24} {:>9} {:<21} {image}", m.tag, human_size(*size), m.created);
+    }
+    Ok(0)
+}
+
+fn delete(state: &StateDir, args: DeleteArgs, out: &Out) -> Result<i32> {
+    let ws = state.existing(&args.name)?;
+    let _lock = WorkspaceLock::acquire(&ws.lock_path())?;
+    let dir = snapshot_dir(&ws, &args.tag)?;
+    let doomed = ws.snapshots().join(format!(".deleting-{}-{}", args.tag, std::process::id()));
+    std::fs::rename(&dir, &doomed)?;
+    std::fs::remove_dir_all(&doomed)?;
+    out.done(
+        &format!("snapshot {} of workspace {} deleted", args.tag, ws.name),
+        json!({"workspace": ws.name, "tag": args.tag, "deleted": true}),
+    );
+    Ok(0)
+}
+
+/// `create NEW --from-snapshot SRC:TAG`: a new workspace resumed from the
+/// snapshot's memory, with a private copy of its disk and a fresh identity.
+pub fn fork(state: &StateDir, name: &str, from: &str, wait: Option<Duration>, out: &Out) -> Result<i32> {
+    let (src_name, tag) = from
+        .split_once(':')
+        .with_context(|| format!("--from-snapshot takes WORKSPACE:TAG, got {from:?}"))?;
+    let ws = state.workspace(name)?;
+    let src = state.existing(src_name)?;
+    let dir = snapshot_dir(&src, tag)?;
+    let src_rec = src.read()?;
+    check_snapshot(&dir, &src_rec)?;
+    std::fs::create_dir_all(state.workspaces())?;
+    match std::fs::create_dir(&ws.dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(StoreError::Exists(name.into()).into()),
+        Err(e) => return Err(e).with_context(|| format!("creating {}", ws.dir.display())),
+    }
+    let result = (|| -> Result<(WorkspaceRecord, Option<u32>)> {
+        let _lock = WorkspaceLock::acquire(&ws.lock_path())?;
+        copy_disk(&dir.join(ROOTFS), &ws.rootfs())?;
+        let mut rec = WorkspaceRecord {
+            version: RECORD_VERSION,
+            name: name.to_string(),
+            created: now_rfc3339(),
+            status: Status::Created,
+            vmm_pid: None,
+            crash_reason: None,
+            rootfs_source: Some(format!("{src_name}:{tag}")),
+            ..src_rec.clone()
+        };
+        ws.write(&rec)?;
+        let pid = launch(&ws, &mut rec, Some(&dir), wait, out)?;
+        Ok((rec, pid))
+    })();
+    match result {
+        Ok((rec, pid)) => {
+            print_record(
+                out,
+                &ws,
+                &rec,
+                Status::Running,
+                None,
+                pid,
+                &format!("workspace {name} forked from {src_name}:{tag}"),
+            );
+            Ok(0)
+        }
+        Err(e) => {
+            // Nothing half-made stays behind; the VMM (if any) goes too.
+            if let Ok(rec) = ws.read() {
+                if let Some(pid) = rec.vmm_pid {
+                    // SAFETY: signalling the VMM process group we started.
+                    unsafe { libc::kill(-pid, libc::SIGKILL) };
+                }
+            }
+            let _ = std::fs::remove_dir_all(&ws.dir);
+            Err(e)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_default_tags() {
+        assert_eq!(human_size(512), "512B");
+        assert_eq!(human_size(1536 << 20), "1.5GiB");
+        let t = default_tag();
+        assert!(validate_tag(&t).is_ok(), "{t}");
+        assert!(t.ends_with('Z') && t.contains('T'));
+    }
+}

@@ -1,0 +1,242 @@
+//! `manifest.json`: what a snapshot is and what it needs to be restored.
+//! Restore and fork refuse a different kernel, CPU template, host CPU or
+//! TSC frequency with an error naming both values.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::format::{FORMAT_MAJOR, FORMAT_MINOR};
+use crate::workspace::store::{read_bounded, write_atomic, StoreError, WorkspaceRecord};
+
+pub const MANIFEST: &str = "manifest.json";
+pub const VMSTATE: &str = "vmstate.bin";
+pub const MEMORY: &str = "memory.bin";
+pub const ROOTFS: &str = "rootfs.ext4";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostCpu {
+    pub vendor: String,
+    pub model: String,
+}
+
+impl HostCpu {
+    pub fn current() -> HostCpu {
+        let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let field = |name: &str| {
+            info.lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        HostCpu {
+            vendor: field("vendor_id"),
+            model: field("model name"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileInfo {
+    pub name: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub tag: String,
+    pub workspace: String,
+    pub created: String,
+    pub image: Option<String>,
+    pub image_digest: Option<String>,
+    pub vcpus: u8,
+    pub memory_mib: u64,
+    pub kernel_sha256: String,
+    pub kernel_cmdline: String,
+    pub init: Option<String>,
+    pub cpu_template: String,
+    pub host_cpu: HostCpu,
+    pub tsc_khz: Option<u32>,
+    pub format_version: String,
+    pub files: Vec<FileInfo>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum CompatError {
+    #[error("kernel sha256 mismatch: snapshot pins {snapshot}, workspace has {workspace}")]
+    Kernel { snapshot: String, workspace: String },
+    #[error("CPU template mismatch: snapshot uses {snapshot}, workspace uses {workspace}")]
+    Template { snapshot: String, workspace: String },
+    #[error("incompatible CPU: snapshot taken on {snapshot}, this host is {host}")]
+    Cpu { snapshot: String, host: String },
+    #[error("TSC frequency mismatch: snapshot guest ran at {snapshot} kHz, this host gives {host} kHz (no TSC scaling here)")]
+    Tsc { snapshot: u32, host: u32 },
+    #[error("snapshot format {found} is not supported (this build reads {FORMAT_MAJOR}.x)")]
+    Format { found: String },
+}
+
+impl Manifest {
+    pub fn new(tag: &str, rec: &WorkspaceRecord, created: String, tsc_khz: Option<u32>, files: Vec<FileInfo>) -> Self {
+        Manifest {
+            tag: tag.to_string(),
+            workspace: rec.name.clone(),
+            created,
+            image: rec.image.clone(),
+            image_digest: rec.image_digest.clone(),
+            vcpus: rec.vcpus,
+            memory_mib: rec.memory_mib,
+            kernel_sha256: rec.kernel_sha256.clone(),
+            kernel_cmdline: rec.cmdline.clone(),
+            init: rec.init.clone(),
+            cpu_template: rec.cpu_template.clone(),
+            host_cpu: HostCpu::current(),
+            tsc_khz,
+            format_version: format!("{FORMAT_MAJOR}.{FORMAT_MINOR}"),
+            files,
+        }
+    }
+
+    pub fn read(dir: &Path) -> Result<Manifest, StoreError> {
+        let path = dir.join(MANIFEST);
+        let bytes = read_bounded(&path).map_err(|source| StoreError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        serde_json::from_slice(&bytes).map_err(|e| StoreError::BadRecord {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })
+    }
+
+    pub fn write(&self, dir: &Path) -> Result<(), StoreError> {
+        let json = serde_json::to_vec_pretty(self).map_err(|e| StoreError::BadRecord {
+            path: dir.join(MANIFEST).display().to_string(),
+            reason: e.to_string(),
+        })?;
+        write_atomic(&dir.join(MANIFEST), &json)
+    }
+
+    /// Can this snapshot run with `kernel_sha256`/`template` on this host?
+    pub fn check_compatible(
+        &self,
+        kernel_sha256: &str,
+        template: &str,
+        host: &HostCpu,
+        host_tsc_khz: Option<u32>,
+    ) -> Result<(), CompatError> {
+        let major = self.format_version.split('.').next().and_then(|m| m.parse::<u16>().ok());
+        if major != Some(FORMAT_MAJOR) {
+            return Err(CompatError::Format {
+                found: self.format_version.clone(),
+            });
+        }
+        if self.kernel_sha256 != kernel_sha256 {
+            return Err(CompatError::Kernel {
+                snapshot: self.kernel_sha256.clone(),
+                workspace: kernel_sha256.to_string(),
+            });
+        }
+        if self.cpu_template != template {
+            return Err(CompatError::Template {
+                snapshot: self.cpu_template.clone(),
+                workspace: template.to_string(),
+            });
+        }
+        if self.host_cpu != *host {
+            return Err(CompatError::Cpu {
+                snapshot: format!("{} {}", self.host_cpu.vendor, self.host_cpu.model),
+                host: format!("{} {}", host.vendor, host.model),
+            });
+        }
+        if let (Some(s), Some(h)) = (self.tsc_khz, host_tsc_khz) {
+            // KVM reports the TSC rounded to kHz; allow for that.
+            if s.abs_diff(h) > s / 10_000 + 1 {
+                return Err(CompatError::Tsc { snapshot: s, host: h });
+            }
+        }
+        Ok(())
+    }
+
+    pub fn file(&self, name: &str) -> Option<&FileInfo> {
+        self.files.iter().find(|f| f.name == name)
+    }
+}
+
+/// Tags: 1-63 of letters, digits, '.', '_', '-', not starting with '.' or '-'.
+pub fn validate_tag(tag: &str) -> Result<(), String> {
+    let ok = (1..=63).contains(&tag.len())
+        && !tag.starts_with(['.', '-'])
+        && tag.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid snapshot tag {tag:?}: use 1-63 letters, digits, '.', '_' or '-', not starting with '.' or '-'"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest() -> Manifest {
+        Manifest {
+            tag: "baseline".into(),
+            workspace: "builder".into(),
+            created: "2026-06-11T08:52:44Z".into(),
+            image: None,
+            image_digest: None,
+            vcpus: 2,
+            memory_mib: 512,
+            kernel_sha256: "aaa".into(),
+            kernel_cmdline: "quiet".into(),
+            init: None,
+            cpu_template: "pvm-safe".into(),
+            host_cpu: HostCpu {
+                vendor: "AuthenticAMD".into(),
+                model: "EPYC".into(),
+            },
+            tsc_khz: Some(1_996_248),
+            format_version: "1.0".into(),
+            files: vec![],
+        }
+    }
+
+    #[test]
+    fn incompatibilities_name_both_values() {
+        let m = manifest();
+        let host = m.host_cpu.clone();
+        assert!(m.check_compatible("aaa", "pvm-safe", &host, Some(1_996_248)).is_ok());
+        assert_eq!(
+            m.check_compatible("bbb", "pvm-safe", &host, None).unwrap_err().to_string(),
+            "kernel sha256 mismatch: snapshot pins aaa, workspace has bbb"
+        );
+        assert!(m.check_compatible("aaa", "host", &host, None).unwrap_err().to_string().contains("pvm-safe"));
+        let intel = HostCpu {
+            vendor: "GenuineIntel".into(),
+            model: "Xeon".into(),
+        };
+        let e = m.check_compatible("aaa", "pvm-safe", &intel, None).unwrap_err().to_string();
+        assert!(e.contains("AuthenticAMD EPYC") && e.contains("GenuineIntel Xeon"), "{e}");
+        assert!(matches!(
+            m.check_compatible("aaa", "pvm-safe", &host, Some(2_400_000)),
+            Err(CompatError::Tsc { .. })
+        ));
+        let mut future = m.clone();
+        future.format_version = "2.0".into();
+        assert!(matches!(future.check_compatible("aaa", "pvm-safe", &host, None), Err(CompatError::Format { .. })));
+    }
+
+    #[test]
+    fn tags() {
+        for ok in ["baseline", "20260611T085244Z", "v1.2_rc-3"] {
+            assert!(validate_tag(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", ".hidden", "-x", "a/b", "..", "a b", &"x".repeat(64)] {
+            assert!(validate_tag(bad).is_err(), "{bad}");
+        }
+    }
+}

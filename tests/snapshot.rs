@@ -1,0 +1,246 @@
+//! Snapshots with real VMs: the seed 003 transcript, rollback of memory and
+//! disk, forks (and forks of forks), identity refresh, and refusals. One
+//! cold boot; every other guest comes from restore or fork.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A process that counts seconds in guest memory (/run is a tmpfs): after a
+/// rollback the counter must go back.
+const COUNTER_INIT: &str = "#!/bin/sh\ni=0\nwhile true; do i=$((i+1)); echo $i > /run/counter; sleep 1; done\n";
+
+fn sh(home: &Home, ws: &str, script: &str) -> String {
+    let out = home.cmd().args(["exec", ws, "--", "sh", "-c", script]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "exec in {ws} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn counter(home: &Home, ws: &str) -> u64 {
+    sh(home, ws, "cat /run/counter").parse().unwrap_or(0)
+}
+
+fn host_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn snapshot_dir(home: &Home, ws: &str, tag: &str) -> std::path::PathBuf {
+    home.workspace_dir(ws).join("snapshots").join(tag)
+}
+
+/// Copies a snapshot to a new tag so it can be damaged on purpose.
+fn clone_snapshot(home: &Home, ws: &str, from: &str, to: &str) -> std::path::PathBuf {
+    let src = snapshot_dir(home, ws, from);
+    let dst = snapshot_dir(home, ws, to);
+    std::fs::create_dir_all(&dst).unwrap();
+    for f in ["manifest.json", "vmstate.bin", "memory.bin", "rootfs.ext4"] {
+        let st = std::process::Command::new("cp")
+            .arg("--sparse=always")
+            .arg(src.join(f))
+            .arg(dst.join(f))
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    dst
+}
+
+fn edit_manifest(dir: &std::path::Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let p = dir.join("manifest.json");
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    f(&mut m);
+    std::fs::write(&p, serde_json::to_vec(&m).unwrap()).unwrap();
+}
+
+#[test]
+fn seed_transcript_rollback_forks_and_refusals() {
+    if !kvm_available() {
+        return;
+    }
+    let home = Home::new();
+    let rootfs = busybox_rootfs(home.dir.path(), COUNTER_INIT);
+
+    // 1. A workspace in a state worth keeping.
+    home.ok(&[
+        "create",
+        "builder",
+        "--rootfs",
+        rootfs.to_str().unwrap(),
+        "--kernel",
+        vmlinux().to_str().unwrap(),
+        "--vcpus",
+        "2",
+        "--memory",
+        "256",
+        "--init",
+        "/init",
+    ]);
+    let (code, _, err) = home.run(&["snapshot", "create", "builder", "--tag", "too-early"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("workspace builder is created; only a running or paused workspace"), "{err}");
+    home.ok(&["start", "builder"]);
+    sh(&home, "builder", "echo checkpoint-1 > /root/progress.txt");
+
+    // 2. Snapshot: auto-paused, snapshotted, resumed.
+    let out = home.ok(&["snapshot", "create", "builder", "--tag", "baseline"]);
+    assert!(
+        out.starts_with("snapshot baseline created (256 MiB RAM, 2 vCPU) at 20"),
+        "{out}"
+    );
+    assert_eq!(home.json(&["status", "builder"])["status"], "running");
+    let at_snapshot = counter(&home, "builder");
+    let (code, _, err) = home.run(&["snapshot", "create", "builder", "--tag", "baseline"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("snapshot baseline already exists in workspace builder"), "{err}");
+    let list = home.ok(&["snapshot", "list", "builder"]);
+    assert!(list.starts_with("TAG") && list.contains("baseline"), "{list}");
+    let listed = home.json(&["snapshot", "list", "builder"]);
+    let size = listed[0]["size_bytes"].as_u64().unwrap();
+    assert!(size > 0 && size < 512 << 20, "allocated size {size}");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(snapshot_dir(&home, "builder", "baseline").join("manifest.json")).unwrap())
+            .unwrap();
+    for key in ["kernel_sha256", "cpu_template", "host_cpu", "format_version", "files", "created"] {
+        assert!(!manifest[key].is_null(), "manifest lacks {key}: {manifest}");
+    }
+    // memory.bin is sparse: a 256 MiB guest that touched little stores little.
+    let mem = snapshot_dir(&home, "builder", "baseline").join("memory.bin");
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(&mem).unwrap();
+    assert_eq!(md.len(), 256 << 20);
+    assert!(md.blocks() * 512 < 200 << 20, "memory.bin not sparse: {} bytes allocated", md.blocks() * 512);
+
+    // A paused workspace is snapshotted in place and stays paused.
+    home.ok(&["pause", "builder"]);
+    home.ok(&["snapshot", "create", "builder", "--tag", "while-paused"]);
+    assert_eq!(home.json(&["status", "builder"])["status"], "paused");
+    home.ok(&["resume", "builder"]);
+
+    // Things move on after the snapshot.
+    sh(&home, "builder", "echo after-snapshot > /root/progress.txt");
+    let t = Instant::now();
+    while counter(&home, "builder") < at_snapshot + 3 {
+        assert!(t.elapsed() < Duration::from_secs(120), "counter stuck");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let before_rollback = counter(&home, "builder");
+
+    // 3. Roll back: memory, devices and disk return to the snapshot.
+    home.ok(&["halt", "builder"]);
+    home.ok(&["start", "builder", "--from-snapshot", "baseline"]);
+    assert_eq!(sh(&home, "builder", "cat /root/progress.txt"), "checkpoint-1");
+    let after_rollback = counter(&home, "builder");
+    assert!(
+        after_rollback < before_rollback,
+        "in-memory counter did not go back: {after_rollback} >= {before_rollback}"
+    );
+    // The wall clock was set from the host after the restore.
+    let guest_now: u64 = sh(&home, "builder", "date +%s").parse().unwrap();
+    assert!(guest_now.abs_diff(host_now()) <= 2, "guest clock {guest_now}, host {}", host_now());
+
+    // 4. Fork: fresh identity, private disk, the source does not notice.
+    home.ok(&["create", "builder-fork", "--from-snapshot", "builder:baseline"]);
+    sh(&home, "builder-fork", "echo fork-only > /root/progress.txt");
+    assert_eq!(sh(&home, "builder-fork", "cat /root/progress.txt"), "fork-only");
+    assert_eq!(sh(&home, "builder", "cat /root/progress.txt"), "checkpoint-1");
+    assert_eq!(sh(&home, "builder-fork", "hostname"), "builder-fork");
+
+    // Fork of a fork.
+    home.ok(&["snapshot", "create", "builder-fork", "--tag", "f1"]);
+    home.ok(&["create", "fork2", "--from-snapshot", "builder-fork:f1"]);
+    assert_eq!(sh(&home, "fork2", "cat /root/progress.txt"), "fork-only");
+    assert_eq!(sh(&home, "fork2", "hostname"), "fork2");
+    // Forks do not share random streams or machine-ids.
+    let r1 = sh(&home, "builder-fork", "head -c 16 /dev/urandom | od -An -tx1");
+    let r2 = sh(&home, "fork2", "head -c 16 /dev/urandom | od -An -tx1");
+    assert_ne!(r1, r2);
+    let m1 = sh(&home, "builder-fork", "cat /etc/machine-id");
+    let m2 = sh(&home, "fork2", "cat /etc/machine-id");
+    assert_eq!(m1.len(), 32);
+    assert_ne!(m1, m2);
+
+    // 5. Refusals change nothing and start nothing.
+    home.ok(&["snapshot", "create", "fork2", "--tag", "x"]);
+    home.ok(&["halt", "fork2"]);
+    let bad = clone_snapshot(&home, "builder-fork", "f1", "flipped");
+    let mut vmstate = std::fs::read(bad.join("vmstate.bin")).unwrap();
+    let mid = vmstate.len() / 2;
+    vmstate[mid] ^= 0x01;
+    std::fs::write(bad.join("vmstate.bin"), vmstate).unwrap();
+    let (code, _, err) = home.run(&["create", "bad1", "--from-snapshot", "builder-fork:flipped"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("sha256 mismatch") || err.contains("corrupted"), "{err}");
+    assert!(!home.workspace_dir("bad1").exists());
+
+    let trunc = clone_snapshot(&home, "builder-fork", "f1", "truncated");
+    let f = std::fs::OpenOptions::new().write(true).open(trunc.join("memory.bin")).unwrap();
+    f.set_len(64 << 20).unwrap();
+    let (code, _, err) = home.run(&["create", "bad2", "--from-snapshot", "builder-fork:truncated"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("memory.bin is damaged"), "{err}");
+
+    let kern = clone_snapshot(&home, "builder-fork", "f1", "otherkernel");
+    edit_manifest(&kern, |m| m["kernel_sha256"] = "0".repeat(64).into());
+    let (code, _, err) = home.run(&["create", "bad3", "--from-snapshot", "builder-fork:otherkernel"]);
+    assert_eq!(code, 1);
+    assert!(err.contains(&format!("kernel sha256 mismatch: snapshot pins {}", "0".repeat(64))), "{err}");
+
+    let cpu = clone_snapshot(&home, "builder-fork", "f1", "othercpu");
+    edit_manifest(&cpu, |m| m["host_cpu"]["vendor"] = "GenuineIntel".into());
+    let (code, _, err) = home.run(&["create", "bad4", "--from-snapshot", "builder-fork:othercpu"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("incompatible CPU: snapshot taken on GenuineIntel"), "{err}");
+
+    // Rollback with a damaged snapshot leaves the halted workspace as it was.
+    let disk_before = std::fs::read(home.workspace_dir("fork2").join("rootfs.ext4")).unwrap();
+    let flipped = clone_snapshot(&home, "fork2", "x", "y");
+    let mut v = std::fs::read(flipped.join("vmstate.bin")).unwrap();
+    v[60] ^= 0xff;
+    std::fs::write(flipped.join("vmstate.bin"), v).unwrap();
+    let (code, _, _) = home.run(&["start", "fork2", "--from-snapshot", "y"]);
+    assert_eq!(code, 1);
+    assert_eq!(home.json(&["status", "fork2"])["status"], "halted");
+    assert!(std::fs::read(home.workspace_dir("fork2").join("rootfs.ext4")).unwrap() == disk_before);
+
+    // 6. Ten forks of one tag at once, each diverging.
+    let children: Vec<_> = (0..10)
+        .map(|i| {
+            home.cmd()
+                .args(["create", &format!("many-{i}"), "--from-snapshot", "builder:baseline"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success(), "fork failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    for i in 0..10 {
+        let ws = format!("many-{i}");
+        sh(&home, &ws, &format!("echo {i} > /root/mine"));
+    }
+    for i in 0..10 {
+        let ws = format!("many-{i}");
+        assert_eq!(sh(&home, &ws, "cat /root/mine /root/progress.txt"), format!("{i}\ncheckpoint-1"));
+    }
+
+    // 7. Clean up as the transcript does; deleting a workspace removes its snapshots.
+    home.ok(&["snapshot", "delete", "builder", "baseline"]);
+    assert!(!snapshot_dir(&home, "builder", "baseline").exists());
+    let (code, _, err) = home.run(&["snapshot", "delete", "builder", "baseline"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("snapshot baseline of workspace builder does not exist"), "{err}");
+    home.ok(&["delete", "builder", "--yes", "--force"]);
+    assert!(!home.workspace_dir("builder").exists());
+}

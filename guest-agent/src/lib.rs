@@ -202,7 +202,7 @@ pub enum Request {
 pub struct Refresh {
     pub hostname: String,
     /// Host wall clock, nanoseconds since the Unix epoch.
-    pub unix_time_ns: u128,
+    pub unix_time_ns: u64,
     /// Fresh host entropy (hex) mixed into the guest CRNG, which is then
     /// reseeded: forks must not share random streams.
     pub entropy_hex: String,

@@ -424,16 +424,26 @@ fn refresh_identity(ws: &WorkspaceDir, hostname: &str) -> Result<()> {
     let hex = crate::digest::hex(&entropy);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
+        .map_or(0, |d| d.as_nanos() as u64);
     let req = guest_agent::Request::Refresh(guest_agent::Refresh {
         hostname: hostname.to_string(),
         unix_time_ns: now,
         entropy_hex: hex[..64].to_string(),
         machine_id: hex[64..96].to_string(),
     });
-    let resp = AgentConn::connect(&ws.vsock_socket(), Duration::from_secs(30))
-        .and_then(|c| c.call(&req))
-        .with_context(|| format!("refreshing the identity of workspace {}", ws.name))?;
+    // Idempotent, so retried: a loaded host (many forks at once) can make
+    // an emulated guest kernel slow to answer.
+    let mut attempt = 0;
+    let resp = loop {
+        attempt += 1;
+        match AgentConn::connect(&ws.vsock_socket(), Duration::from_secs(120)).and_then(|c| c.call(&req)) {
+            Ok(r) => break r,
+            Err(e) if attempt >= 3 => {
+                return Err(e).with_context(|| format!("refreshing the identity of workspace {}", ws.name))
+            }
+            Err(_) => std::thread::sleep(Duration::from_secs(1)),
+        }
+    };
     if !resp.ok {
         bail!("refreshing the identity of workspace {}: {}", ws.name, resp.message);
     }

@@ -10,10 +10,15 @@ use common::*;
 
 /// A process that counts seconds in guest memory (/run is a tmpfs): after a
 /// rollback the counter must go back.
-const COUNTER_INIT: &str = "#!/bin/sh\ni=0\nwhile true; do i=$((i+1)); echo $i > /run/counter; sleep 1; done\n";
+const COUNTER_INIT: &str =
+    "#!/bin/sh\ni=0\nwhile true; do i=$((i+1)); echo $i > /run/counter; sleep 1; done\n";
 
 fn sh(home: &Home, ws: &str, script: &str) -> String {
-    let out = home.cmd().args(["exec", ws, "--", "sh", "-c", script]).output().unwrap();
+    let out = home
+        .cmd()
+        .args(["exec", ws, "--", "sh", "-c", script])
+        .output()
+        .unwrap();
     assert!(
         out.status.success(),
         "exec in {ws} failed: {}",
@@ -86,7 +91,10 @@ fn seed_transcript_rollback_forks_and_refusals() {
     ]);
     let (code, _, err) = home.run(&["snapshot", "create", "builder", "--tag", "too-early"]);
     assert_eq!(code, 1);
-    assert!(err.contains("workspace builder is created; only a running or paused workspace"), "{err}");
+    assert!(
+        err.contains("workspace builder is created; only a running or paused workspace"),
+        "{err}"
+    );
     home.ok(&["start", "builder"]);
     sh(&home, "builder", "echo checkpoint-1 > /root/progress.txt");
 
@@ -100,16 +108,30 @@ fn seed_transcript_rollback_forks_and_refusals() {
     let at_snapshot = counter(&home, "builder");
     let (code, _, err) = home.run(&["snapshot", "create", "builder", "--tag", "baseline"]);
     assert_eq!(code, 1);
-    assert!(err.contains("snapshot baseline already exists in workspace builder"), "{err}");
+    assert!(
+        err.contains("snapshot baseline already exists in workspace builder"),
+        "{err}"
+    );
     let list = home.ok(&["snapshot", "list", "builder"]);
-    assert!(list.starts_with("TAG") && list.contains("baseline"), "{list}");
+    assert!(
+        list.starts_with("TAG") && list.contains("baseline"),
+        "{list}"
+    );
     let listed = home.json(&["snapshot", "list", "builder"]);
     let size = listed[0]["size_bytes"].as_u64().unwrap();
     assert!(size > 0 && size < 512 << 20, "allocated size {size}");
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(snapshot_dir(&home, "builder", "baseline").join("manifest.json")).unwrap())
-            .unwrap();
-    for key in ["kernel_sha256", "cpu_template", "host_cpu", "format_version", "files", "created"] {
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(snapshot_dir(&home, "builder", "baseline").join("manifest.json")).unwrap(),
+    )
+    .unwrap();
+    for key in [
+        "kernel_sha256",
+        "cpu_template",
+        "host_cpu",
+        "format_version",
+        "files",
+        "created",
+    ] {
         assert!(!manifest[key].is_null(), "manifest lacks {key}: {manifest}");
     }
     // memory.bin is sparse: a 256 MiB guest that touched little stores little.
@@ -117,7 +139,11 @@ fn seed_transcript_rollback_forks_and_refusals() {
     use std::os::unix::fs::MetadataExt;
     let md = std::fs::metadata(&mem).unwrap();
     assert_eq!(md.len(), 256 << 20);
-    assert!(md.blocks() * 512 < 200 << 20, "memory.bin not sparse: {} bytes allocated", md.blocks() * 512);
+    assert!(
+        md.blocks() * 512 < 200 << 20,
+        "memory.bin not sparse: {} bytes allocated",
+        md.blocks() * 512
+    );
 
     // A paused workspace is snapshotted in place and stays paused.
     home.ok(&["pause", "builder"]);
@@ -137,7 +163,10 @@ fn seed_transcript_rollback_forks_and_refusals() {
     // 3. Roll back: memory, devices and disk return to the snapshot.
     home.ok(&["halt", "builder"]);
     home.ok(&["start", "builder", "--from-snapshot", "baseline"]);
-    assert_eq!(sh(&home, "builder", "cat /root/progress.txt"), "checkpoint-1");
+    assert_eq!(
+        sh(&home, "builder", "cat /root/progress.txt"),
+        "checkpoint-1"
+    );
     let after_rollback = counter(&home, "builder");
     assert!(
         after_rollback < before_rollback,
@@ -145,13 +174,28 @@ fn seed_transcript_rollback_forks_and_refusals() {
     );
     // The wall clock was set from the host after the restore.
     let guest_now: u64 = sh(&home, "builder", "date +%s").parse().unwrap();
-    assert!(guest_now.abs_diff(host_now()) <= 2, "guest clock {guest_now}, host {}", host_now());
+    assert!(
+        guest_now.abs_diff(host_now()) <= 2,
+        "guest clock {guest_now}, host {}",
+        host_now()
+    );
 
     // 4. Fork: fresh identity, private disk, the source does not notice.
-    home.ok(&["create", "builder-fork", "--from-snapshot", "builder:baseline"]);
+    home.ok(&[
+        "create",
+        "builder-fork",
+        "--from-snapshot",
+        "builder:baseline",
+    ]);
     sh(&home, "builder-fork", "echo fork-only > /root/progress.txt");
-    assert_eq!(sh(&home, "builder-fork", "cat /root/progress.txt"), "fork-only");
-    assert_eq!(sh(&home, "builder", "cat /root/progress.txt"), "checkpoint-1");
+    assert_eq!(
+        sh(&home, "builder-fork", "cat /root/progress.txt"),
+        "fork-only"
+    );
+    assert_eq!(
+        sh(&home, "builder", "cat /root/progress.txt"),
+        "checkpoint-1"
+    );
     assert_eq!(sh(&home, "builder-fork", "hostname"), "builder-fork");
 
     // Fork of a fork.
@@ -160,7 +204,11 @@ fn seed_transcript_rollback_forks_and_refusals() {
     assert_eq!(sh(&home, "fork2", "cat /root/progress.txt"), "fork-only");
     assert_eq!(sh(&home, "fork2", "hostname"), "fork2");
     // Forks do not share random streams or machine-ids.
-    let r1 = sh(&home, "builder-fork", "head -c 16 /dev/urandom | od -An -tx1");
+    let r1 = sh(
+        &home,
+        "builder-fork",
+        "head -c 16 /dev/urandom | od -An -tx1",
+    );
     let r2 = sh(&home, "fork2", "head -c 16 /dev/urandom | od -An -tx1");
     assert_ne!(r1, r2);
     let m1 = sh(&home, "builder-fork", "cat /etc/machine-id");
@@ -178,27 +226,52 @@ fn seed_transcript_rollback_forks_and_refusals() {
     std::fs::write(bad.join("vmstate.bin"), vmstate).unwrap();
     let (code, _, err) = home.run(&["create", "bad1", "--from-snapshot", "builder-fork:flipped"]);
     assert_eq!(code, 1);
-    assert!(err.contains("sha256 mismatch") || err.contains("corrupted"), "{err}");
+    assert!(
+        err.contains("sha256 mismatch") || err.contains("corrupted"),
+        "{err}"
+    );
     assert!(!home.workspace_dir("bad1").exists());
 
     let trunc = clone_snapshot(&home, "builder-fork", "f1", "truncated");
-    let f = std::fs::OpenOptions::new().write(true).open(trunc.join("memory.bin")).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(trunc.join("memory.bin"))
+        .unwrap();
     f.set_len(64 << 20).unwrap();
-    let (code, _, err) = home.run(&["create", "bad2", "--from-snapshot", "builder-fork:truncated"]);
+    let (code, _, err) = home.run(&[
+        "create",
+        "bad2",
+        "--from-snapshot",
+        "builder-fork:truncated",
+    ]);
     assert_eq!(code, 1);
     assert!(err.contains("memory.bin is damaged"), "{err}");
 
     let kern = clone_snapshot(&home, "builder-fork", "f1", "otherkernel");
     edit_manifest(&kern, |m| m["kernel_sha256"] = "0".repeat(64).into());
-    let (code, _, err) = home.run(&["create", "bad3", "--from-snapshot", "builder-fork:otherkernel"]);
+    let (code, _, err) = home.run(&[
+        "create",
+        "bad3",
+        "--from-snapshot",
+        "builder-fork:otherkernel",
+    ]);
     assert_eq!(code, 1);
-    assert!(err.contains(&format!("kernel sha256 mismatch: snapshot pins {}", "0".repeat(64))), "{err}");
+    assert!(
+        err.contains(&format!(
+            "kernel sha256 mismatch: snapshot pins {}",
+            "0".repeat(64)
+        )),
+        "{err}"
+    );
 
     let cpu = clone_snapshot(&home, "builder-fork", "f1", "othercpu");
     edit_manifest(&cpu, |m| m["host_cpu"]["vendor"] = "GenuineIntel".into());
     let (code, _, err) = home.run(&["create", "bad4", "--from-snapshot", "builder-fork:othercpu"]);
     assert_eq!(code, 1);
-    assert!(err.contains("incompatible CPU: snapshot taken on GenuineIntel"), "{err}");
+    assert!(
+        err.contains("incompatible CPU: snapshot taken on GenuineIntel"),
+        "{err}"
+    );
 
     // Rollback with a damaged snapshot leaves the halted workspace as it was.
     let disk_before = std::fs::read(home.workspace_dir("fork2").join("rootfs.ext4")).unwrap();
@@ -215,7 +288,12 @@ fn seed_transcript_rollback_forks_and_refusals() {
     let children: Vec<_> = (0..10)
         .map(|i| {
             home.cmd()
-                .args(["create", &format!("many-{i}"), "--from-snapshot", "builder:baseline"])
+                .args([
+                    "create",
+                    &format!("many-{i}"),
+                    "--from-snapshot",
+                    "builder:baseline",
+                ])
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::piped())
                 .spawn()
@@ -224,7 +302,11 @@ fn seed_transcript_rollback_forks_and_refusals() {
         .collect();
     for c in children {
         let out = c.wait_with_output().unwrap();
-        assert!(out.status.success(), "fork failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "fork failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     for i in 0..10 {
         let ws = format!("many-{i}");
@@ -232,7 +314,10 @@ fn seed_transcript_rollback_forks_and_refusals() {
     }
     for i in 0..10 {
         let ws = format!("many-{i}");
-        assert_eq!(sh(&home, &ws, "cat /root/mine /root/progress.txt"), format!("{i}\ncheckpoint-1"));
+        assert_eq!(
+            sh(&home, &ws, "cat /root/mine /root/progress.txt"),
+            format!("{i}\ncheckpoint-1")
+        );
     }
 
     // 7. Clean up as the transcript does; deleting a workspace removes its snapshots.
@@ -240,7 +325,10 @@ fn seed_transcript_rollback_forks_and_refusals() {
     assert!(!snapshot_dir(&home, "builder", "baseline").exists());
     let (code, _, err) = home.run(&["snapshot", "delete", "builder", "baseline"]);
     assert_eq!(code, 1);
-    assert!(err.contains("snapshot baseline of workspace builder does not exist"), "{err}");
+    assert!(
+        err.contains("snapshot baseline of workspace builder does not exist"),
+        "{err}"
+    );
     home.ok(&["delete", "builder", "--yes", "--force"]);
     assert!(!home.workspace_dir("builder").exists());
 }

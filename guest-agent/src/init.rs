@@ -120,7 +120,10 @@ pub fn refresh(r: &guest_agent::Refresh) -> String {
     };
     // SAFETY: clock_settime reads a timespec we own.
     if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {
-        errors.push(format!("setting the clock: {}", std::io::Error::last_os_error()));
+        errors.push(format!(
+            "setting the clock: {}",
+            std::io::Error::last_os_error()
+        ));
     }
     let entropy = hex_bytes(&r.entropy_hex);
     match std::fs::OpenOptions::new().write(true).open("/dev/urandom") {
@@ -135,7 +138,10 @@ pub fn refresh(r: &guest_agent::Refresh) -> String {
             // sizes it declares; RNDRESEEDCRNG takes no argument.
             unsafe {
                 if libc::ioctl(f.as_raw_fd(), RNDADDENTROPY, info.as_ptr()) != 0 {
-                    errors.push(format!("adding entropy: {}", std::io::Error::last_os_error()));
+                    errors.push(format!(
+                        "adding entropy: {}",
+                        std::io::Error::last_os_error()
+                    ));
                 }
                 if libc::ioctl(f.as_raw_fd(), RNDRESEEDCRNG) != 0 {
                     errors.push(format!("reseeding: {}", std::io::Error::last_os_error()));

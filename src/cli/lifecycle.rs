@@ -12,12 +12,14 @@ use clap::Args;
 use super::output::{print_record, Out};
 use crate::agent::{agent_binary, wait_ready, AgentConn, AGENT_GUEST_PATH};
 use crate::digest::sha256_file;
+use crate::snapshot::manifest::{
+    validate_tag, HostCpu, Manifest, MANIFEST, MEMORY, ROOTFS, VMSTATE,
+};
 use crate::vmm::arch::x86_64::cpuid::CpuTemplate;
 use crate::vmm::control::{self, Op as CtlOp};
 use crate::vmm::host;
 use crate::vmm::vm::VmConfig;
 use crate::workspace::disk::{copy_disk, grow_ext4};
-use crate::snapshot::manifest::{validate_tag, HostCpu, Manifest, MANIFEST, MEMORY, ROOTFS, VMSTATE};
 use crate::workspace::inject::inject_agent;
 use crate::workspace::lock::WorkspaceLock;
 use crate::workspace::state::{check, read_exit_record, reconcile, supervisor_alive, Op, Status};
@@ -280,7 +282,13 @@ pub fn start(state: &StateDir, args: StartArgs, out: &Out) -> Result<i32> {
         None => None,
     };
     let wait = (!args.no_wait).then(|| Duration::from_secs(args.timeout));
-    let vmm_pid = launch(&ws, &mut rec, snapshot.as_ref().map(|(d, _)| d.as_path()), wait, out)?;
+    let vmm_pid = launch(
+        &ws,
+        &mut rec,
+        snapshot.as_ref().map(|(d, _)| d.as_path()),
+        wait,
+        out,
+    )?;
     let msg = match &args.from_snapshot {
         Some(tag) => format!("workspace {} started from snapshot {tag}", ws.name),
         None => format!("workspace {} started", ws.name),
@@ -303,8 +311,14 @@ pub fn snapshot_dir(ws: &WorkspaceDir, tag: &str) -> Result<PathBuf> {
 /// kernel, CPU template, host CPU or TSC rate, or missing files.
 pub fn check_snapshot(dir: &Path, rec: &WorkspaceRecord) -> Result<Manifest> {
     let m = Manifest::read(dir)?;
-    let kernel_now = sha256_file(Path::new(&rec.kernel)).with_context(|| format!("hashing kernel {}", rec.kernel))?;
-    m.check_compatible(&kernel_now, &rec.cpu_template, &HostCpu::current(), host::guest_tsc_khz())?;
+    let kernel_now = sha256_file(Path::new(&rec.kernel))
+        .with_context(|| format!("hashing kernel {}", rec.kernel))?;
+    m.check_compatible(
+        &kernel_now,
+        &rec.cpu_template,
+        &HostCpu::current(),
+        host::guest_tsc_khz(),
+    )?;
     if m.vcpus != rec.vcpus || m.memory_mib != rec.memory_mib {
         bail!(
             "snapshot has {} vCPUs and {} MiB, workspace {} has {} and {} MiB",
@@ -316,15 +330,23 @@ pub fn check_snapshot(dir: &Path, rec: &WorkspaceRecord) -> Result<Manifest> {
         );
     }
     for name in [VMSTATE, MEMORY, ROOTFS] {
-        let want = m.file(name).with_context(|| format!("snapshot manifest lists no {name}"))?;
-        let size = std::fs::metadata(dir.join(name)).map(|md| md.len()).unwrap_or(u64::MAX);
+        let want = m
+            .file(name)
+            .with_context(|| format!("snapshot manifest lists no {name}"))?;
+        let size = std::fs::metadata(dir.join(name))
+            .map(|md| md.len())
+            .unwrap_or(u64::MAX);
         if size != want.size {
-            bail!("snapshot file {name} is damaged: {size} bytes, manifest says {}", want.size);
+            bail!(
+                "snapshot file {name} is damaged: {size} bytes, manifest says {}",
+                want.size
+            );
         }
     }
     // The VM state is small: check it whole (magic, version, checksum,
     // shape) before anything is changed or started.
-    let bytes = std::fs::read(dir.join(VMSTATE)).with_context(|| format!("reading {}", dir.join(VMSTATE).display()))?;
+    let bytes = std::fs::read(dir.join(VMSTATE))
+        .with_context(|| format!("reading {}", dir.join(VMSTATE).display()))?;
     crate::snapshot::format::decode::<crate::vmm::snapshot::VmSnapshot>(&bytes)
         .with_context(|| format!("snapshot {}", dir.display()))?;
     Ok(m)
@@ -390,7 +412,11 @@ pub fn launch(
                 if Instant::now() > deadline {
                     // SAFETY: kill on a pid we spawned; worst case it is gone.
                     unsafe { libc::kill(pid, libc::SIGKILL) };
-                    bail!("workspace {} did not start within {}s: {e}", ws.name, START_TIMEOUT.as_secs());
+                    bail!(
+                        "workspace {} did not start within {}s: {e}",
+                        ws.name,
+                        START_TIMEOUT.as_secs()
+                    );
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -402,8 +428,14 @@ pub fn launch(
     ws.write(rec)?;
     if let Some(timeout) = wait {
         let t = Instant::now();
-        wait_ready(&ws.vsock_socket(), timeout, || supervisor_alive(pid, ws))
-            .with_context(|| format!("workspace {} is running but its guest agent is not answering", ws.name))?;
+        wait_ready(&ws.vsock_socket(), timeout, || supervisor_alive(pid, ws)).with_context(
+            || {
+                format!(
+                    "workspace {} is running but its guest agent is not answering",
+                    ws.name
+                )
+            },
+        )?;
         if restore_from.is_some() {
             refresh_identity(ws, &rec.name)?;
         }
@@ -436,16 +468,23 @@ fn refresh_identity(ws: &WorkspaceDir, hostname: &str) -> Result<()> {
     let mut attempt = 0;
     let resp = loop {
         attempt += 1;
-        match AgentConn::connect(&ws.vsock_socket(), Duration::from_secs(120)).and_then(|c| c.call(&req)) {
+        match AgentConn::connect(&ws.vsock_socket(), Duration::from_secs(120))
+            .and_then(|c| c.call(&req))
+        {
             Ok(r) => break r,
             Err(e) if attempt >= 3 => {
-                return Err(e).with_context(|| format!("refreshing the identity of workspace {}", ws.name))
+                return Err(e)
+                    .with_context(|| format!("refreshing the identity of workspace {}", ws.name))
             }
             Err(_) => std::thread::sleep(Duration::from_secs(1)),
         }
     };
     if !resp.ok {
-        bail!("refreshing the identity of workspace {}: {}", ws.name, resp.message);
+        bail!(
+            "refreshing the identity of workspace {}: {}",
+            ws.name,
+            resp.message
+        );
     }
     Ok(())
 }

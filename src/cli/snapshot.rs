@@ -15,7 +15,9 @@ use serde_json::json;
 use super::lifecycle::{check_snapshot, launch, open, snapshot_dir};
 use super::output::{print_record, Out};
 use crate::digest::sha256_file;
-use crate::snapshot::manifest::{validate_tag, FileInfo, Manifest, MANIFEST, MEMORY, ROOTFS, VMSTATE};
+use crate::snapshot::manifest::{
+    validate_tag, FileInfo, Manifest, MANIFEST, MEMORY, ROOTFS, VMSTATE,
+};
 use crate::vmm::control::{self, Op as CtlOp, Request, PROTOCOL_VERSION};
 use crate::vmm::host;
 use crate::vmm::snapshot::allocated_bytes;
@@ -112,7 +114,9 @@ fn create(state: &StateDir, args: CreateArgs, out: &Out) -> Result<i32> {
         bail!("snapshot {tag} already exists in workspace {}", ws.name);
     }
     std::fs::create_dir_all(ws.snapshots())?;
-    let tmp = ws.snapshots().join(format!(".creating-{tag}-{}", std::process::id()));
+    let tmp = ws
+        .snapshots()
+        .join(format!(".creating-{tag}-{}", std::process::id()));
     std::fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let result = (|| -> Result<(Manifest, bool)> {
         let req = Request {
@@ -135,14 +139,18 @@ fn create(state: &StateDir, args: CreateArgs, out: &Out) -> Result<i32> {
             .collect::<Result<Vec<_>>>()?;
         let m = Manifest::new(&tag, &rec, now_rfc3339(), host::guest_tsc_khz(), files);
         m.write(&tmp)?;
-        std::fs::rename(&tmp, &dest).with_context(|| format!("renaming into {}", dest.display()))?;
+        std::fs::rename(&tmp, &dest)
+            .with_context(|| format!("renaming into {}", dest.display()))?;
         Ok((m, was_running))
     })();
     let (m, _) = match result {
         Ok(x) => x,
         Err(e) => {
             let _ = std::fs::remove_dir_all(&tmp);
-            return Err(e.context(format!("snapshot {tag} of workspace {} failed; nothing was kept", ws.name)));
+            return Err(e.context(format!(
+                "snapshot {tag} of workspace {} failed; nothing was kept",
+                ws.name
+            )));
         }
     };
     let size: u64 = [VMSTATE, MEMORY, ROOTFS, MANIFEST]
@@ -176,7 +184,9 @@ fn list(state: &StateDir, args: ListArgs, out: &Out) -> Result<i32> {
             if validate_tag(&name).is_err() {
                 continue;
             }
-            let Ok(m) = Manifest::read(&e.path()) else { continue };
+            let Ok(m) = Manifest::read(&e.path()) else {
+                continue;
+            };
             let size: u64 = [VMSTATE, MEMORY, ROOTFS, MANIFEST]
                 .iter()
                 .map(|f| allocated_bytes(&e.path().join(f)))
@@ -207,7 +217,12 @@ fn list(state: &StateDir, args: ListArgs, out: &Out) -> Result<i32> {
             .clone()
             .or_else(|| rec.and_then(|r| r.rootfs_source))
             .unwrap_or_default();
-        println!("{:<24} {:>9} {:<21} {image}", m.tag, human_size(*size), m.created);
+        println!(
+            "{:<24} {:>9} {:<21} {image}",
+            m.tag,
+            human_size(*size),
+            m.created
+        );
     }
     Ok(0)
 }
@@ -216,7 +231,9 @@ fn delete(state: &StateDir, args: DeleteArgs, out: &Out) -> Result<i32> {
     let ws = state.existing(&args.name)?;
     let _lock = WorkspaceLock::acquire(&ws.lock_path())?;
     let dir = snapshot_dir(&ws, &args.tag)?;
-    let doomed = ws.snapshots().join(format!(".deleting-{}-{}", args.tag, std::process::id()));
+    let doomed = ws
+        .snapshots()
+        .join(format!(".deleting-{}-{}", args.tag, std::process::id()));
     std::fs::rename(&dir, &doomed)?;
     std::fs::remove_dir_all(&doomed)?;
     out.done(
@@ -228,7 +245,13 @@ fn delete(state: &StateDir, args: DeleteArgs, out: &Out) -> Result<i32> {
 
 /// `create NEW --from-snapshot SRC:TAG`: a new workspace resumed from the
 /// snapshot's memory, with a private copy of its disk and a fresh identity.
-pub fn fork(state: &StateDir, name: &str, from: &str, wait: Option<Duration>, out: &Out) -> Result<i32> {
+pub fn fork(
+    state: &StateDir,
+    name: &str,
+    from: &str,
+    wait: Option<Duration>,
+    out: &Out,
+) -> Result<i32> {
     let (src_name, tag) = from
         .split_once(':')
         .with_context(|| format!("--from-snapshot takes WORKSPACE:TAG, got {from:?}"))?;
@@ -240,7 +263,9 @@ pub fn fork(state: &StateDir, name: &str, from: &str, wait: Option<Duration>, ou
     std::fs::create_dir_all(state.workspaces())?;
     match std::fs::create_dir(&ws.dir) {
         Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(StoreError::Exists(name.into()).into()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Err(StoreError::Exists(name.into()).into())
+        }
         Err(e) => return Err(e).with_context(|| format!("creating {}", ws.dir.display())),
     }
     let result = (|| -> Result<(WorkspaceRecord, Option<u32>)> {

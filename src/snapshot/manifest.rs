@@ -78,7 +78,13 @@ pub enum CompatError {
 }
 
 impl Manifest {
-    pub fn new(tag: &str, rec: &WorkspaceRecord, created: String, tsc_khz: Option<u32>, files: Vec<FileInfo>) -> Self {
+    pub fn new(
+        tag: &str,
+        rec: &WorkspaceRecord,
+        created: String,
+        tsc_khz: Option<u32>,
+        files: Vec<FileInfo>,
+    ) -> Self {
         Manifest {
             tag: tag.to_string(),
             workspace: rec.name.clone(),
@@ -126,7 +132,11 @@ impl Manifest {
         host: &HostCpu,
         host_tsc_khz: Option<u32>,
     ) -> Result<(), CompatError> {
-        let major = self.format_version.split('.').next().and_then(|m| m.parse::<u16>().ok());
+        let major = self
+            .format_version
+            .split('.')
+            .next()
+            .and_then(|m| m.parse::<u16>().ok());
         if major != Some(FORMAT_MAJOR) {
             return Err(CompatError::Format {
                 found: self.format_version.clone(),
@@ -153,7 +163,10 @@ impl Manifest {
         if let (Some(s), Some(h)) = (self.tsc_khz, host_tsc_khz) {
             // KVM reports the TSC rounded to kHz; allow for that.
             if s.abs_diff(h) > s / 10_000 + 1 {
-                return Err(CompatError::Tsc { snapshot: s, host: h });
+                return Err(CompatError::Tsc {
+                    snapshot: s,
+                    host: h,
+                });
             }
         }
         Ok(())
@@ -168,7 +181,9 @@ impl Manifest {
 pub fn validate_tag(tag: &str) -> Result<(), String> {
     let ok = (1..=63).contains(&tag.len())
         && !tag.starts_with(['.', '-'])
-        && tag.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        && tag
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
     if ok {
         Ok(())
     } else {
@@ -209,25 +224,42 @@ mod tests {
     fn incompatibilities_name_both_values() {
         let m = manifest();
         let host = m.host_cpu.clone();
-        assert!(m.check_compatible("aaa", "pvm-safe", &host, Some(1_996_248)).is_ok());
+        assert!(m
+            .check_compatible("aaa", "pvm-safe", &host, Some(1_996_248))
+            .is_ok());
         assert_eq!(
-            m.check_compatible("bbb", "pvm-safe", &host, None).unwrap_err().to_string(),
+            m.check_compatible("bbb", "pvm-safe", &host, None)
+                .unwrap_err()
+                .to_string(),
             "kernel sha256 mismatch: snapshot pins aaa, workspace has bbb"
         );
-        assert!(m.check_compatible("aaa", "host", &host, None).unwrap_err().to_string().contains("pvm-safe"));
+        assert!(m
+            .check_compatible("aaa", "host", &host, None)
+            .unwrap_err()
+            .to_string()
+            .contains("pvm-safe"));
         let intel = HostCpu {
             vendor: "GenuineIntel".into(),
             model: "Xeon".into(),
         };
-        let e = m.check_compatible("aaa", "pvm-safe", &intel, None).unwrap_err().to_string();
-        assert!(e.contains("AuthenticAMD EPYC") && e.contains("GenuineIntel Xeon"), "{e}");
+        let e = m
+            .check_compatible("aaa", "pvm-safe", &intel, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("AuthenticAMD EPYC") && e.contains("GenuineIntel Xeon"),
+            "{e}"
+        );
         assert!(matches!(
             m.check_compatible("aaa", "pvm-safe", &host, Some(2_400_000)),
             Err(CompatError::Tsc { .. })
         ));
         let mut future = m.clone();
         future.format_version = "2.0".into();
-        assert!(matches!(future.check_compatible("aaa", "pvm-safe", &host, None), Err(CompatError::Format { .. })));
+        assert!(matches!(
+            future.check_compatible("aaa", "pvm-safe", &host, None),
+            Err(CompatError::Format { .. })
+        ));
     }
 
     #[test]

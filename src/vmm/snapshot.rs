@@ -9,7 +9,6 @@
 //! vsock sends TRANSPORT_RESET once the vCPUs run (see Vm::run).
 
 use std::fs::File;
-use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::Duration;
@@ -297,9 +296,4 @@ impl Vm {
 pub fn allocated_bytes(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(path).map_or(0, |m| m.blocks() * 512)
-}
-
-#[allow(dead_code)]
-fn _assert_seek(f: &mut File) -> std::io::Result<u64> {
-    f.seek(SeekFrom::Current(0))
 }

@@ -11,8 +11,8 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::{
-    read_config_bytes, ActivateError, Interrupt, VirtioDevice, INT_USED_RING, TYPE_BLOCK,
-    VIRTIO_F_VERSION_1,
+    chain_segs, read_config_bytes, ActivateError, Interrupt, Seg, VirtioDevice, INT_USED_RING,
+    TYPE_BLOCK, VIRTIO_F_VERSION_1,
 };
 
 pub const SECTOR_SIZE: u64 = 512;
@@ -46,13 +46,6 @@ pub enum BlockError {
     },
     #[error("disk {path} is empty or smaller than one sector")]
     TooSmall { path: String },
-}
-
-#[derive(Clone, Copy, Debug, PartialEq)]
-struct Seg {
-    addr: GuestAddress,
-    len: u32,
-    write_only: bool,
 }
 
 /// A parsed request, before execution.
@@ -240,14 +233,7 @@ impl Block {
             Ok(iter) => {
                 for chain in iter {
                     let head = chain.head_index();
-                    let segs: Vec<Seg> = chain
-                        .map(|d| Seg {
-                            addr: d.addr(),
-                            len: d.len(),
-                            write_only: d.is_write_only(),
-                        })
-                        .collect();
-                    completed.push((head, segs));
+                    completed.push((head, chain_segs(chain)));
                 }
             }
             Err(e) => {

@@ -147,6 +147,31 @@ impl From<QueueSnap> for virtio_queue::QueueState {
     }
 }
 
+/// One descriptor of a chain, as a device sees it: guest address, length,
+/// and whether the device may write it. Devices validate chains as lists
+/// of these before touching any byte.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Seg {
+    pub addr: vm_memory::GuestAddress,
+    pub len: u32,
+    pub write_only: bool,
+}
+
+/// The descriptors of a chain (virtio-queue bounds the walk).
+pub fn chain_segs<M>(chain: virtio_queue::DescriptorChain<M>) -> Vec<Seg>
+where
+    M: std::ops::Deref,
+    M::Target: vm_memory::GuestMemory,
+{
+    chain
+        .map(|d| Seg {
+            addr: d.addr(),
+            len: d.len(),
+            write_only: d.is_write_only(),
+        })
+        .collect()
+}
+
 /// Reads `data.len()` bytes at `offset` of a device config blob; out-of-range
 /// bytes read as zero so a probing driver never sees host memory.
 pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {

@@ -18,11 +18,12 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::{
-    read_config_bytes, ActivateError, Interrupt, VirtioDevice, INT_USED_RING, VIRTIO_F_VERSION_1,
+    chain_segs, read_config_bytes, ActivateError, Interrupt, VirtioDevice, INT_USED_RING,
+    VIRTIO_F_VERSION_1,
 };
 use conn::{Conn, ConnState};
 use packet::{
-    read_packet, rx_capacity, write_packet, Header, Seg, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE,
+    read_packet, rx_capacity, write_packet, Header, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE,
     OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW, OP_SHUTDOWN, TYPE_STREAM,
 };
 
@@ -75,20 +76,6 @@ pub struct Vsock {
     /// Packets owed to the guest that belong to no live stream (RSTs, REQUESTs).
     rx_control: VecDeque<Header>,
     active: Option<Active>,
-}
-
-fn segs_of<M>(chain: virtio_queue::DescriptorChain<M>) -> Vec<Seg>
-where
-    M: std::ops::Deref,
-    M::Target: vm_memory::GuestMemory,
-{
-    chain
-        .map(|d| Seg {
-            addr: d.addr(),
-            len: d.len(),
-            write_only: d.is_write_only(),
-        })
-        .collect()
 }
 
 impl Vsock {
@@ -336,7 +323,7 @@ impl Vsock {
         if let Ok(iter) = active.queues[TX].iter(&mem) {
             for chain in iter {
                 let head = chain.head_index();
-                let segs = segs_of(chain);
+                let segs = chain_segs(chain);
                 // Malformed packets are consumed and dropped.
                 if let Ok(p) = read_packet(&mem, &segs) {
                     packets.push(p);
@@ -394,7 +381,7 @@ impl Vsock {
                 break;
             };
             let head = chain.head_index();
-            let segs = segs_of(chain);
+            let segs = chain_segs(chain);
             let Some((hdr, data)) = self.next_rx_packet(rx_capacity(&segs)) else {
                 if let Some(a) = self.active.as_mut() {
                     a.queues[RX].go_to_previous_position();
@@ -465,7 +452,7 @@ impl Vsock {
             return false;
         };
         let head = chain.head_index();
-        let segs = segs_of(chain);
+        let segs = chain_segs(chain);
         let Some(s) = segs.iter().find(|s| s.write_only && s.len >= 4) else {
             let _ = active.queues[EVENT].add_used(&mem, head, 0);
             return false;

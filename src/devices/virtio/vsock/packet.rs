@@ -2,7 +2,7 @@
 //! header and reading/writing packets through descriptor chains. Everything
 //! here treats the guest's bytes as hostile.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestMemoryMmap};
 
 pub const HDR_LEN: usize = 44;
 /// Largest payload we accept from the guest in one packet (Linux sends at
@@ -74,13 +74,7 @@ impl Header {
     }
 }
 
-/// One descriptor of a chain: guest address, length, device-writable?
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Seg {
-    pub addr: GuestAddress,
-    pub len: u32,
-    pub write_only: bool,
-}
+pub use super::super::Seg;
 
 #[derive(Debug, PartialEq)]
 pub enum PacketError {
@@ -146,10 +140,11 @@ pub fn write_packet(
     let hdr_bytes = hdr.to_bytes();
     let mut src = hdr_bytes.iter().chain(payload.iter()).copied();
     let total = HDR_LEN + payload.len();
-    if rx_capacity(segs) + HDR_LEN < total {
+    let writable: usize = segs.iter().filter(|s| s.write_only).map(|s| s.len as usize).sum();
+    if writable < total {
         return Err(PacketError::Truncated {
             want: total as u32,
-            have: rx_capacity(segs) + HDR_LEN,
+            have: writable,
         });
     }
     let mut written = 0usize;
@@ -170,6 +165,7 @@ pub fn write_packet(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vm_memory::GuestAddress;
 
     fn mem() -> GuestMemoryMmap {
         GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()

@@ -140,7 +140,11 @@ pub fn write_packet(
     let hdr_bytes = hdr.to_bytes();
     let mut src = hdr_bytes.iter().chain(payload.iter()).copied();
     let total = HDR_LEN + payload.len();
-    let writable: usize = segs.iter().filter(|s| s.write_only).map(|s| s.len as usize).sum();
+    let writable: usize = segs
+        .iter()
+        .filter(|s| s.write_only)
+        .map(|s| s.len as usize)
+        .sum();
     if writable < total {
         return Err(PacketError::Truncated {
             want: total as u32,

@@ -20,6 +20,7 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::termios;
 
 use crate::agent::{error_text, AgentConn};
+use crate::image::config::RunConfig;
 use crate::workspace::state::{reconcile, Status};
 use crate::workspace::store::StateDir;
 
@@ -137,6 +138,26 @@ pub fn shell(state: &StateDir, args: ShellArgs) -> Result<i32> {
     run(state, &args.name, req)
 }
 
+/// The image's Env, WorkingDir and User are exec's defaults; the command
+/// line's -e, -w and -u win.
+fn apply_image_defaults(req: &mut ExecRequest, image: &RunConfig) {
+    let mut env: Vec<(String, String)> = image
+        .env
+        .iter()
+        .filter_map(|kv| kv.split_once('='))
+        .filter(|(k, _)| !req.env.iter().any(|(rk, _)| rk == k))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    env.append(&mut req.env);
+    req.env = env;
+    if req.cwd.is_none() {
+        req.cwd = image.working_dir.clone();
+    }
+    if req.user.is_none() {
+        req.user = image.user.clone();
+    }
+}
+
 fn run(state: &StateDir, name: &str, mut req: ExecRequest) -> Result<i32> {
     let ws = state.existing(name)?;
     let rec = ws.read()?;
@@ -145,6 +166,9 @@ fn run(state: &StateDir, name: &str, mut req: ExecRequest) -> Result<i32> {
         Status::Running => {}
         Status::Paused => bail!("workspace {name} is paused; resume it first"),
         s => bail!("workspace {name} is {s}; start it first"),
+    }
+    if let Some(image) = &rec.image_config {
+        apply_image_defaults(&mut req, image);
     }
     if req.tty {
         if let Some((rows, cols)) = window_size() {

@@ -12,6 +12,9 @@ use clap::Args;
 use super::output::{print_record, Out};
 use crate::agent::{agent_binary, wait_ready, AgentConn, AGENT_GUEST_PATH};
 use crate::digest::sha256_file;
+use crate::image::ops as image_ops;
+use crate::image::progress::Progress;
+use crate::image::store::{ImageRecord, ImageStore};
 use crate::snapshot::manifest::{
     validate_tag, HostCpu, Manifest, MANIFEST, MEMORY, ROOTFS, VMSTATE,
 };
@@ -34,9 +37,11 @@ const CONTROL_TIMEOUT: Duration = Duration::from_secs(15);
 #[derive(Args)]
 pub struct CreateArgs {
     name: String,
-    /// OCI image reference (not available yet: use --rootfs).
+    /// OCI image (reference, digest or ID); pulled when not in the local store.
     #[arg(long, conflicts_with = "rootfs")]
     image: Option<String>,
+    #[command(flatten)]
+    registry: super::image::RegistryArgs,
     /// A local ext4 image; the workspace gets its own copy.
     #[arg(long)]
     rootfs: Option<PathBuf>,
@@ -46,8 +51,12 @@ pub struct CreateArgs {
     #[arg(long, default_value_t = 512)]
     memory: u64,
     /// Grow the workspace's root disk to this size (e.g. 2G, 512M).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "disk_free")]
     disk_size: Option<String>,
+    /// With --image: free space on the workspace's root disk beyond the
+    /// image's content.
+    #[arg(long, default_value = "1G")]
+    disk_free: String,
     /// Guest kernel (default: $MICROAGENT_KERNEL, else the one scripts/build-kernel.sh built last).
     #[arg(long)]
     kernel: Option<PathBuf>,
@@ -116,15 +125,13 @@ pub fn create(state: &StateDir, args: CreateArgs, out: &Out) -> Result<i32> {
         let wait = (!args.no_wait).then(|| Duration::from_secs(600));
         return super::snapshot::fork(state, &args.name, from, wait, out);
     }
-    if args.image.is_some() {
-        bail!("--image is not supported yet (OCI images are a later issue); use --rootfs PATH");
+    if args.image.is_none() && args.rootfs.is_none() {
+        bail!("create needs --image REF (an OCI image) or --rootfs PATH (an ext4 image)");
     }
-    let rootfs = args
-        .rootfs
-        .clone()
-        .context("create needs --rootfs PATH (an ext4 image)")?;
-    if !rootfs.is_file() {
-        bail!("rootfs {} does not exist", rootfs.display());
+    if let Some(r) = &args.rootfs {
+        if !r.is_file() {
+            bail!("rootfs {} does not exist", r.display());
+        }
     }
     let kernel = match args.kernel.clone() {
         Some(k) => k,
@@ -152,6 +159,28 @@ pub fn create(state: &StateDir, args: CreateArgs, out: &Out) -> Result<i32> {
         e => e,
     })?;
 
+    if ws.dir.exists() {
+        return Err(StoreError::Exists(args.name).into());
+    }
+    // Fetch the image before the workspace exists: a failed pull leaves nothing.
+    let (source, disk_size) = match &args.image {
+        Some(image) => {
+            let store = ImageStore::new(&state.root);
+            let progress = Progress::for_output(out.json, out.quiet);
+            let ready = image_ops::ensure(&store, image, &args.registry.options(), &progress)?;
+            let size = match disk_size {
+                Some(s) => Some(s),
+                None => Some(ready.record.disk_bytes + parse_size(&args.disk_free)?),
+            };
+            let disk = store.disk(&ready.record.digest);
+            (DiskSource::Image(Box::new(ready.record), disk), size)
+        }
+        None => (
+            DiskSource::File(args.rootfs.clone().unwrap_or_default()),
+            disk_size,
+        ),
+    };
+
     std::fs::create_dir_all(state.workspaces())
         .with_context(|| format!("creating {}", state.workspaces().display()))?;
     match std::fs::create_dir(&ws.dir) {
@@ -162,7 +191,7 @@ pub fn create(state: &StateDir, args: CreateArgs, out: &Out) -> Result<i32> {
         Err(e) => return Err(e).with_context(|| format!("creating {}", ws.dir.display())),
     }
     // From here on a failure removes the half-made workspace.
-    let result = populate(&ws, &args, &rootfs, &kernel, vcpus, cpu_template, disk_size);
+    let result = populate(&ws, &args, &source, &kernel, vcpus, cpu_template, disk_size);
     match result {
         Ok(rec) => {
             print_record(
@@ -183,10 +212,16 @@ pub fn create(state: &StateDir, args: CreateArgs, out: &Out) -> Result<i32> {
     }
 }
 
+/// Where a new workspace's root disk is copied from.
+enum DiskSource {
+    File(PathBuf),
+    Image(Box<ImageRecord>, PathBuf),
+}
+
 fn populate(
     ws: &WorkspaceDir,
     args: &CreateArgs,
-    rootfs: &Path,
+    source: &DiskSource,
     kernel: &Path,
     vcpus: u8,
     cpu_template: CpuTemplate,
@@ -194,6 +229,9 @@ fn populate(
 ) -> Result<WorkspaceRecord> {
     let _lock = WorkspaceLock::acquire(&ws.lock_path())?;
     let agent = agent_binary()?;
+    let rootfs = match source {
+        DiskSource::File(p) | DiskSource::Image(_, p) => p,
+    };
     copy_disk(rootfs, &ws.rootfs())?;
     if let Some(size) = disk_size {
         grow_ext4(&ws.rootfs(), size)?;
@@ -211,9 +249,27 @@ fn populate(
     let rec = WorkspaceRecord {
         version: RECORD_VERSION,
         name: ws.name.clone(),
-        image: None,
-        image_digest: None,
-        rootfs_source: Some(rootfs.display().to_string()),
+        image: match source {
+            DiskSource::Image(r, _) => Some(
+                r.refs
+                    .first()
+                    .cloned()
+                    .unwrap_or_else(|| r.digest.to_string()),
+            ),
+            DiskSource::File(_) => None,
+        },
+        image_digest: match source {
+            DiskSource::Image(r, _) => Some(r.digest.to_string()),
+            DiskSource::File(_) => None,
+        },
+        image_config: match source {
+            DiskSource::Image(r, _) => Some(r.run.clone()),
+            DiskSource::File(_) => None,
+        },
+        rootfs_source: match source {
+            DiskSource::File(p) => Some(p.display().to_string()),
+            DiskSource::Image(..) => None,
+        },
         vcpus,
         memory_mib: args.memory,
         kernel: kernel.display().to_string(),

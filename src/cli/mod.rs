@@ -4,6 +4,7 @@
 
 mod cp;
 mod exec;
+mod image;
 mod inspect;
 mod lifecycle;
 mod output;
@@ -61,6 +62,9 @@ enum Command {
     Shell(exec::ShellArgs),
     /// Copy between host and workspace: cp SRC NAME:DIR | cp NAME:PATH DIR
     Cp(cp::CpArgs),
+    /// OCI images: pull, import, ls, rm.
+    #[command(subcommand)]
+    Image(image::ImageCommand),
     /// Snapshots: create, list, delete (restore: start --from-snapshot;
     /// fork: create --from-snapshot).
     #[command(subcommand)]
@@ -103,6 +107,7 @@ pub fn run() -> i32 {
         Command::Exec(a) => exec::exec(&state, a),
         Command::Shell(a) => exec::shell(&state, a),
         Command::Cp(a) => cp::cp(&state, a),
+        Command::Image(c) => image::run(&state, c, &out),
         Command::Snapshot(c) => snapshot::run(&state, c, &out),
         Command::Vmm(VmmCommand::Run(a)) => vmm_run::run(a, cli.json),
         Command::Vmm(VmmCommand::Supervise(a)) => vmm_serve::supervise(a),

@@ -59,6 +59,10 @@ pub struct WorkspaceRecord {
     pub name: String,
     pub image: Option<String>,
     pub image_digest: Option<String>,
+    /// The image's run settings (env, working dir, user, entrypoint): the
+    /// defaults of exec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_config: Option<crate::image::config::RunConfig>,
     /// Where the root disk came from when not from an image.
     pub rootfs_source: Option<String>,
     pub vcpus: u8,
@@ -329,6 +333,7 @@ mod tests {
             name: "demo".into(),
             image: None,
             image_digest: None,
+            image_config: None,
             rootfs_source: Some("/tmp/r.ext4".into()),
             vcpus: 2,
             memory_mib: 512,

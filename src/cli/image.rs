@@ -1,0 +1,171 @@
+//! `image pull|import|ls|rm`.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+use serde_json::{json, Value};
+
+use super::output::Out;
+use crate::image::ops::{self, Ready};
+use crate::image::progress::Progress;
+use crate::image::pull::PullOptions;
+use crate::image::store::{ImageRecord, ImageStore};
+use crate::workspace::store::StateDir;
+
+#[derive(Subcommand)]
+pub enum ImageCommand {
+    /// Pull an image from a registry and build its root disk.
+    Pull(PullArgs),
+    /// Import an OCI layout directory, an oci-archive or a docker-archive tarball.
+    Import(ImportArgs),
+    /// List local images.
+    #[command(alias = "list")]
+    Ls,
+    /// Remove a local image (workspaces made from it keep their disks).
+    #[command(alias = "remove")]
+    Rm(RmArgs),
+}
+
+/// Registry access options, shared by `image pull` and `create --image`.
+#[derive(Args, Clone, Default)]
+pub struct RegistryArgs {
+    /// Registry credentials USER:PASSWORD (default: ~/.docker/config.json).
+    #[arg(
+        long,
+        value_name = "USER:PASSWORD",
+        env = "MICROAGENT_REGISTRY_CREDS",
+        hide_env_values = true
+    )]
+    pub creds: Option<String>,
+    /// Reach this registry over plain HTTP (loopback registries always are).
+    #[arg(long, value_name = "HOST[:PORT]")]
+    pub insecure_registry: Vec<String>,
+}
+
+impl RegistryArgs {
+    pub fn options(&self) -> PullOptions<'_> {
+        PullOptions {
+            creds: self.creds.as_deref(),
+            insecure_registries: &self.insecure_registry,
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct PullArgs {
+    /// Image reference (docker.io/library/alpine:3.20, alpine, repo@sha256:…).
+    reference: String,
+    #[command(flatten)]
+    registry: RegistryArgs,
+}
+
+#[derive(Args)]
+pub struct ImportArgs {
+    path: PathBuf,
+    /// Name the image locally (default: the name inside the archive).
+    #[arg(long, value_name = "REF")]
+    tag: Option<String>,
+    /// Which image of a layout holding several (its ref.name annotation).
+    #[arg(long)]
+    ref_name: Option<String>,
+}
+
+#[derive(Args)]
+pub struct RmArgs {
+    /// Reference, digest or ID.
+    image: String,
+}
+
+pub fn run(state: &StateDir, cmd: ImageCommand, out: &Out) -> Result<i32> {
+    let store = ImageStore::new(&state.root);
+    let progress = Progress::for_output(out.json, out.quiet);
+    match cmd {
+        ImageCommand::Pull(a) => {
+            let ready = ops::pull(&store, &a.reference, &a.registry.options(), &progress)?;
+            report(out, "pulled", &ready);
+        }
+        ImageCommand::Import(a) => {
+            let ready = ops::import(
+                &store,
+                &a.path,
+                a.tag.as_deref(),
+                a.ref_name.as_deref(),
+                &progress,
+            )?;
+            report(out, "imported", &ready);
+        }
+        ImageCommand::Ls => {
+            let records = store.records()?;
+            if out.json {
+                println!(
+                    "{}",
+                    Value::Array(records.iter().map(record_json).collect())
+                );
+            } else if !out.quiet {
+                println!(
+                    "{:<14} {:<10} {:<10} {:<20} REFERENCES",
+                    "ID", "CONTENT", "DISK", "CREATED"
+                );
+                for r in &records {
+                    println!(
+                        "{:<14} {:<10} {:<10} {:<20} {}",
+                        r.id(),
+                        mib(r.content_bytes),
+                        mib(r.disk_bytes),
+                        r.created,
+                        if r.refs.is_empty() {
+                            "<none>".to_string()
+                        } else {
+                            r.refs.join(", ")
+                        }
+                    );
+                }
+            }
+        }
+        ImageCommand::Rm(a) => {
+            let rec = ops::remove(&store, &a.image)?;
+            out.done(&format!("removed image {}", rec.digest), record_json(&rec));
+        }
+    }
+    Ok(0)
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1}MiB", bytes as f64 / (1 << 20) as f64)
+}
+
+/// The documented JSON shape of one image (README, "JSON output").
+pub fn record_json(r: &ImageRecord) -> Value {
+    json!({
+        "id": r.id(),
+        "digest": r.digest.to_string(),
+        "refs": r.refs,
+        "source": r.source,
+        "layers": r.layers.len(),
+        "content_bytes": r.content_bytes,
+        "disk_bytes": r.disk_bytes,
+        "created": r.created,
+        "config": r.run,
+    })
+}
+
+fn report(out: &Out, verb: &str, ready: &Ready) {
+    let r = &ready.record;
+    let mut v = record_json(r);
+    v["cached"] = json!(ready.cached);
+    v["seconds"] = json!(ready.seconds);
+    out.done(
+        &format!(
+            "{verb} {} ({}, {} layers, {} of files, disk {}){} in {:.1}s",
+            r.refs.first().map_or(r.digest.to_string(), |s| s.clone()),
+            r.id(),
+            r.layers.len(),
+            mib(r.content_bytes),
+            mib(r.disk_bytes),
+            if ready.cached { ", already built" } else { "" },
+            ready.seconds
+        ),
+        v,
+    );
+}

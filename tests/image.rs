@@ -1,0 +1,408 @@
+//! OCI images end to end: a real local registry with htpasswd auth, imports
+//! from layout / oci-archive / docker-archive, hostile layers and blobs, and
+//! one boot of a Debian minbase image with whiteout and opaque layers on top.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use common::oci::{self, tar_bytes, Registry};
+use common::{kvm_available, vmlinux, Home};
+use serde_json::json;
+use tar::EntryType::{Directory as D, Regular as F, Symlink as S};
+
+fn image_dirs(home: &Home) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(home.dir.path().join("images"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.len() == 64)
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn blobs(home: &Home) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(home.dir.path().join("images/blobs/sha256"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn tmp_is_empty(home: &Home) -> bool {
+    std::fs::read_dir(home.dir.path().join("images/tmp"))
+        .map(|mut rd| rd.next().is_none())
+        .unwrap_or(true)
+}
+
+/// A home whose HOME has no docker config, unless a test writes one.
+fn isolated(home: &Home, args: &[&str], docker_config: Option<&Path>) -> (i32, String, String) {
+    let mut c = home.cmd();
+    c.env("HOME", home.dir.path())
+        .env_remove("MICROAGENT_REGISTRY_CREDS");
+    match docker_config {
+        Some(d) => c.env("DOCKER_CONFIG", d),
+        None => c.env_remove("DOCKER_CONFIG"),
+    };
+    let out = c.args(args).output().unwrap();
+    let (o, e) = common::text(&out);
+    (out.status.code().unwrap_or(-1), o, e)
+}
+
+#[test]
+fn registry_pull_with_auth_and_image_store() {
+    let home = Home::new();
+    let busybox = oci::script_path("image-busybox.sh");
+    let registry = Registry::start();
+    let reference = registry.push(&busybox, "latest", "test/busybox:1");
+
+    // No credentials, then wrong ones: clear errors, nothing stored.
+    let (code, _, err) = isolated(&home, &["image", "pull", &reference], None);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("authentication failed") && err.contains(&registry.addr),
+        "{err}"
+    );
+    let (code, _, err) = isolated(
+        &home,
+        &["image", "pull", &reference, "--creds", "tester:wrong"],
+        None,
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("authentication failed"), "{err}");
+    assert!(image_dirs(&home).is_empty() && blobs(&home).is_empty());
+
+    // With --creds: pulled, verified, built.
+    let creds = registry.creds();
+    let (code, out, err) = isolated(
+        &home,
+        &["image", "pull", &reference, "--creds", &creds, "--json"],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["cached"], false);
+    assert_eq!(v["refs"], json!([reference]));
+    assert_eq!(v["config"]["cmd"], json!(["/bin/sh"]));
+    let digest = v["digest"].as_str().unwrap().to_string();
+    assert!(home
+        .dir
+        .path()
+        .join("images")
+        .join(digest.trim_start_matches("sha256:"))
+        .join("rootfs.ext4")
+        .is_file());
+    // Progress went to stderr as JSON lines, one per blob.
+    assert!(err.contains(r#""event":"blob""#), "{err}");
+
+    // Credentials from a Docker config.json; the built disk is reused.
+    let cfg_dir = home.dir.path().join("docker");
+    std::fs::create_dir_all(&cfg_dir).unwrap();
+    let auth = base64_encode(&creds);
+    std::fs::write(
+        cfg_dir.join("config.json"),
+        format!(r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#, registry.addr),
+    )
+    .unwrap();
+    let (code, out, err) = isolated(
+        &home,
+        &["image", "pull", &reference, "--json"],
+        Some(&cfg_dir),
+    );
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (v["cached"].clone(), v["digest"].as_str()),
+        (json!(true), Some(digest.as_str()))
+    );
+
+    // ls, then rm removes the image and its blobs.
+    let ls = home.json(&["image", "ls"]);
+    assert_eq!(ls.as_array().unwrap().len(), 1);
+    assert_eq!(ls[0]["refs"], json!([reference]));
+    home.ok(&["image", "rm", &reference]);
+    assert!(image_dirs(&home).is_empty());
+    assert!(blobs(&home).is_empty(), "{:?}", blobs(&home));
+    let (code, _, err) = home.run(&["image", "rm", &reference]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no image"), "{err}");
+}
+
+fn base64_encode(s: &str) -> String {
+    let out = Command::new("base64")
+        .arg("-w0")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    out.stdin.as_ref().unwrap().write_all(s.as_bytes()).unwrap();
+    let o = out.wait_with_output().unwrap();
+    String::from_utf8(o.stdout).unwrap()
+}
+
+#[test]
+fn import_layout_oci_archive_and_docker_archive() {
+    let home = Home::new();
+    let busybox = oci::script_path("image-busybox.sh");
+    let work = tempfile::tempdir().unwrap();
+
+    let v = home.json(&[
+        "image",
+        "import",
+        busybox.to_str().unwrap(),
+        "--tag",
+        "localhost/bb:layout",
+    ]);
+    assert_eq!(
+        (v["source"].as_str(), v["cached"].as_bool()),
+        (Some("oci-layout"), Some(false))
+    );
+    let layout_digest = v["digest"].clone();
+
+    // oci-archive: the same layout as a tarball -> the same image.
+    let archive = work.path().join("bb-oci.tar");
+    let st = Command::new("tar")
+        .arg("-C")
+        .arg(&busybox)
+        .arg("-cf")
+        .arg(&archive)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let v = home.json(&[
+        "image",
+        "import",
+        archive.to_str().unwrap(),
+        "--tag",
+        "localhost/bb:archive",
+    ]);
+    assert_eq!(v["digest"], layout_digest);
+    assert_eq!(v["cached"], true);
+    assert_eq!(
+        v["refs"],
+        json!(["localhost/bb:layout", "localhost/bb:archive"])
+    );
+
+    // docker-archive, written by skopeo like `docker save` would; its own
+    // RepoTags name the image.
+    let docker = work.path().join("bb-docker.tar");
+    let out = Command::new("skopeo")
+        .args(["copy", "--quiet"])
+        .arg(format!("oci:{}:latest", busybox.display()))
+        .arg(format!(
+            "docker-archive:{}:localhost/bb:docker",
+            docker.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = home.json(&["image", "import", docker.to_str().unwrap()]);
+    assert_eq!(v["source"], "docker-archive");
+    assert_eq!(v["refs"], json!(["localhost/bb:docker"]));
+    assert_eq!(v["config"]["cmd"], json!(["/bin/sh"]));
+
+    // Something that is none of these: a clear error.
+    let junk = work.path().join("junk.tar");
+    std::fs::write(&junk, tar_bytes(&[("hello", F, "x")])).unwrap();
+    let (code, _, err) = home.run(&["image", "import", junk.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("neither an oci-archive"), "{err}");
+    assert!(tmp_is_empty(&home));
+}
+
+#[test]
+fn hostile_layers_and_blobs_are_refused_and_leave_nothing() {
+    let home = Home::new();
+    let work = tempfile::tempdir().unwrap();
+    let outside = work.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+
+    // `..` in a name.
+    let dotdot = work.path().join("dotdot");
+    let evil = format!("../../../../../../..{}/escaped", outside.display());
+    oci::layout(
+        &dotdot,
+        None,
+        &[tar_bytes(&[("etc/", D, ""), (&evil, F, "x")])],
+        json!({}),
+        "latest",
+    );
+    let (code, _, err) = home.run(&["image", "import", dotdot.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains(&evil) && err.contains(".."), "{err}");
+
+    // A symlink pointing out, then a file written through it.
+    let link = work.path().join("symlink");
+    let target = outside.display().to_string();
+    oci::layout(
+        &link,
+        None,
+        &[tar_bytes(&[("evil", S, &target), ("evil/pwned", F, "x")])],
+        json!({}),
+        "latest",
+    );
+    let (code, _, err) = home.run(&["image", "import", link.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("evil/pwned") && err.contains("symlink"),
+        "{err}"
+    );
+    assert!(
+        std::fs::read_dir(&outside).unwrap().next().is_none(),
+        "something escaped"
+    );
+
+    // A blob whose content does not match its digest.
+    let busybox = oci::script_path("image-busybox.sh");
+    let tampered = work.path().join("tampered");
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(&busybox)
+        .arg(&tampered)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let layer = oci::first_layer(&tampered);
+    let mut bytes = std::fs::read(&layer).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&layer, bytes).unwrap();
+    let (code, _, err) = home.run(&["image", "import", tampered.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("not the digest it was announced with"),
+        "{err}"
+    );
+
+    // Nothing of any of them is in the store.
+    assert!(image_dirs(&home).is_empty());
+    let layer_hex = layer.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(!blobs(&home).contains(&layer_hex));
+    assert!(tmp_is_empty(&home));
+    assert_eq!(home.json(&["image", "ls"]), json!([]));
+}
+
+/// One boot: a Debian minbase image (debootstrap) pulled from the registry
+/// with two layers on top: a whiteout and an opaque directory.
+#[test]
+fn debian_image_from_registry_boots_with_overlay_semantics() {
+    if !kvm_available() {
+        return;
+    }
+    let home = Home::new();
+    let debian = oci::script_path("image-debian.sh");
+    let work = tempfile::tempdir().unwrap();
+    let derived = work.path().join("derived");
+    let lower = tar_bytes(&[
+        ("opt/", D, ""),
+        ("opt/gone", F, "deleted by the next layer"),
+        ("opt/stay", F, "kept"),
+        ("opt/opaque/", D, ""),
+        ("opt/opaque/lower", F, "hidden by the opaque marker"),
+    ]);
+    let upper = tar_bytes(&[
+        ("opt/.wh.gone", F, ""),
+        ("opt/opaque/.wh..wh..opq", F, ""),
+        ("opt/opaque/upper", F, "visible"),
+    ]);
+    oci::layout(
+        &derived,
+        Some(&debian),
+        &[lower, upper],
+        json!({"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "IMAGE_GREETING=hello from the image"],
+               "WorkingDir": "/opt"}),
+        "12",
+    );
+    let registry = Registry::start();
+    let reference = registry.push(&derived, "12", "test/debian:12");
+    let kernel = vmlinux();
+
+    let start = Instant::now();
+    let (code, _, err) = isolated(
+        &home,
+        &[
+            "create",
+            "deb",
+            "--image",
+            &reference,
+            "--creds",
+            &registry.creds(),
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--memory",
+            "256",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let first = start.elapsed();
+    assert!(err.contains("unpacking layer 3/3"), "{err}");
+
+    // A second workspace of the same image reuses the built disk.
+    let disk = std::fs::read_dir(home.dir.path().join("images"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("rootfs.ext4"))
+        .find(|p| p.is_file())
+        .unwrap();
+    let before = std::fs::metadata(&disk).unwrap().modified().unwrap();
+    let start = Instant::now();
+    let (code, _, err) = isolated(
+        &home,
+        &[
+            "create",
+            "deb2",
+            "--image",
+            &reference,
+            "--kernel",
+            kernel.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let second = start.elapsed();
+    assert!(
+        !err.contains("pulling") && !err.contains("unpacking"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::metadata(&disk).unwrap().modified().unwrap(),
+        before
+    );
+    eprintln!("create --image: first (pull+unpack+mkfs) {first:?}, cached {second:?}");
+    home.ok(&["delete", "deb2", "--yes"]);
+
+    home.ok(&["start", "deb"]);
+    let exec = |script: &str| {
+        let (code, out, err) = home.run(&["exec", "deb", "--", "sh", "-c", script]);
+        assert_eq!(code, 0, "{script}: {err}");
+        out
+    };
+    let out = exec("cat /etc/os-release");
+    assert!(out.contains("Debian GNU/Linux 12"), "{out}");
+    // Whiteout and opaque directory, as the guest sees them.
+    assert_eq!(exec("ls /opt; ls /opt/opaque"), "opaque\nstay\nupper\n");
+    // The image's Env and WorkingDir are exec's defaults.
+    assert_eq!(
+        exec("echo $IMAGE_GREETING; pwd"),
+        "hello from the image\n/opt\n"
+    );
+    // glibc and apt from the image work.
+    assert!(exec("apt-get --version | head -1").starts_with("apt "));
+    home.ok(&["halt", "deb"]);
+}

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job, for a newcomer on a fresh machine: installs what is missing,
-# builds the guest kernel (cached), builds microagent, builds a busybox root
-# disk and boots it, showing the guest's serial console until it powers off.
+# builds the guest kernel (cached), builds microagent, builds the default image
+# (busybox-static as an OCI layout), then create -> start -> exec -> snapshot
+# -> fork -> roll back, with timings.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -18,39 +19,43 @@ cargo build --release --quiet
 bash scripts/build-agent.sh >/dev/null
 bin=$repo/target/release/microagent
 
-step "building a busybox root disk"
-mkdir -p "$cache/demo"
-cat > "$cache/demo/init" <<'INIT'
-#!/bin/sh
-echo "demo init started by the guest agent at $(cut -d' ' -f1 /proc/uptime) s of guest uptime"
-while true; do sleep 3600; done
-INIT
-bash scripts/make-busybox-rootfs.sh "$cache/demo/rootfs.ext4" "$cache/demo/init"
+step "building the default image: an OCI layout of Debian's busybox-static (cached)"
+layout=$(bash scripts/image-busybox.sh)
 
 # A private state directory, so the demo never touches real workspaces.
 export MICROAGENT_HOME=$cache/demo/home
 export MICROAGENT_KERNEL=$kernel_dir/vmlinux
-"$bin" delete demo --yes --force >/dev/null 2>&1 || true
+for ws in demo demo-fork; do "$bin" delete "$ws" --yes --force >/dev/null 2>&1 || true; done
 
 timed() { local s; s=$(date +%s%N); "$@"; echo "    ($(( ($(date +%s%N) - s) / 1000000 )) ms)"; }
-step "create: the workspace gets its own copy of the disk, with the guest agent injected"
-timed "$bin" create demo --rootfs "$cache/demo/rootfs.ext4" --vcpus 2 --memory 512 --disk-size 256M --init /init
+step "image import: verify blobs, unpack layers, build the cached ext4 root disk"
+timed "$bin" image import "$layout" --tag localhost/busybox:latest
+"$bin" image ls
+step "create: the workspace gets its own copy of the image's disk, with the guest agent injected"
+timed "$bin" create demo --image localhost/busybox:latest --vcpus 2 --memory 512
 step "start: a detached VMM; returns once the guest agent answers (about a minute on PVM hosts)"
 timed "$bin" start demo
 "$bin" list
-step "exec"
-timed "$bin" exec demo -- sh -c 'echo "hello from $(hostname): $(uname -sr), $(grep -c ^processor /proc/cpuinfo) vCPUs"; echo checkpoint-1 > /root/progress.txt'
-timed "$bin" exec demo -- cat /root/progress.txt
-step "cp out and back in"
+step "exec: the setup we pay for once"
+timed "$bin" exec demo -- sh -c 'echo "hello from $(hostname): $(uname -sr), $(grep -c ^processor /proc/cpuinfo) vCPUs"; echo "dependencies installed" > /root/setup.txt'
+step "cp out"
 rm -rf "$cache/demo/out" && mkdir -p "$cache/demo/out"
-timed "$bin" cp demo:/root/progress.txt "$cache/demo/out"
-echo "    host copy says: $(cat "$cache/demo/out/progress.txt")"
-step "pause and resume"
-timed "$bin" pause demo
-timed "$bin" resume demo
-step "console"
-"$bin" logs demo | tail -n 3
-step "halt (graceful, through the agent) and delete"
+timed "$bin" cp demo:/root/setup.txt "$cache/demo/out"
+echo "    host copy says: $(cat "$cache/demo/out/setup.txt")"
+step "snapshot: memory, vCPU and device state, and the disk"
+timed "$bin" snapshot create demo --tag ready
+"$bin" snapshot list demo
+step "fork: a new workspace resumed from the snapshot (no boot)"
+timed "$bin" create demo-fork --from-snapshot demo:ready
+timed "$bin" exec demo-fork -- sh -c 'echo "$(hostname) sees: $(cat /root/setup.txt)"'
+step "roll back in place: break the workspace, then start it from the snapshot"
+"$bin" exec demo -- rm /root/setup.txt
+timed "$bin" halt demo
+timed "$bin" start demo --from-snapshot ready
+timed "$bin" exec demo -- cat /root/setup.txt
+step "halt and delete"
+timed "$bin" halt demo-fork
+timed "$bin" delete demo-fork --yes
 timed "$bin" halt demo
 timed "$bin" delete demo --yes
 step "done in $(( $(date +%s) - t0 )) s"

@@ -3,7 +3,9 @@
 # (the kernel build's own dependencies are installed by build-kernel.sh).
 # Runs apt-get update before installing; does nothing if all are present.
 set -euo pipefail
-packages=(busybox-static e2fsprogs file util-linux xfsprogs)
+# docker-registry, skopeo and apache2-utils (htpasswd) serve test images from a
+# local registry; debootstrap builds the Debian minbase image.
+packages=(busybox-static e2fsprogs file util-linux xfsprogs docker-registry skopeo apache2-utils debootstrap)
 if [ "${1:-}" = "--with-qemu" ]; then
   packages+=(qemu-system-x86)
 fi

@@ -325,7 +325,9 @@ fn debian_image_from_registry_boots_with_overlay_semantics() {
         Some(&debian),
         &[lower, upper],
         json!({"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "IMAGE_GREETING=hello from the image"],
-               "WorkingDir": "/opt"}),
+               "WorkingDir": "/opt",
+               "Entrypoint": ["/bin/sh", "-c"],
+               "Cmd": ["echo \"$IMAGE_GREETING in $(pwd)\" > /run/entrypoint.out; exec sleep 100000"]}),
         "12",
     );
     let registry = Registry::start();
@@ -342,6 +344,7 @@ fn debian_image_from_registry_boots_with_overlay_semantics() {
             &reference,
             "--creds",
             &registry.creds(),
+            "--run-entrypoint",
             "--kernel",
             kernel.to_str().unwrap(),
             "--memory",
@@ -401,6 +404,11 @@ fn debian_image_from_registry_boots_with_overlay_semantics() {
     assert_eq!(
         exec("echo $IMAGE_GREETING; pwd"),
         "hello from the image\n/opt\n"
+    );
+    // The agent started the image's Entrypoint + Cmd with its Env and WorkingDir.
+    assert_eq!(
+        exec("for i in $(seq 60); do [ -s /run/entrypoint.out ] && break; sleep 1; done; cat /run/entrypoint.out"),
+        "hello from the image in /opt\n"
     );
     // glibc and apt from the image work.
     assert!(exec("apt-get --version | head -1").starts_with("apt "));

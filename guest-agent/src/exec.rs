@@ -35,14 +35,14 @@ pub fn send_error(w: &Writer, message: String) {
     let _ = write_json(&mut *f, Kind::Error, &ErrorMsg { message });
 }
 
-struct User {
-    uid: u32,
-    gid: u32,
-    home: String,
+pub(crate) struct User {
+    pub uid: u32,
+    pub gid: u32,
+    pub home: String,
 }
 
 /// Looks a user up by name or number in /etc/passwd.
-fn lookup_user(spec: &str) -> Option<User> {
+pub(crate) fn lookup_user(spec: &str) -> Option<User> {
     let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
     for line in passwd.lines() {
         let f: Vec<&str> = line.split(':').collect();

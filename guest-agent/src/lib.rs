@@ -158,6 +158,22 @@ pub struct Hello {
     pub role: String,
 }
 
+/// Where the host puts the image's entrypoint for the agent to start at boot.
+pub const ENTRYPOINT_PATH: &str = "/.microagent/entrypoint.json";
+
+/// The image's Entrypoint + Cmd with its Env, WorkingDir and User: what the
+/// agent starts at boot when the workspace asks for it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct EntrypointSpec {
+    pub argv: Vec<String>,
+    #[serde(default)]
+    pub env: Vec<String>,
+    #[serde(default)]
+    pub cwd: Option<String>,
+    #[serde(default)]
+    pub user: Option<String>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct ExecRequest {
     pub argv: Vec<String>,

@@ -138,11 +138,54 @@ fn console_stdio() {
 /// Starts the workspace's own init/entrypoint (microagent.init=PATH) as a
 /// child, with the console as its stdio.
 fn start_entrypoint() {
-    let Some(path) = init::cmdline_value("microagent.init") else {
-        return;
-    };
-    let spawned = reaper::spawn_watched(|| {
-        let child = std::process::Command::new(&path).current_dir("/").spawn()?;
+    let mut cmd;
+    let path;
+    if let Some(p) = init::cmdline_value("microagent.init") {
+        cmd = std::process::Command::new(&p);
+        cmd.current_dir("/");
+        path = p;
+    } else {
+        // The image's own Entrypoint + Cmd, when the workspace asked for it.
+        let Ok(bytes) = std::fs::read(guest_agent::ENTRYPOINT_PATH) else {
+            return;
+        };
+        let spec: guest_agent::EntrypointSpec = match serde_json::from_slice(&bytes) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!(
+                    "microagent-agent: bad {}: {e}",
+                    guest_agent::ENTRYPOINT_PATH
+                );
+                return;
+            }
+        };
+        let Some((prog, args)) = spec.argv.split_first() else {
+            return;
+        };
+        cmd = std::process::Command::new(prog);
+        cmd.args(args)
+            .current_dir(spec.cwd.as_deref().unwrap_or("/"));
+        for kv in &spec.env {
+            if let Some((k, v)) = kv.split_once('=') {
+                cmd.env(k, v);
+            }
+        }
+        if let Some(user) = spec.user.as_deref() {
+            use std::os::unix::process::CommandExt;
+            match exec::lookup_user(user.split(':').next().unwrap_or(user)) {
+                Some(u) => {
+                    cmd.uid(u.uid).gid(u.gid).env("HOME", &u.home);
+                }
+                None => {
+                    eprintln!("microagent-agent: entrypoint user {user:?} not found");
+                    return;
+                }
+            }
+        }
+        path = spec.argv.join(" ");
+    }
+    let spawned = reaper::spawn_watched(move || {
+        let child = cmd.spawn()?;
         let pid = child.id() as i32;
         Ok((child, pid))
     });

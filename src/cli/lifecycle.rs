@@ -23,7 +23,7 @@ use crate::vmm::control::{self, Op as CtlOp};
 use crate::vmm::host;
 use crate::vmm::vm::VmConfig;
 use crate::workspace::disk::{copy_disk, grow_ext4};
-use crate::workspace::inject::inject_agent;
+use crate::workspace::inject::{inject_agent, inject_file};
 use crate::workspace::lock::WorkspaceLock;
 use crate::workspace::state::{check, read_exit_record, reconcile, supervisor_alive, Op, Status};
 use crate::workspace::store::{
@@ -70,6 +70,10 @@ pub struct CreateArgs {
     /// starts at boot, such as the image's own init.
     #[arg(long)]
     init: Option<String>,
+    /// With --image: the agent starts the image's Entrypoint + Cmd at boot,
+    /// with its Env, WorkingDir and User.
+    #[arg(long, requires = "image", conflicts_with = "init")]
+    run_entrypoint: bool,
     /// Fork: a new workspace resumed from WORKSPACE:TAG (started at once).
     #[arg(long, value_name = "WORKSPACE:TAG", conflicts_with_all = ["image", "rootfs", "disk_size", "kernel"])]
     from_snapshot: Option<String>,
@@ -212,6 +216,26 @@ pub fn create(state: &StateDir, args: CreateArgs, out: &Out) -> Result<i32> {
     }
 }
 
+/// Puts the image's Entrypoint + Cmd where the agent looks at boot.
+fn inject_entrypoint(ws: &WorkspaceDir, image: &ImageRecord) -> Result<()> {
+    let run = &image.run;
+    let argv: Vec<String> = run.entrypoint.iter().chain(&run.cmd).cloned().collect();
+    if argv.is_empty() {
+        bail!("image {} has no Entrypoint or Cmd to run", image.digest);
+    }
+    let spec = guest_agent::EntrypointSpec {
+        argv,
+        env: run.env.clone(),
+        cwd: run.working_dir.clone(),
+        user: run.user.clone(),
+    };
+    let host = ws.dir.join("entrypoint.json");
+    std::fs::write(&host, serde_json::to_vec(&spec)?)
+        .with_context(|| format!("writing {}", host.display()))?;
+    inject_file(&ws.rootfs(), &host, guest_agent::ENTRYPOINT_PATH, 0o644)?;
+    Ok(())
+}
+
 /// Where a new workspace's root disk is copied from.
 enum DiskSource {
     File(PathBuf),
@@ -237,6 +261,11 @@ fn populate(
         grow_ext4(&ws.rootfs(), size)?;
     }
     inject_agent(&ws.rootfs(), &agent, AGENT_GUEST_PATH)?;
+    if args.run_entrypoint {
+        if let DiskSource::Image(image, _) = source {
+            inject_entrypoint(ws, image)?;
+        }
+    }
     if let Some(init) = &args.init {
         if !init.starts_with('/') || init.contains(char::is_whitespace) {
             bail!("--init must be an absolute path without spaces, got {init:?}");

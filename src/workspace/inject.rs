@@ -40,6 +40,16 @@ fn debugfs(disk: &Path, write: bool, script: &str) -> Result<String, String> {
 
 /// Writes `agent` to `guest_path` (e.g. /.microagent/agent) as root:root 0755.
 pub fn inject_agent(disk: &Path, agent: &Path, guest_path: &str) -> Result<(), InjectError> {
+    inject_file(disk, agent, guest_path, 0o755)
+}
+
+/// Writes the host file `agent` (any file) to `guest_path` as root:root with `mode`.
+pub fn inject_file(
+    disk: &Path,
+    agent: &Path,
+    guest_path: &str,
+    mode: u32,
+) -> Result<(), InjectError> {
     let err = |reason: String| InjectError {
         disk: disk.display().to_string(),
         reason,
@@ -60,14 +70,14 @@ pub fn inject_agent(disk: &Path, agent: &Path, guest_path: &str) -> Result<(), I
     // directory is harmless.
     let script = format!(
         "mkdir {dir}\nrm {guest_path}\nwrite {agent_str} {guest_path}\n\
-         set_inode_field {guest_path} mode 0100755\nset_inode_field {guest_path} uid 0\n\
+         set_inode_field {guest_path} mode 0100{mode:o}\nset_inode_field {guest_path} uid 0\n\
          set_inode_field {guest_path} gid 0\n"
     );
     debugfs(disk, true, &script).map_err(err)?;
     // debugfs reports most failures only as text: check the result.
     let stat = debugfs(disk, false, &format!("stat {guest_path}\n")).map_err(err)?;
     let want = format!("Size: {size}");
-    if !stat.contains(&want) || !stat.contains("Mode:  0755") {
+    if !stat.contains(&want) || !stat.contains(&format!("Mode:  0{mode:o}")) {
         return Err(err(format!(
             "the written file does not match (disk full or not ext4?): {}",
             stat.lines().take(3).collect::<Vec<_>>().join(" / ")

@@ -6,6 +6,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/qemu.rs"]
+mod qemu;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -60,28 +62,6 @@ fn report(vmm: &str, samples: &mut [Duration], runs: usize) {
     );
 }
 
-/// Loops-per-jiffy at the guest kernel's HZ=100, from the host's CPU clock.
-fn host_lpj() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    let mhz: f64 = info
-        .lines()
-        .find(|l| l.starts_with("cpu MHz"))?
-        .split(':')
-        .nth(1)?
-        .trim()
-        .parse()
-        .ok()?;
-    Some((mhz * 1e6 / 100.0) as u64)
-}
-
-fn qemu_available() -> bool {
-    Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 fn main() {
     if !common::kvm_available() {
         println!(r#"{{"bench":"boot","error":"/dev/kvm not available"}}"#);
@@ -111,54 +91,23 @@ fn main() {
     }
     report("microagent", &mut ours, runs);
 
-    if !qemu_available() {
+    if !qemu::available() {
         println!(
             r#"{{"bench":"boot","vmm":"qemu-microvm","skipped":"qemu-system-x86_64 not installed"}}"#
         );
         return;
     }
-    // QEMU gets what our VMM adds on its own: a preset lpj and the PVM defences.
-    if let Some(lpj) = host_lpj() {
-        guest_args.push_str(&format!(" lpj={lpj}"));
-    }
-    if pvm {
-        guest_args.push_str(
-            " microagent.pvm_syscall noxsave clearcpuid=cx16,popcnt,xsave,xsaveopt,xsavec,xsaves,avx,avx2,avx512f,smap",
-        );
-    }
+    // QEMU gets what our VMM adds on its own.
+    guest_args.push_str(&qemu::vmm_guest_args(pvm));
     let mut theirs = Vec::new();
     for _ in 0..runs {
-        let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args([
-            "-M",
-            // Without ACPI QEMU lists the virtio-mmio devices on the kernel
-            // command line, which is how our ACPI-less guest kernel finds them.
-            "microvm,acpi=off",
-            "-enable-kvm",
-            "-cpu",
-            "host,-arch-capabilities",
-            "-m",
-            MEMORY_MIB,
-        ])
-        .args([
-            "-smp",
-            "1",
-            "-nodefaults",
-            "-no-user-config",
-            "-nographic",
-            "-no-reboot",
-        ])
-        .args(["-serial", "stdio", "-kernel"])
-        .arg(&kernel)
-        .arg("-drive")
-        .arg(format!(
-            "id=root,file={},format=raw,if=none",
-            rootfs.display()
-        ))
-        .args(["-device", "virtio-blk-device,drive=root"])
-        .arg("-append")
-        .arg(format!("console=ttyS0 reboot=t panic=-1 {guest_args}"));
-        theirs.extend(time_to_marker(cmd));
+        let memory: u64 = MEMORY_MIB.parse().unwrap();
+        theirs.extend(time_to_marker(qemu::microvm(
+            &kernel,
+            &rootfs,
+            memory,
+            &guest_args,
+        )));
     }
     report("qemu-microvm", &mut theirs, runs);
 }

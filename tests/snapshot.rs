@@ -148,6 +148,7 @@ fn seed_transcript_rollback_forks_and_refusals() {
         "kernel_sha256",
         "cpu_template",
         "host_cpu",
+        "guest_cpuid",
         "format_version",
         "files",
         "created",
@@ -292,6 +293,38 @@ fn seed_transcript_rollback_forks_and_refusals() {
         "{err}"
     );
 
+    // A guest that saw a CPU feature this host cannot give it is refused.
+    let feat = clone_snapshot(&home, "builder-fork", "f1", "otherfeatures");
+    let template: microagent::vmm::arch::x86_64::cpuid::CpuTemplate =
+        manifest["cpu_template"].as_str().unwrap().parse().unwrap();
+    let here = microagent::vmm::host::guest_cpuid(template, 2).unwrap();
+    let ebx = here
+        .iter()
+        .find(|l| l.function == 7 && l.index == 0)
+        .map_or(0, |l| l.ebx);
+    let absent = (0..32).map(|b| 1u32 << b).find(|b| ebx & b == 0).unwrap();
+    edit_manifest(&feat, |m| {
+        let leaves = m["guest_cpuid"].as_array_mut().unwrap();
+        let leaf7 = leaves
+            .iter_mut()
+            .find(|l| l["function"] == 7 && l["index"] == 0)
+            .expect("the guest saw leaf 7");
+        leaf7["ebx"] = (leaf7["ebx"].as_u64().unwrap() | u64::from(absent)).into();
+    });
+    let (code, _, err) = home.run(&[
+        "create",
+        "bad5",
+        "--from-snapshot",
+        "builder-fork:otherfeatures",
+    ]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(&format!(
+            "incompatible CPU: the snapshot's guest saw CPUID leaf 0x7 ebx bits {absent:#x}"
+        )),
+        "{err}"
+    );
+
     // Rollback with a damaged snapshot leaves the halted workspace as it was.
     let disk_before = std::fs::read(home.workspace_dir("fork2").join("rootfs.ext4")).unwrap();
     let flipped = clone_snapshot(&home, "fork2", "x", "y");
@@ -350,4 +383,200 @@ fn seed_transcript_rollback_forks_and_refusals() {
     );
     home.ok(&["delete", "builder", "--yes", "--force"]);
     assert!(!home.workspace_dir("builder").exists());
+}
+
+/// Polls `status` until the workspace reports `snapshotting`.
+fn wait_snapshotting(home: &Home, ws: &str, snap: &mut std::process::Child) -> serde_json::Value {
+    let t = Instant::now();
+    loop {
+        let s = home.json(&["status", ws]);
+        if s["status"] == "snapshotting" {
+            return s;
+        }
+        assert!(
+            snap.try_wait().unwrap().is_none(),
+            "the snapshot ended before status ever said snapshotting: {s}"
+        );
+        assert!(t.elapsed() < Duration::from_secs(120), "{s}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A 1 GiB guest with ~128 MiB touched: sparse memory.bin, the
+/// `snapshotting` status and what it refuses, an exec session across a
+/// snapshot, `kill -9` of the VMM mid-snapshot, and the wall clock after
+/// restoring a snapshot a minute old.
+#[test]
+fn large_guest_busy_status_kill_and_clock() {
+    if !kvm_available() {
+        return;
+    }
+    let home = Home::new();
+    let rootfs = rootfs_with_big_file(home.dir.path(), 128, "#!/bin/sh\nexec sleep 100000\n");
+    home.ok(&[
+        "create",
+        "big",
+        "--rootfs",
+        rootfs.to_str().unwrap(),
+        "--kernel",
+        vmlinux().to_str().unwrap(),
+        "--vcpus",
+        "1",
+        "--memory",
+        "1024",
+        "--init",
+        "/init",
+    ]);
+    home.ok(&["start", "big"]);
+    // Into the page cache: 128 MiB of guest memory now holds file data.
+    sh(
+        &home,
+        "big",
+        "dd if=/big of=/dev/null bs=1M 2>/dev/null; grep -E '^(Cached|MemFree)' /proc/meminfo",
+    );
+
+    // An exec session that spans the snapshot.
+    let session = home
+        .cmd()
+        .args([
+            "exec",
+            "big",
+            "--",
+            "sh",
+            "-c",
+            "tickloop=1; for i in 1 2 3 4 5 6 7 8; do echo tick-$i; echo $i >> /run/ticks; sleep 2; done",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while sh(&home, "big", "ps | grep -c [t]ickloop || true") != "1" {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "exec session never started"
+        );
+    }
+
+    let mut snap = home
+        .cmd()
+        .args(["snapshot", "create", "big", "--tag", "touched"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_snapshotting(&home, "big", &mut snap);
+    // Lifecycle operations are refused at once, naming what runs.
+    for args in [
+        &["pause", "big"][..],
+        &["halt", "big"],
+        &["snapshot", "create", "big", "--tag", "second"],
+        &["snapshot", "delete", "big", "touched"],
+    ] {
+        let (code, _, err) = home.run(args);
+        assert_eq!(code, 1, "{args:?}");
+        assert!(
+            err.contains("workspace big is snapshotting (tag touched, pid "),
+            "{args:?}: {err}"
+        );
+    }
+    let out = snap.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let snapshotted_at = Instant::now();
+    assert_eq!(home.json(&["status", "big"])["status"], "running");
+    assert!(!snapshot_dir(&home, "big", "second").exists());
+
+    // The session lived through the pause: every tick, in order, exit 0.
+    let out = session.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ticks: Vec<String> = (1..=8).map(|i| format!("tick-{i}")).collect();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .collect::<Vec<_>>(),
+        ticks
+    );
+
+    // 1 GiB of guest RAM, ~128 MiB touched: the file is 1 GiB long but
+    // only the touched pages are allocated.
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(snapshot_dir(&home, "big", "touched").join("memory.bin")).unwrap();
+    assert_eq!(md.len(), 1 << 30);
+    let allocated = md.blocks() * 512;
+    eprintln!("memory.bin: 1 GiB guest, {} MiB allocated", allocated >> 20);
+    assert!(
+        (128 << 20..320 << 20).contains(&allocated),
+        "memory.bin allocates {allocated} bytes"
+    );
+
+    // kill -9 of the VMM mid-snapshot: no tag, nothing half-made, and the
+    // workspace is usable (here: rolled back to the good snapshot).
+    let mut doomed = home
+        .cmd()
+        .args(["snapshot", "create", "big", "--tag", "doomed"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let s = wait_snapshotting(&home, "big", &mut doomed);
+    let pid = s["pid"]
+        .as_i64()
+        .expect("a snapshotting workspace has a VMM pid");
+    // SAFETY: killing the VMM process this test started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let out = doomed.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("snapshot doomed of workspace big failed; nothing was kept"),
+        "{err}"
+    );
+    assert!(!snapshot_dir(&home, "big", "doomed").exists());
+    let leftovers: Vec<_> = std::fs::read_dir(home.workspace_dir("big").join("snapshots"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(leftovers, ["touched"]);
+    let t = Instant::now();
+    while home.json(&["status", "big"])["status"] != "crashed" {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "never reported crashed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Restore a snapshot at least a minute old: the guest clock follows
+    // the host, not the snapshot.
+    let age = Duration::from_secs(61);
+    if let Some(rest) = age.checked_sub(snapshotted_at.elapsed()) {
+        std::thread::sleep(rest);
+    }
+    home.ok(&["start", "big", "--from-snapshot", "touched"]);
+    let guest_now: u64 = sh(&home, "big", "date +%s").parse().unwrap();
+    assert!(
+        guest_now.abs_diff(host_now()) <= 2,
+        "guest clock {guest_now}, host {}",
+        host_now()
+    );
+    // The exec session open at snapshot time has no client after a
+    // restore: the agent ends its process instead of letting it run on
+    // (left alone it would reach tick 8 within 16 s).
+    std::thread::sleep(Duration::from_secs(16));
+    assert_eq!(sh(&home, "big", "ps | grep -c [t]ickloop || true"), "0");
+    let ticks: u32 = sh(&home, "big", "tail -n 1 /run/ticks").parse().unwrap();
+    assert!(
+        ticks < 8,
+        "the snapshot's exec session ran on to tick {ticks} after restore"
+    );
+    home.ok(&["delete", "big", "--yes", "--force"]);
 }

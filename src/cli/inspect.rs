@@ -9,6 +9,7 @@ use clap::Args;
 use super::lifecycle::NameArgs;
 use super::output::{record_json, Out};
 use crate::vmm::control::{self, Op as CtlOp};
+use crate::workspace::busy;
 use crate::workspace::state::{reconcile, supervisor_alive, Status};
 use crate::workspace::store::{StateDir, WorkspaceDir, WorkspaceRecord};
 
@@ -31,6 +32,9 @@ fn live(ws: &WorkspaceDir, rec: &WorkspaceRecord) -> Live {
                 Some("paused") => Status::Paused,
                 _ => Status::Running,
             };
+        }
+        if busy::current(ws).is_some_and(|b| b.op == "snapshotting") {
+            status = Status::Snapshotting;
         }
     }
     Live {

@@ -22,6 +22,7 @@ use crate::vmm::arch::x86_64::cpuid::CpuTemplate;
 use crate::vmm::control::{self, Op as CtlOp};
 use crate::vmm::host;
 use crate::vmm::vm::VmConfig;
+use crate::workspace::busy;
 use crate::workspace::disk::{copy_disk, grow_ext4};
 use crate::workspace::inject::{inject_agent, inject_file};
 use crate::workspace::lock::WorkspaceLock;
@@ -321,7 +322,7 @@ pub(crate) fn open(
     name: &str,
 ) -> Result<(WorkspaceDir, WorkspaceLock, WorkspaceRecord, Status)> {
     let ws = state.existing(name)?;
-    let lock = WorkspaceLock::acquire(&ws.lock_path())?;
+    let lock = busy::lock(&ws)?;
     let mut rec = ws.read()?;
     let (status, reason) = reconcile(&ws, &rec);
     if status != rec.status {
@@ -398,11 +399,17 @@ pub fn check_snapshot(dir: &Path, rec: &WorkspaceRecord) -> Result<Manifest> {
     let m = Manifest::read(dir)?;
     let kernel_now = sha256_file(Path::new(&rec.kernel))
         .with_context(|| format!("hashing kernel {}", rec.kernel))?;
+    let host_cpuid = rec
+        .cpu_template
+        .parse::<CpuTemplate>()
+        .ok()
+        .and_then(|t| host::guest_cpuid(t, m.vcpus));
     m.check_compatible(
         &kernel_now,
         &rec.cpu_template,
         &HostCpu::current(),
         host::guest_tsc_khz(),
+        host_cpuid.as_deref(),
     )?;
     if m.vcpus != rec.vcpus || m.memory_mib != rec.memory_mib {
         bail!(

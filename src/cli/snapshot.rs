@@ -15,12 +15,14 @@ use serde_json::json;
 use super::lifecycle::{check_snapshot, launch, open, snapshot_dir};
 use super::output::{print_record, Out};
 use crate::digest::sha256_file;
+use crate::snapshot::cpuid::CpuidLeaf;
 use crate::snapshot::manifest::{
     validate_tag, FileInfo, Manifest, MANIFEST, MEMORY, ROOTFS, VMSTATE,
 };
 use crate::vmm::control::{self, Op as CtlOp, Request, PROTOCOL_VERSION};
 use crate::vmm::host;
-use crate::vmm::snapshot::allocated_bytes;
+use crate::vmm::snapshot::{allocated_bytes, VmSnapshot};
+use crate::workspace::busy::{self, BusyGuard};
 use crate::workspace::disk::copy_disk;
 use crate::workspace::lock::WorkspaceLock;
 use crate::workspace::state::Status;
@@ -83,6 +85,17 @@ fn file_info(dir: &Path, name: &str) -> Result<FileInfo> {
     })
 }
 
+/// vCPU 0's CPUID, from the vmstate.bin the VMM just wrote.
+fn guest_cpuid(dir: &Path) -> Result<Vec<CpuidLeaf>> {
+    let bytes = std::fs::read(dir.join(VMSTATE))?;
+    let snap: VmSnapshot = crate::snapshot::format::decode(&bytes)?;
+    Ok(snap
+        .vcpus
+        .first()
+        .map(|v| v.cpuid.iter().map(CpuidLeaf::from).collect())
+        .unwrap_or_default())
+}
+
 fn human_size(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = bytes as f64;
@@ -95,6 +108,21 @@ fn human_size(bytes: u64) -> String {
         format!("{bytes}B")
     } else {
         format!("{v:.1}{}", UNITS[u])
+    }
+}
+
+/// Temp directories of snapshot creates or deletes that were killed midway.
+/// Only called under the workspace lock, so none of them is in use.
+fn remove_leftovers(snapshots: &Path) {
+    let Ok(entries) = std::fs::read_dir(snapshots) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(".creating-") || name.starts_with(".deleting-") {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
     }
 }
 
@@ -113,12 +141,15 @@ fn create(state: &StateDir, args: CreateArgs, out: &Out) -> Result<i32> {
     if dest.exists() {
         bail!("snapshot {tag} already exists in workspace {}", ws.name);
     }
+    let _busy = BusyGuard::mark(&ws, "snapshotting", &format!("tag {tag}"))?;
     std::fs::create_dir_all(ws.snapshots())?;
+    remove_leftovers(&ws.snapshots());
     let tmp = ws
         .snapshots()
         .join(format!(".creating-{tag}-{}", std::process::id()));
     std::fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    let result = (|| -> Result<(Manifest, bool)> {
+    let started = std::time::Instant::now();
+    let result = (|| -> Result<(Manifest, Option<Duration>)> {
         let req = Request {
             v: PROTOCOL_VERSION,
             op: CtlOp::Snapshot,
@@ -129,21 +160,31 @@ fn create(state: &StateDir, args: CreateArgs, out: &Out) -> Result<i32> {
         // The VM stays paused until its disk is copied: memory and disk
         // are from the same moment.
         let copied = copy_disk(&ws.rootfs(), &tmp.join(ROOTFS));
+        // The pause began inside the snapshot request; this bounds it from above.
+        let mut paused = None;
         if was_running {
             control::request(&ws.control_socket(), CtlOp::Resume, Duration::from_secs(15))?;
+            paused = Some(started.elapsed());
         }
         copied?;
         let files = [VMSTATE, MEMORY, ROOTFS]
             .iter()
             .map(|f| file_info(&tmp, f))
             .collect::<Result<Vec<_>>>()?;
-        let m = Manifest::new(&tag, &rec, now_rfc3339(), host::guest_tsc_khz(), files);
+        let m = Manifest::new(
+            &tag,
+            &rec,
+            now_rfc3339(),
+            host::guest_tsc_khz(),
+            guest_cpuid(&tmp)?,
+            files,
+        );
         m.write(&tmp)?;
         std::fs::rename(&tmp, &dest)
             .with_context(|| format!("renaming into {}", dest.display()))?;
-        Ok((m, was_running))
+        Ok((m, paused))
     })();
-    let (m, _) = match result {
+    let (m, paused) = match result {
         Ok(x) => x,
         Err(e) => {
             let _ = std::fs::remove_dir_all(&tmp);
@@ -170,6 +211,8 @@ fn create(state: &StateDir, args: CreateArgs, out: &Out) -> Result<i32> {
             "memory_mib": m.memory_mib,
             "size_bytes": size,
             "dir": dest.display().to_string(),
+            "duration_ms": started.elapsed().as_millis() as u64,
+            "paused_ms": paused.map(|d| d.as_millis() as u64),
         }),
     );
     Ok(0)
@@ -229,7 +272,7 @@ fn list(state: &StateDir, args: ListArgs, out: &Out) -> Result<i32> {
 
 fn delete(state: &StateDir, args: DeleteArgs, out: &Out) -> Result<i32> {
     let ws = state.existing(&args.name)?;
-    let _lock = WorkspaceLock::acquire(&ws.lock_path())?;
+    let _lock = busy::lock(&ws)?;
     let dir = snapshot_dir(&ws, &args.tag)?;
     let doomed = ws
         .snapshots()

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use super::cpuid::{missing_features, CpuidLeaf};
 use super::format::{FORMAT_MAJOR, FORMAT_MINOR};
 use crate::workspace::store::{read_bounded, write_atomic, StoreError, WorkspaceRecord};
 
@@ -59,6 +60,9 @@ pub struct Manifest {
     pub cpu_template: String,
     pub host_cpu: HostCpu,
     pub tsc_khz: Option<u32>,
+    /// vCPU 0's CPUID as the guest saw it (format 1.1 on; empty before).
+    #[serde(default)]
+    pub guest_cpuid: Vec<CpuidLeaf>,
     pub format_version: String,
     pub files: Vec<FileInfo>,
 }
@@ -73,6 +77,12 @@ pub enum CompatError {
     Cpu { snapshot: String, host: String },
     #[error("TSC frequency mismatch: snapshot guest ran at {snapshot} kHz, this host gives {host} kHz (no TSC scaling here)")]
     Tsc { snapshot: u32, host: u32 },
+    #[error("incompatible CPU: the snapshot's guest saw CPUID leaf {leaf:#x} {register} bits {missing:#x} that this host cannot give it")]
+    CpuFeatures {
+        leaf: u32,
+        register: &'static str,
+        missing: u32,
+    },
     #[error("snapshot format {found} is not supported (this build reads {FORMAT_MAJOR}.x)")]
     Format { found: String },
 }
@@ -83,6 +93,7 @@ impl Manifest {
         rec: &WorkspaceRecord,
         created: String,
         tsc_khz: Option<u32>,
+        guest_cpuid: Vec<CpuidLeaf>,
         files: Vec<FileInfo>,
     ) -> Self {
         Manifest {
@@ -99,6 +110,7 @@ impl Manifest {
             cpu_template: rec.cpu_template.clone(),
             host_cpu: HostCpu::current(),
             tsc_khz,
+            guest_cpuid,
             format_version: format!("{FORMAT_MAJOR}.{FORMAT_MINOR}"),
             files,
         }
@@ -131,6 +143,7 @@ impl Manifest {
         template: &str,
         host: &HostCpu,
         host_tsc_khz: Option<u32>,
+        host_cpuid: Option<&[CpuidLeaf]>,
     ) -> Result<(), CompatError> {
         let major = self
             .format_version
@@ -166,6 +179,15 @@ impl Manifest {
                 return Err(CompatError::Tsc {
                     snapshot: s,
                     host: h,
+                });
+            }
+        }
+        if let Some(here) = host_cpuid {
+            if let Some((leaf, register, missing)) = missing_features(&self.guest_cpuid, here) {
+                return Err(CompatError::CpuFeatures {
+                    leaf,
+                    register,
+                    missing,
                 });
             }
         }
@@ -215,7 +237,15 @@ mod tests {
                 model: "EPYC".into(),
             },
             tsc_khz: Some(1_996_248),
-            format_version: "1.0".into(),
+            guest_cpuid: vec![CpuidLeaf {
+                function: 7,
+                index: 0,
+                eax: 0,
+                ebx: 1 << 16, // AVX-512F
+                ecx: 0,
+                edx: 0,
+            }],
+            format_version: "1.1".into(),
             files: vec![],
         }
     }
@@ -225,16 +255,16 @@ mod tests {
         let m = manifest();
         let host = m.host_cpu.clone();
         assert!(m
-            .check_compatible("aaa", "pvm-safe", &host, Some(1_996_248))
+            .check_compatible("aaa", "pvm-safe", &host, Some(1_996_248), None)
             .is_ok());
         assert_eq!(
-            m.check_compatible("bbb", "pvm-safe", &host, None)
+            m.check_compatible("bbb", "pvm-safe", &host, None, None)
                 .unwrap_err()
                 .to_string(),
             "kernel sha256 mismatch: snapshot pins aaa, workspace has bbb"
         );
         assert!(m
-            .check_compatible("aaa", "host", &host, None)
+            .check_compatible("aaa", "host", &host, None, None)
             .unwrap_err()
             .to_string()
             .contains("pvm-safe"));
@@ -243,7 +273,7 @@ mod tests {
             model: "Xeon".into(),
         };
         let e = m
-            .check_compatible("aaa", "pvm-safe", &intel, None)
+            .check_compatible("aaa", "pvm-safe", &intel, None, None)
             .unwrap_err()
             .to_string();
         assert!(
@@ -251,13 +281,27 @@ mod tests {
             "{e}"
         );
         assert!(matches!(
-            m.check_compatible("aaa", "pvm-safe", &host, Some(2_400_000)),
+            m.check_compatible("aaa", "pvm-safe", &host, Some(2_400_000), None),
             Err(CompatError::Tsc { .. })
         ));
+        // A host that cannot show the guest a feature it saw at boot.
+        let here = [CpuidLeaf {
+            ebx: 0,
+            ..m.guest_cpuid[0]
+        }];
+        assert_eq!(
+            m.check_compatible("aaa", "pvm-safe", &host, None, Some(&here))
+                .unwrap_err()
+                .to_string(),
+            "incompatible CPU: the snapshot's guest saw CPUID leaf 0x7 ebx bits 0x10000 that this host cannot give it"
+        );
+        assert!(m
+            .check_compatible("aaa", "pvm-safe", &host, None, Some(&m.guest_cpuid))
+            .is_ok());
         let mut future = m.clone();
         future.format_version = "2.0".into();
         assert!(matches!(
-            future.check_compatible("aaa", "pvm-safe", &host, None),
+            future.check_compatible("aaa", "pvm-safe", &host, None, None),
             Err(CompatError::Format { .. })
         ));
     }

@@ -1,2 +1,3 @@
+pub mod cpuid;
 pub mod format;
 pub mod manifest;

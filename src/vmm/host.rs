@@ -2,7 +2,8 @@
 
 use std::path::Path;
 
-use crate::vmm::arch::x86_64::cpuid::CpuTemplate;
+use crate::snapshot::cpuid::CpuidLeaf;
+use crate::vmm::arch::x86_64::cpuid::{configure, CpuTemplate};
 
 /// PVM ("Pagetable-based Virtual Machine") provides /dev/kvm by software
 /// virtualization: guest kernel code runs in KVM's instruction emulator,
@@ -36,4 +37,15 @@ pub fn guest_tsc_khz() -> Option<u32> {
     let vm = kvm.create_vm().ok()?;
     let vcpu = vm.create_vcpu(0).ok()?;
     vcpu.get_tsc_khz().ok()
+}
+
+/// The CPUID this host would show vCPU 0 of a new guest under `template`:
+/// what a restored guest's CPUID is checked against.
+pub fn guest_cpuid(template: CpuTemplate, vcpus: u8) -> Option<Vec<CpuidLeaf>> {
+    let kvm = kvm_ioctls::Kvm::new().ok()?;
+    let mut cpuid = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .ok()?;
+    configure(&mut cpuid, template, 0, vcpus);
+    Some(cpuid.as_slice().iter().map(CpuidLeaf::from).collect())
 }

@@ -16,29 +16,51 @@ pub struct WorkspaceLock {
     _file: File,
 }
 
+fn lock_err(path: &Path) -> impl Fn(std::io::Error) -> LockError + '_ {
+    move |source| LockError {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+fn open_lock_file(path: &Path) -> Result<File, LockError> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(lock_err(path))
+}
+
+/// flock with EINTR retried; Ok(false) when LOCK_NB found it held.
+fn flock(file: &File, op: libc::c_int) -> std::io::Result<bool> {
+    loop {
+        // SAFETY: flock on an fd we own; no memory is involved.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), op) };
+        if rc == 0 {
+            return Ok(true);
+        }
+        let e = std::io::Error::last_os_error();
+        match e.kind() {
+            std::io::ErrorKind::Interrupted => {}
+            std::io::ErrorKind::WouldBlock => return Ok(false),
+            _ => return Err(e),
+        }
+    }
+}
+
 impl WorkspaceLock {
     /// Blocks until the lock is ours.
     pub fn acquire(path: &Path) -> Result<WorkspaceLock, LockError> {
-        let err = |source| LockError {
-            path: path.display().to_string(),
-            source,
-        };
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)
-            .map_err(err)?;
-        loop {
-            // SAFETY: flock on an fd we own; no memory is involved.
-            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
-            if rc == 0 {
-                return Ok(WorkspaceLock { _file: file });
-            }
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(err(e));
-            }
-        }
+        let file = open_lock_file(path)?;
+        flock(&file, libc::LOCK_EX).map_err(lock_err(path))?;
+        Ok(WorkspaceLock { _file: file })
+    }
+
+    /// The lock if nobody holds it, None otherwise.
+    pub fn try_acquire(path: &Path) -> Result<Option<WorkspaceLock>, LockError> {
+        let file = open_lock_file(path)?;
+        let got = flock(&file, libc::LOCK_EX | libc::LOCK_NB).map_err(lock_err(path))?;
+        Ok(got.then_some(WorkspaceLock { _file: file }))
     }
 }

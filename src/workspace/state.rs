@@ -15,6 +15,9 @@ pub enum Status {
     Paused,
     Halted,
     Crashed,
+    /// Reported while a snapshot holds the workspace (never recorded:
+    /// the record keeps running/paused; see workspace::busy).
+    Snapshotting,
 }
 
 impl Status {
@@ -25,12 +28,16 @@ impl Status {
             Status::Paused => "paused",
             Status::Halted => "halted",
             Status::Crashed => "crashed",
+            Status::Snapshotting => "snapshotting",
         }
     }
 
     /// A VMM process exists for this workspace.
     pub fn is_live(self) -> bool {
-        matches!(self, Status::Running | Status::Paused)
+        matches!(
+            self,
+            Status::Running | Status::Paused | Status::Snapshotting
+        )
     }
 }
 
@@ -61,6 +68,7 @@ pub struct TransitionError {
 pub fn check(name: &str, status: Status, op: Op) -> Result<(), TransitionError> {
     use Status::*;
     let hint = match (op, status) {
+        (_, Snapshotting) => "a snapshot is being taken; try again when it finishes",
         (Op::Start, Created | Halted | Crashed) => return Ok(()),
         (Op::Start, Running | Paused) => "it is already running (halt it first to restart)",
         (Op::Pause, Running) => return Ok(()),

@@ -111,6 +111,48 @@ pub fn busybox_rootfs(dir: &Path, init: &str) -> PathBuf {
     image
 }
 
+/// Builds a busybox disk holding `/big`: `mib` MiB of non-zero bytes the
+/// guest can pull into its page cache (the disk path writes guest memory
+/// from the host; a guest-side copy loop would take minutes on PVM).
+pub fn rootfs_with_big_file(dir: &Path, mib: usize, init_script: &str) -> PathBuf {
+    let init = dir.join("init.sh");
+    std::fs::write(&init, init_script).unwrap();
+    let image = dir.join("big-rootfs.ext4");
+    let st = Command::new("bash")
+        .arg(repo_root().join("scripts/make-busybox-rootfs.sh"))
+        .arg(&image)
+        .arg(&init)
+        .arg(format!("{}M", mib + 48))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let big = dir.join("big");
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let data: Vec<u8> = (0..mib << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8 | 1
+        })
+        .collect();
+    std::fs::write(&big, data).unwrap();
+    let out = Command::new("debugfs")
+        .arg("-w")
+        .arg("-R")
+        .arg(format!("write {} big", big.display()))
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_file(big).unwrap();
+    image
+}
+
 pub fn mkfs_ext4(image: &Path, size: &str, tree: Option<&Path>) {
     let mut cmd = Command::new("mkfs.ext4");
     cmd.arg("-q").arg("-F");

@@ -1,0 +1,310 @@
+//! Snapshot benchmark, one JSON line per figure: for 256 MiB and 1 GiB
+//! guests with 128 MiB touched (file data in the page cache), snapshot
+//! create time and pause time, memory.bin allocated size, restore → agent
+//! ready, fork → first exec output, and the total PSS of 10 running forks
+//! of one tag against one. Where QEMU is installed, its migrate-to-file
+//! snapshot and `-incoming` restore of the same guest, in the same run.
+//!
+//! Runs per figure: MICROAGENT_BENCH_RUNS, default 3 (each needs no boot).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+#[path = "support/qemu.rs"]
+mod qemu;
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::Home;
+use serde_json::json;
+
+const TOUCH_MIB: usize = 128;
+const FORKS: usize = 10;
+const READY: &str = "BENCH_READY";
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+/// min/median/max of `samples` as one JSON line.
+fn stats(vmm: &str, memory_mib: u64, metric: &str, unit: &str, mut samples: Vec<f64>) {
+    if samples.is_empty() {
+        println!(
+            "{}",
+            json!({"bench": "snapshot", "vmm": vmm, "memory_mib": memory_mib, "metric": metric, "error": "no sample"})
+        );
+        return;
+    }
+    samples.sort_by(f64::total_cmp);
+    println!(
+        "{}",
+        json!({
+            "bench": "snapshot", "vmm": vmm, "memory_mib": memory_mib, "metric": metric,
+            "unit": unit, "runs": samples.len(), "min": samples[0],
+            "median": samples[samples.len() / 2], "max": samples[samples.len() - 1],
+            "pvm_host": common::is_pvm_host(),
+        })
+    );
+}
+
+fn allocated_mib(path: &Path) -> f64 {
+    let md = std::fs::metadata(path).unwrap();
+    (md.blocks() * 512) as f64 / (1 << 20) as f64
+}
+
+/// Proportional set size of a process, in MiB.
+fn pss_mib(pid: u64) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn vmm_pid(home: &Home, ws: &str) -> u64 {
+    home.json(&["status", ws])["pid"].as_u64().unwrap()
+}
+
+fn ours(memory_mib: u64, runs: usize) {
+    let home = Home::new();
+    let rootfs =
+        common::rootfs_with_big_file(home.dir.path(), TOUCH_MIB, "#!/bin/sh\nexec sleep 100000\n");
+    let mem = memory_mib.to_string();
+    home.ok(&[
+        "create",
+        "src",
+        "--rootfs",
+        rootfs.to_str().unwrap(),
+        "--kernel",
+        common::vmlinux().to_str().unwrap(),
+        "--vcpus",
+        "1",
+        "--memory",
+        &mem,
+        "--init",
+        "/init",
+    ]);
+    home.ok(&["start", "src"]);
+    home.ok(&[
+        "exec",
+        "src",
+        "--",
+        "dd",
+        "if=/big",
+        "of=/dev/null",
+        "bs=1M",
+    ]);
+
+    let (mut total, mut paused, mut alloc) = (Vec::new(), Vec::new(), Vec::new());
+    for r in 0..runs {
+        let tag = format!("s{r}");
+        let t = Instant::now();
+        let v = home.json(&["snapshot", "create", "src", "--tag", &tag]);
+        total.push(ms(t.elapsed()));
+        paused.extend(v["paused_ms"].as_f64());
+        alloc.push(allocated_mib(
+            &home
+                .workspace_dir("src")
+                .join("snapshots")
+                .join(&tag)
+                .join("memory.bin"),
+        ));
+    }
+    stats("microagent", memory_mib, "snapshot_create_ms", "ms", total);
+    stats("microagent", memory_mib, "snapshot_pause_ms", "ms", paused);
+    stats(
+        "microagent",
+        memory_mib,
+        "memory_bin_allocated_mib",
+        "MiB",
+        alloc,
+    );
+
+    let mut restore = Vec::new();
+    for _ in 0..runs {
+        home.ok(&["halt", "src"]);
+        let t = Instant::now();
+        home.ok(&["start", "src", "--from-snapshot", "s0"]);
+        restore.push(ms(t.elapsed()));
+    }
+    stats(
+        "microagent",
+        memory_mib,
+        "restore_to_agent_ready_ms",
+        "ms",
+        restore,
+    );
+    home.ok(&["halt", "src"]);
+
+    let mut fork = Vec::new();
+    let mut alone = 0.0;
+    for i in 0..FORKS {
+        let name = format!("f{i}");
+        let t = Instant::now();
+        home.ok(&["create", &name, "--from-snapshot", "src:s0"]);
+        let out = home.ok(&["exec", &name, "--", "echo", "hi"]);
+        assert_eq!(out.trim(), "hi");
+        if i < runs {
+            fork.push(ms(t.elapsed()));
+        }
+        if i == 0 {
+            alone = pss_mib(vmm_pid(&home, &name));
+        }
+    }
+    stats(
+        "microagent",
+        memory_mib,
+        "fork_to_first_exec_ms",
+        "ms",
+        fork,
+    );
+    let total_pss: f64 = (0..FORKS)
+        .map(|i| pss_mib(vmm_pid(&home, &format!("f{i}"))))
+        .sum();
+    println!(
+        "{}",
+        json!({
+            "bench": "snapshot", "vmm": "microagent", "memory_mib": memory_mib,
+            "metric": "forks_total_pss_mib", "unit": "MiB", "forks": FORKS,
+            "total": (total_pss * 10.0).round() / 10.0, "one_fork_alone": (alone * 10.0).round() / 10.0,
+            "pvm_host": common::is_pvm_host(),
+        })
+    );
+    for i in 0..FORKS {
+        home.ok(&["delete", &format!("f{i}"), "--yes", "--force"]);
+    }
+    home.ok(&["delete", "src", "--yes", "--force"]);
+}
+
+/// QEMU microvm: boot the same guest, touch the same 128 MiB, then
+/// `stop` + `migrate exec:cat > FILE` (its snapshot; the disk is not
+/// copied) and `-incoming exec:cat FILE` + `cont` (its restore).
+fn theirs(memory_mib: u64, runs: usize, pvm: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let init = format!(
+        "#!/bin/sh\ndd if=/big of=/dev/null bs=1M 2>/dev/null\necho {READY}\nexec sleep 100000\n"
+    );
+    let rootfs = common::rootfs_with_big_file(dir.path(), TOUCH_MIB, &init);
+    let kernel = common::vmlinux();
+    let args = format!(
+        "quiet root=/dev/vda rw init=/init{}",
+        qemu::vmm_guest_args(pvm)
+    );
+    let qmp_path = dir.path().join("qmp.sock");
+    let qmp_arg = format!("unix:{},server=on,wait=off", qmp_path.display());
+    let mut vm = qemu::microvm(&kernel, &rootfs, memory_mib, &args)
+        .args(["-qmp", &qmp_arg])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = vm.stdout.take().unwrap();
+    let ready = BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .any(|l| l.contains(READY));
+    if !ready {
+        println!(
+            "{}",
+            json!({"bench": "snapshot", "vmm": "qemu-microvm", "memory_mib": memory_mib, "error": "guest never became ready"})
+        );
+        let _ = vm.kill();
+        let _ = vm.wait();
+        return;
+    }
+    let mut qmp = qemu::Qmp::connect(&qmp_path, Duration::from_secs(10)).expect("QMP");
+    let (mut total, mut alloc) = (Vec::new(), Vec::new());
+    let state = |r: usize| dir.path().join(format!("state{r}"));
+    for r in 0..runs {
+        let t = Instant::now();
+        qmp.execute("stop", json!({})).unwrap();
+        let uri = format!("exec:cat > {}", state(r).display());
+        qmp.execute("migrate", json!({ "uri": uri })).unwrap();
+        assert!(
+            qmp.wait_migration(Duration::from_secs(300)),
+            "migration failed"
+        );
+        total.push(ms(t.elapsed()));
+        alloc.push(allocated_mib(&state(r)));
+        // A finished migration leaves the source in postmigrate; cont runs it on.
+        qmp.execute("cont", json!({})).unwrap();
+    }
+    let _ = vm.kill();
+    let _ = vm.wait();
+    // QEMU's VM is stopped for the whole migration: create time is pause time.
+    stats(
+        "qemu-microvm",
+        memory_mib,
+        "snapshot_create_ms",
+        "ms",
+        total.clone(),
+    );
+    stats("qemu-microvm", memory_mib, "snapshot_pause_ms", "ms", total);
+    stats(
+        "qemu-microvm",
+        memory_mib,
+        "memory_bin_allocated_mib",
+        "MiB",
+        alloc,
+    );
+
+    let mut restore = Vec::new();
+    for r in 0..runs {
+        let qmp_path = dir.path().join(format!("qmp-in{r}.sock"));
+        let qmp_arg = format!("unix:{},server=on,wait=off", qmp_path.display());
+        let t = Instant::now();
+        let mut vm = qemu::microvm(&kernel, &rootfs, memory_mib, &args)
+            .args(["-qmp", &qmp_arg, "-incoming"])
+            .arg(format!("exec:cat {}", state(0).display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut q = qemu::Qmp::connect(&qmp_path, Duration::from_secs(10)).expect("QMP");
+        assert!(
+            q.wait_migration(Duration::from_secs(300)),
+            "incoming failed"
+        );
+        q.execute("cont", json!({})).unwrap();
+        while q.status().as_deref() != Some("running") {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        restore.push(ms(t.elapsed()));
+        let _ = vm.kill();
+        let _ = vm.wait();
+    }
+    stats(
+        "qemu-microvm",
+        memory_mib,
+        "restore_to_running_ms",
+        "ms",
+        restore,
+    );
+}
+
+fn main() {
+    if !common::kvm_available() {
+        println!(r#"{{"bench":"snapshot","error":"/dev/kvm not available"}}"#);
+        return;
+    }
+    let pvm = common::is_pvm_host();
+    let runs: usize = std::env::var("MICROAGENT_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+        .clamp(1, FORKS);
+    let have_qemu = qemu::available();
+    for memory_mib in [256, 1024] {
+        ours(memory_mib, runs);
+        if have_qemu {
+            theirs(memory_mib, runs, pvm);
+        } else {
+            println!(
+                r#"{{"bench":"snapshot","vmm":"qemu-microvm","skipped":"qemu-system-x86_64 not installed"}}"#
+            );
+        }
+    }
+}

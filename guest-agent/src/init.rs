@@ -22,6 +22,25 @@ fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &
     }
 }
 
+/// A private tmpfs (nosuid, nodev, noexec) at `target`.
+pub fn mount_tmpfs(target: &str, data: &str) -> Result<(), String> {
+    let (s, t, d) = (
+        CString::new("tmpfs").unwrap_or_default(),
+        CString::new(target).map_err(|_| format!("bad mount point {target:?}"))?,
+        CString::new(data).unwrap_or_default(),
+    );
+    let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    // SAFETY: all pointers are to NUL-terminated strings that outlive the call.
+    let rc = unsafe { libc::mount(s.as_ptr(), t.as_ptr(), s.as_ptr(), flags, d.as_ptr().cast()) };
+    if rc != 0 {
+        return Err(format!(
+            "mount tmpfs on {target}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
 pub fn mount_basics() {
     let nosuid_nodev_noexec = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     mount("proc", "/proc", "proc", nosuid_nodev_noexec, "");

@@ -212,6 +212,42 @@ pub enum Request {
     },
     /// After a restore or fork: new identity, wall clock and entropy.
     Refresh(Refresh),
+    /// Write secrets into the /run/secrets tmpfs. Each value follows as
+    /// one STDIN frame of exactly `len` bytes, in order (raw bytes, never
+    /// inside JSON, so no encoded copy is left in the agent's memory).
+    /// With `replace`, secrets not listed are scrubbed first.
+    SecretsPut {
+        secrets: Vec<SecretMeta>,
+        #[serde(default)]
+        replace: bool,
+    },
+    /// Scrub these secrets (overwrite, unlink).
+    SecretsRemove {
+        keys: Vec<String>,
+    },
+    /// Scrub every secret: done before guest memory is written anywhere.
+    SecretsScrub,
+}
+
+/// Where secrets live in the guest (a tmpfs, never the root disk).
+pub const SECRETS_DIR: &str = "/run/secrets";
+/// At most this many secrets per workspace.
+pub const MAX_SECRETS: usize = 256;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SecretMeta {
+    pub key: String,
+    pub len: u32,
+}
+
+/// Secret keys become file names: 1-128 of letters, digits, '_', '.',
+/// '-', not starting with '.' or '-'.
+pub fn valid_secret_key(key: &str) -> bool {
+    (1..=128).contains(&key.len())
+        && !key.starts_with(['.', '-'])
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -311,6 +347,26 @@ mod tests {
             payload: b"{\"type\":\"launch_missiles\"}".to_vec(),
         };
         assert!(matches!(f.json::<Request>(), Err(FrameError::BadJson(_))));
+    }
+
+    #[test]
+    fn secret_keys_are_plain_file_names() {
+        for ok in ["API_TOKEN", "db.password", "x", "a-b_c.1"] {
+            assert!(valid_secret_key(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            ".hidden",
+            "-x",
+            "a/b",
+            "a b",
+            "k\0",
+            &"k".repeat(129),
+        ] {
+            assert!(!valid_secret_key(bad), "{bad}");
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@ mod copy;
 mod exec;
 mod init;
 mod reaper;
+mod secrets;
 mod vsock;
 
 use std::fs::File;
@@ -86,6 +87,19 @@ fn session(conn: File) {
             let msg = init::refresh(&r);
             reply(&w, response(msg.is_empty(), msg));
         }
+        Request::SecretsPut { secrets, replace } => {
+            let r = secrets::put(&secrets, replace, &mut reader);
+            reply(&w, result_response(r));
+        }
+        Request::SecretsRemove { keys } => reply(&w, result_response(secrets::remove(&keys))),
+        Request::SecretsScrub => reply(&w, result_response(secrets::scrub_all())),
+    }
+}
+
+fn result_response(r: Result<(), String>) -> Response {
+    match r {
+        Ok(()) => response(true, String::new()),
+        Err(e) => response(false, e),
     }
 }
 

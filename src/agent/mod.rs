@@ -7,6 +7,8 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+pub mod secrets;
+
 use guest_agent::{
     read_frame, write_json, Frame, Hello, Kind, Request, Response, AGENT_PORT, PROTOCOL_VERSION,
 };
@@ -98,8 +100,18 @@ impl AgentConn {
     }
 
     /// Sends a request that is answered with one RESPONSE.
-    pub fn call(mut self, req: &Request) -> Result<Response, AgentError> {
+    pub fn call(self, req: &Request) -> Result<Response, AgentError> {
+        self.call_with(req, &[])
+    }
+
+    /// Sends a request followed by raw STDIN frames (e.g. secret values),
+    /// then reads its one RESPONSE.
+    pub fn call_with(mut self, req: &Request, payloads: &[&[u8]]) -> Result<Response, AgentError> {
         self.send(req)?;
+        for p in payloads {
+            guest_agent::write_frame(&mut self.stream, Kind::Stdin, p)
+                .map_err(|e| AgentError::Protocol(e.to_string()))?;
+        }
         let f = read_frame(&mut self.stream).map_err(|e| AgentError::Protocol(e.to_string()))?;
         match f.kind {
             Kind::Response => f.json().map_err(|e| AgentError::Protocol(e.to_string())),

@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use super::output::{print_record, Out};
+use crate::agent::secrets as agent_secrets;
 use crate::agent::{agent_binary, wait_ready, AgentConn, AGENT_GUEST_PATH};
 use crate::digest::sha256_file;
 use crate::image::ops as image_ops;
@@ -26,6 +27,7 @@ use crate::workspace::busy;
 use crate::workspace::disk::{copy_disk, grow_ext4};
 use crate::workspace::inject::{inject_agent, inject_file};
 use crate::workspace::lock::WorkspaceLock;
+use crate::workspace::secrets::{self, SecretStore};
 use crate::workspace::state::{check, read_exit_record, reconcile, supervisor_alive, Op, Status};
 use crate::workspace::store::{
     now_rfc3339, StateDir, StoreError, WorkspaceDir, WorkspaceRecord, RECORD_VERSION,
@@ -81,6 +83,29 @@ pub struct CreateArgs {
     /// With --from-snapshot: return once the VMM runs, without waiting for the guest agent.
     #[arg(long)]
     no_wait: bool,
+    /// A secret delivered to /run/secrets/KEY: KEY=@FILE (repeatable; values
+    /// never go on the command line). A fork inherits its source's
+    /// secrets; --secret overrides them key by key.
+    #[arg(long = "secret", value_name = "KEY=@FILE")]
+    secrets: Vec<String>,
+}
+
+/// Reads `--secret KEY=@FILE` arguments (before anything is created).
+pub(crate) fn read_secret_args(args: &[String]) -> Result<Vec<(String, secrets::Value)>> {
+    args.iter()
+        .map(|a| {
+            let (key, src) = a
+                .split_once('=')
+                .with_context(|| format!("--secret takes KEY=@FILE, got {:?}", a))?;
+            let Some(file) = src.strip_prefix('@') else {
+                bail!(
+                    "--secret {key}: give the value as @FILE (values never go on the command line)"
+                );
+            };
+            let value = secrets::read_value_file(key, Path::new(file))?;
+            Ok((key.to_string(), value))
+        })
+        .collect()
 }
 
 /// Parses sizes like 512M, 2G, 1024 (bytes).
@@ -126,9 +151,10 @@ pub fn default_kernel() -> Result<PathBuf> {
 
 pub fn create(state: &StateDir, args: CreateArgs, out: &Out) -> Result<i32> {
     let ws = state.workspace(&args.name)?;
+    let secret_values = read_secret_args(&args.secrets)?;
     if let Some(from) = &args.from_snapshot {
         let wait = (!args.no_wait).then(|| Duration::from_secs(600));
-        return super::snapshot::fork(state, &args.name, from, wait, out);
+        return super::snapshot::fork(state, &args.name, from, wait, &secret_values, out);
     }
     if args.image.is_none() && args.rootfs.is_none() {
         bail!("create needs --image REF (an OCI image) or --rootfs PATH (an ext4 image)");
@@ -196,7 +222,14 @@ pub fn create(state: &StateDir, args: CreateArgs, out: &Out) -> Result<i32> {
         Err(e) => return Err(e).with_context(|| format!("creating {}", ws.dir.display())),
     }
     // From here on a failure removes the half-made workspace.
-    let result = populate(&ws, &args, &source, &kernel, vcpus, cpu_template, disk_size);
+    let result =
+        populate(&ws, &args, &source, &kernel, vcpus, cpu_template, disk_size).and_then(|rec| {
+            let store = SecretStore::of(&ws);
+            for (k, v) in &secret_values {
+                store.set(k, v)?;
+            }
+            Ok(rec)
+        });
     match result {
         Ok(rec) => {
             print_record(
@@ -531,11 +564,35 @@ pub fn launch(
         if restore_from.is_some() {
             refresh_identity(ws, &rec.name)?;
         }
+        // A restored guest's /run/secrets was scrubbed before its memory
+        // was saved: deliver the host's current values (replace: nothing
+        // stale survives).
+        if has_secrets(ws)? {
+            deliver_secrets(ws, true)?;
+        }
         if !out.json && !out.quiet {
             eprintln!("guest agent ready after {:.1}s", t.elapsed().as_secs_f64());
         }
     }
     Ok(vmm_pid)
+}
+
+pub(crate) fn has_secrets(ws: &WorkspaceDir) -> Result<bool> {
+    Ok(!SecretStore::of(ws).keys()?.is_empty())
+}
+
+/// Delivers the host's secrets into a running guest, retried like the
+/// identity refresh (a loaded PVM host can make the guest slow to answer).
+pub(crate) fn deliver_secrets(ws: &WorkspaceDir, replace: bool) -> Result<()> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match agent_secrets::deliver(ws, replace) {
+            Ok(_) => return Ok(()),
+            Err(e) if attempt >= 3 => return Err(e.into()),
+            Err(_) => std::thread::sleep(Duration::from_secs(1)),
+        }
+    }
 }
 
 /// Hostname, clock, entropy and machine-id for a guest that was resumed
@@ -586,6 +643,10 @@ fn pause_or_resume(state: &StateDir, name: &str, out: &Out, pause: bool) -> Resu
     check(&ws.name, status, if pause { Op::Pause } else { Op::Resume })?;
     let op = if pause { CtlOp::Pause } else { CtlOp::Resume };
     let resp = control::request(&ws.control_socket(), op, CONTROL_TIMEOUT)?;
+    // A workspace snapshotted while paused had its secrets scrubbed.
+    if !pause && has_secrets(&ws)? {
+        deliver_secrets(&ws, true)?;
+    }
     rec.status = if pause {
         Status::Paused
     } else {

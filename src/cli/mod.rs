@@ -8,6 +8,7 @@ mod image;
 mod inspect;
 mod lifecycle;
 mod output;
+mod secret;
 mod snapshot;
 mod vmm_run;
 mod vmm_serve;
@@ -69,6 +70,9 @@ enum Command {
     /// fork: create --from-snapshot).
     #[command(subcommand)]
     Snapshot(snapshot::SnapshotCommand),
+    /// Secrets delivered to /run/secrets: set, ls, rm.
+    #[command(subcommand)]
+    Secret(secret::SecretCommand),
     /// Low-level VMM commands (used by the workspace commands and tests).
     #[command(hide = true, subcommand)]
     Vmm(VmmCommand),
@@ -109,6 +113,7 @@ pub fn run() -> i32 {
         Command::Cp(a) => cp::cp(&state, a),
         Command::Image(c) => image::run(&state, c, &out),
         Command::Snapshot(c) => snapshot::run(&state, c, &out),
+        Command::Secret(c) => secret::run(&state, c, &out),
         Command::Vmm(VmmCommand::Run(a)) => vmm_run::run(a, cli.json),
         Command::Vmm(VmmCommand::Supervise(a)) => vmm_serve::supervise(a),
         Command::Vmm(VmmCommand::Serve(a)) => vmm_serve::serve(a),
@@ -117,7 +122,15 @@ pub fn run() -> i32 {
         Ok(code) => code,
         Err(e) => {
             if cli.json {
-                println!("{}", serde_json::json!({ "error": format!("{e:#}") }));
+                let mut v = serde_json::json!({ "error": format!("{e:#}") });
+                if let Some(leak) = e
+                    .chain()
+                    .find_map(|c| c.downcast_ref::<snapshot::SecretLeak>())
+                {
+                    v["secret_key"] = leak.key.clone().into();
+                    v["file"] = leak.file.clone().into();
+                }
+                println!("{v}");
             }
             eprintln!("microagent: {e:#}");
             EXIT_FAILURE

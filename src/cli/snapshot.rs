@@ -12,21 +12,26 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use serde_json::json;
 
-use super::lifecycle::{check_snapshot, launch, open, snapshot_dir};
+use super::lifecycle::{check_snapshot, deliver_secrets, launch, open, snapshot_dir};
 use super::output::{print_record, Out};
+use crate::agent::secrets as agent_secrets;
 use crate::digest::sha256_file;
 use crate::snapshot::cpuid::CpuidLeaf;
 use crate::snapshot::manifest::{
     validate_tag, FileInfo, Manifest, MANIFEST, MEMORY, ROOTFS, VMSTATE,
 };
+use crate::snapshot::scan::{scan, MIN_SCANNABLE};
 use crate::vmm::control::{self, Op as CtlOp, Request, PROTOCOL_VERSION};
 use crate::vmm::host;
 use crate::vmm::snapshot::{allocated_bytes, VmSnapshot};
 use crate::workspace::busy::{self, BusyGuard};
 use crate::workspace::disk::copy_disk;
 use crate::workspace::lock::WorkspaceLock;
+use crate::workspace::secrets::{SecretStore, Value};
 use crate::workspace::state::Status;
-use crate::workspace::store::{now_rfc3339, StateDir, StoreError, WorkspaceRecord, RECORD_VERSION};
+use crate::workspace::store::{
+    now_rfc3339, StateDir, StoreError, WorkspaceDir, WorkspaceRecord, RECORD_VERSION,
+};
 
 /// Saving guest memory of a large VM can take a while.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -83,6 +88,41 @@ fn file_info(dir: &Path, name: &str) -> Result<FileInfo> {
             .len(),
         sha256: sha256_file(&path).with_context(|| format!("hashing {}", path.display()))?,
     })
+}
+
+/// A secret's bytes were found in a snapshot file: the snapshot is not
+/// committed. Names the key and file, never the value.
+#[derive(Debug, thiserror::Error)]
+#[error("secret {key} found in {file} ({encoding}) after the scrub: a guest process still holds a copy (a variable, /tmp, /dev/shm, a file on disk); remove it and try again")]
+pub struct SecretLeak {
+    pub key: String,
+    pub file: String,
+    pub encoding: &'static str,
+}
+
+/// Puts the secrets back after a snapshot (whether it succeeded or not),
+/// leaving a workspace that was paused paused (its secrets come back on
+/// resume). A failure here does not undo the snapshot; it is reported.
+fn rehydrate_after_snapshot(ws: &WorkspaceDir, orig_paused: bool, out: &Out) {
+    let running = control::request(&ws.control_socket(), CtlOp::Status, Duration::from_secs(15))
+        .map(|r| r.state.as_deref() == Some("running"));
+    match running {
+        Ok(true) if orig_paused => {
+            // Woken for the scrub but the snapshot never paused it again.
+            let _ = control::request(&ws.control_socket(), CtlOp::Pause, Duration::from_secs(15));
+        }
+        Ok(true) => {
+            if let Err(e) = deliver_secrets(ws, true) {
+                if !out.quiet {
+                    eprintln!(
+                        "warning: workspace {}: secrets not delivered again after the snapshot: {e:#} (run `microagent resume` or `secret set` to retry)",
+                        ws.name
+                    );
+                }
+            }
+        }
+        _ => {}
+    }
 }
 
 /// vCPU 0's CPUID, from the vmstate.bin the VMM just wrote.
@@ -148,8 +188,26 @@ fn create(state: &StateDir, args: CreateArgs, out: &Out) -> Result<i32> {
         .snapshots()
         .join(format!(".creating-{tag}-{}", std::process::id()));
     std::fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let secrets = SecretStore::of(&ws).all()?;
+    let orig_paused = status == Status::Paused;
+    for (key, value) in &secrets {
+        if value.len() < MIN_SCANNABLE && !out.quiet {
+            eprintln!(
+                "warning: secret {key} is shorter than {MIN_SCANNABLE} bytes: it is scrubbed, but too short to prove absent by searching the snapshot"
+            );
+        }
+    }
     let started = std::time::Instant::now();
     let result = (|| -> Result<(Manifest, Option<Duration>)> {
+        if !secrets.is_empty() {
+            // The agent must run to scrub; a paused guest is woken for it
+            // and is paused again by the snapshot itself.
+            if orig_paused {
+                control::request(&ws.control_socket(), CtlOp::Resume, Duration::from_secs(15))?;
+            }
+            agent_secrets::scrub(&ws)
+                .context("scrubbing secrets before guest memory is written")?;
+        }
         let req = Request {
             v: PROTOCOL_VERSION,
             op: CtlOp::Snapshot,
@@ -162,11 +220,22 @@ fn create(state: &StateDir, args: CreateArgs, out: &Out) -> Result<i32> {
         let copied = copy_disk(&ws.rootfs(), &tmp.join(ROOTFS));
         // The pause began inside the snapshot request; this bounds it from above.
         let mut paused = None;
-        if was_running {
+        if was_running && !orig_paused {
             control::request(&ws.control_socket(), CtlOp::Resume, Duration::from_secs(15))?;
             paused = Some(started.elapsed());
         }
         copied?;
+        // Proof of scrub, before the tag exists.
+        let files = [tmp.join(MEMORY), tmp.join(VMSTATE), tmp.join(ROOTFS)];
+        let paths: Vec<&Path> = files.iter().map(|p| p.as_path()).collect();
+        if let Some(leak) = scan(&paths, &secrets).context("searching the snapshot for secrets")? {
+            return Err(SecretLeak {
+                key: leak.key,
+                file: leak.file,
+                encoding: leak.encoding,
+            }
+            .into());
+        }
         let files = [VMSTATE, MEMORY, ROOTFS]
             .iter()
             .map(|f| file_info(&tmp, f))
@@ -184,6 +253,9 @@ fn create(state: &StateDir, args: CreateArgs, out: &Out) -> Result<i32> {
             .with_context(|| format!("renaming into {}", dest.display()))?;
         Ok((m, paused))
     })();
+    if !secrets.is_empty() {
+        rehydrate_after_snapshot(&ws, orig_paused, out);
+    }
     let (m, paused) = match result {
         Ok(x) => x,
         Err(e) => {
@@ -293,6 +365,7 @@ pub fn fork(
     name: &str,
     from: &str,
     wait: Option<Duration>,
+    secret_overrides: &[(String, Value)],
     out: &Out,
 ) -> Result<i32> {
     let (src_name, tag) = from
@@ -325,6 +398,13 @@ pub fn fork(
             ..src_rec.clone()
         };
         ws.write(&rec)?;
+        // The fork gets its source's secrets (current values), then the
+        // overrides given on the command line.
+        let store = SecretStore::of(&ws);
+        SecretStore::of(&src).copy_to(&store)?;
+        for (k, v) in secret_overrides {
+            store.set(k, v)?;
+        }
         let pid = launch(&ws, &mut rec, Some(&dir), wait, out)?;
         Ok((rec, pid))
     })();

@@ -1,3 +1,4 @@
 pub mod cpuid;
 pub mod format;
 pub mod manifest;
+pub mod scan;

@@ -40,12 +40,18 @@ pub fn guest_tsc_khz() -> Option<u32> {
 }
 
 /// The CPUID this host would show vCPU 0 of a new guest under `template`:
-/// what a restored guest's CPUID is checked against.
+/// what a restored guest's CPUID is checked against. Read back from a
+/// throwaway vCPU, as a snapshot reads it: KVM may adjust what it is given
+/// (PVM reports a sparse supported set and shows the guest more).
 pub fn guest_cpuid(template: CpuTemplate, vcpus: u8) -> Option<Vec<CpuidLeaf>> {
     let kvm = kvm_ioctls::Kvm::new().ok()?;
     let mut cpuid = kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .ok()?;
     configure(&mut cpuid, template, 0, vcpus);
-    Some(cpuid.as_slice().iter().map(CpuidLeaf::from).collect())
+    let vm = kvm.create_vm().ok()?;
+    let vcpu = vm.create_vcpu(0).ok()?;
+    vcpu.set_cpuid2(&cpuid).ok()?;
+    let seen = vcpu.get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES).ok()?;
+    Some(seen.as_slice().iter().map(CpuidLeaf::from).collect())
 }

@@ -639,6 +639,9 @@ fn full_cmdline(cfg: &VmConfig, tsc_khz: Option<u32>, device_args: &[String]) ->
         "reboot=k".into(),
         "panic=-1".into(),
         "8250.nr_uarts=1".into(),
+        // Freed pages are zeroed: a secret scrubbed from /run/secrets (or
+        // dropped by any process) cannot linger in a snapshot's memory.
+        "init_on_free=1".into(),
     ];
     if let Some(khz) = tsc_khz.filter(|k| *k > 0) {
         // Skips delay-loop calibration, which costs seconds when emulated.

@@ -91,16 +91,28 @@ fn copy_range(src: &File, dst: &File, mut offset: u64, end: u64) -> std::io::Res
     Ok(())
 }
 
-fn sparse_copy(src: &File, dst: &File, len: u64) -> std::io::Result<()> {
-    dst.set_len(len)?;
+/// The `[start, end)` ranges of `file` (of length `len`) that hold data;
+/// holes read as zeros and are skipped.
+pub fn data_extents(file: &File, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    let mut extents = Vec::new();
     let mut pos = 0;
     while pos < len {
-        let Some(data) = seek(src, pos, libc::SEEK_DATA)? else {
+        let Some(data) = seek(file, pos, libc::SEEK_DATA)? else {
             break;
         };
-        let hole = seek(src, data, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
+        let hole = seek(file, data, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
+        if hole > data {
+            extents.push((data, hole));
+        }
+        pos = hole.max(data + 1);
+    }
+    Ok(extents)
+}
+
+fn sparse_copy(src: &File, dst: &File, len: u64) -> std::io::Result<()> {
+    dst.set_len(len)?;
+    for (data, hole) in data_extents(src, len)? {
         copy_range(src, dst, data, hole)?;
-        pos = hole;
     }
     Ok(())
 }

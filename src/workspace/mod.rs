@@ -5,5 +5,6 @@ pub mod busy;
 pub mod disk;
 pub mod inject;
 pub mod lock;
+pub mod secrets;
 pub mod state;
 pub mod store;

@@ -61,16 +61,15 @@ pub fn kernel_dir() -> &'static Path {
     })
 }
 
-/// Makes sure the static guest agent sits next to the microagent binary
-/// under test (where `create` looks for it), building it if needed.
+/// Makes sure an up-to-date static guest agent sits next to the
+/// microagent binary under test (where `create` looks for it). Built once
+/// per test process: cargo makes it a no-op when nothing changed, and a
+/// stale agent would silently test old guest code.
 pub fn ensure_agent() {
     static DONE: OnceLock<()> = OnceLock::new();
     DONE.get_or_init(|| {
         let next_to_bin =
             PathBuf::from(env!("CARGO_BIN_EXE_microagent")).with_file_name("microagent-agent");
-        if next_to_bin.is_file() {
-            return;
-        }
         let out = Command::new("bash")
             .arg(repo_root().join("scripts/build-agent.sh"))
             .output()

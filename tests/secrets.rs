@@ -11,20 +11,6 @@ use std::path::Path;
 
 use common::*;
 
-fn sh(home: &Home, ws: &str, script: &str) -> String {
-    let out = home
-        .cmd()
-        .args(["exec", ws, "--", "sh", "-c", script])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "exec in {ws} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 fn random_value(tag: &str) -> String {
     let mut b = [0u8; 12];
     std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").unwrap(), &mut b).unwrap();

@@ -14,20 +14,6 @@ use common::*;
 /// there: the process's memory went back, not only a file.
 const COUNTER_INIT: &str = "#!/bin/sh\nmkfifo /run/poke\nexec 3<>/run/poke\ni=0\necho $i > /run/counter\nwhile read _ <&3; do i=$((i+1)); echo $i > /run/counter; done\n";
 
-fn sh(home: &Home, ws: &str, script: &str) -> String {
-    let out = home
-        .cmd()
-        .args(["exec", ws, "--", "sh", "-c", script])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "exec in {ws} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 fn counter(home: &Home, ws: &str) -> u64 {
     sh(home, ws, "cat /run/counter").parse().unwrap_or(0)
 }

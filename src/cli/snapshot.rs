@@ -270,9 +270,13 @@ fn create(state: &StateDir, args: CreateArgs, out: &Out) -> Result<i32> {
         .iter()
         .map(|f| allocated_bytes(&dest.join(f)))
         .sum();
+    let scrubbed = match secrets.len() {
+        0 => String::new(),
+        n => format!("; {n} secret(s) scrubbed, none found in it"),
+    };
     out.done(
         &format!(
-            "snapshot {tag} created ({} MiB RAM, {} vCPU) at {}",
+            "snapshot {tag} created ({} MiB RAM, {} vCPU) at {}{scrubbed}",
             m.memory_mib, m.vcpus, m.created
         ),
         json!({
@@ -285,6 +289,7 @@ fn create(state: &StateDir, args: CreateArgs, out: &Out) -> Result<i32> {
             "dir": dest.display().to_string(),
             "duration_ms": started.elapsed().as_millis() as u64,
             "paused_ms": paused.map(|d| d.as_millis() as u64),
+            "secrets_scrubbed": secrets.len(),
         }),
     );
     Ok(0)

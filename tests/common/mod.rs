@@ -195,6 +195,21 @@ pub fn fact<'a>(console: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|l| l.trim_end_matches('\r').strip_prefix(prefix.as_str()))
 }
 
+/// Runs `sh -c SCRIPT` in a workspace, requires success, returns stdout trimmed.
+pub fn sh(home: &Home, ws: &str, script: &str) -> String {
+    let out = home
+        .cmd()
+        .args(["exec", ws, "--", "sh", "-c", script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "exec in {ws} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 /// A private state directory (`MICROAGENT_HOME`) for one test.
 pub struct Home {
     pub dir: tempfile::TempDir,

@@ -172,5 +172,9 @@ pub fn refresh(r: &guest_agent::Refresh) -> String {
     if r.machine_id.len() == 32 && r.machine_id.bytes().all(|b| b.is_ascii_hexdigit()) {
         let _ = std::fs::write("/etc/machine-id", format!("{}\n", r.machine_id));
     }
+    // The host may snapshot right after this (a boot snapshot): the disk
+    // copy must hold what the guest's page cache believes is written.
+    // SAFETY: sync takes no arguments and cannot fail.
+    unsafe { libc::sync() };
     errors.join("; ")
 }

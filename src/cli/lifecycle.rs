@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use super::output::{print_record, Out};
+use super::output::{print_record, record_json, Out};
+use super::warm::{self, Boot};
 use crate::agent::secrets as agent_secrets;
 use crate::agent::{agent_binary, wait_ready, AgentConn, AGENT_GUEST_PATH};
 use crate::digest::sha256_file;
@@ -23,8 +24,9 @@ use crate::vmm::arch::x86_64::cpuid::CpuTemplate;
 use crate::vmm::control::{self, Op as CtlOp};
 use crate::vmm::host;
 use crate::vmm::vm::VmConfig;
+use crate::workspace::bootcache::BootInputs;
 use crate::workspace::busy;
-use crate::workspace::disk::{copy_disk, grow_ext4};
+use crate::workspace::disk::{content_sha256, copy_disk, grow_ext4};
 use crate::workspace::inject::{inject_agent, inject_file};
 use crate::workspace::lock::WorkspaceLock;
 use crate::workspace::secrets::{self, SecretStore};
@@ -309,6 +311,15 @@ fn populate(
         std::fs::canonicalize(kernel).with_context(|| format!("kernel {}", kernel.display()))?;
     let kernel_sha256 =
         sha256_file(&kernel).with_context(|| format!("hashing kernel {}", kernel.display()))?;
+    let boot_key = boot_key(
+        ws,
+        args,
+        source,
+        &kernel_sha256,
+        &agent,
+        vcpus,
+        cpu_template,
+    )?;
     let rec = WorkspaceRecord {
         version: RECORD_VERSION,
         name: ws.name.clone(),
@@ -340,6 +351,7 @@ fn populate(
         cmdline: args.cmdline.clone(),
         init: args.init.clone(),
         cpu_template: cpu_template.name().to_string(),
+        boot_key: Some(boot_key),
         created: now_rfc3339(),
         status: Status::Created,
         vmm_pid: None,
@@ -347,6 +359,49 @@ fn populate(
     };
     ws.write(&rec)?;
     Ok(rec)
+}
+
+/// The boot cache key of a workspace just populated (see workspace::bootcache).
+fn boot_key(
+    ws: &WorkspaceDir,
+    args: &CreateArgs,
+    source: &DiskSource,
+    kernel_sha256: &str,
+    agent: &Path,
+    vcpus: u8,
+    cpu_template: CpuTemplate,
+) -> Result<String> {
+    let agent_sha256 =
+        sha256_file(agent).with_context(|| format!("hashing agent {}", agent.display()))?;
+    let disk_source = match source {
+        DiskSource::Image(r, _) => r.digest.to_string(),
+        DiskSource::File(p) => format!(
+            "sha256:{}",
+            content_sha256(p).with_context(|| format!("hashing rootfs {}", p.display()))?
+        ),
+    };
+    let spec = ws.dir.join("entrypoint.json");
+    let entrypoint_sha256 = if args.run_entrypoint {
+        Some(sha256_file(&spec).with_context(|| format!("hashing {}", spec.display()))?)
+    } else {
+        None
+    };
+    let disk_bytes = std::fs::metadata(ws.rootfs())
+        .with_context(|| format!("{}", ws.rootfs().display()))?
+        .len();
+    Ok(BootInputs {
+        kernel_sha256,
+        disk_source: &disk_source,
+        disk_bytes,
+        agent_sha256: &agent_sha256,
+        entrypoint_sha256: entrypoint_sha256.as_deref(),
+        vcpus,
+        memory_mib: args.memory,
+        cmdline: &args.cmdline,
+        init: args.init.as_deref(),
+        cpu_template: cpu_template.name(),
+    }
+    .key())
 }
 
 /// Lock, read and reconcile: the common opening of every lifecycle command.
@@ -385,34 +440,60 @@ pub struct StartArgs {
     /// Roll back: resume memory, devices and disk from this snapshot tag.
     #[arg(long, value_name = "TAG")]
     from_snapshot: Option<String>,
+    /// First start: boot the kernel even when a boot snapshot of an equal
+    /// workspace is cached (and do not cache this boot).
+    #[arg(long, conflicts_with = "from_snapshot")]
+    cold: bool,
 }
 
 pub fn start(state: &StateDir, args: StartArgs, out: &Out) -> Result<i32> {
     let (ws, _lock, mut rec, status) = open(state, &args.name)?;
     check(&ws.name, status, Op::Start)?;
-    let snapshot = match &args.from_snapshot {
+    let wait = (!args.no_wait).then(|| Duration::from_secs(args.timeout));
+    let t = Instant::now();
+    let (vmm_pid, boot, how) = match &args.from_snapshot {
         Some(tag) => {
             let dir = snapshot_dir(&ws, tag)?;
-            let manifest = check_snapshot(&dir, &rec)?;
+            check_snapshot(&dir, &rec)?;
             // Roll the disk back with the memory: both are from that moment.
             copy_disk(&dir.join(ROOTFS), &ws.rootfs())?;
-            Some((dir, manifest))
+            let pid = launch(
+                &ws,
+                &mut rec,
+                Some(&dir),
+                wait,
+                AfterReady::DeliverSecrets,
+                out,
+            )?;
+            (pid, Boot::Snapshot, format!(" from snapshot {tag}"))
         }
-        None => None,
+        None if status == Status::Created => {
+            let first = warm::first_start(state, &ws, &mut rec, wait, args.cold, out)?;
+            let how = match (first.boot, &first.key) {
+                (Boot::Warm, Some(k)) => format!(" (warm start from boot snapshot {})", &k[..12]),
+                (Boot::Cold, Some(k)) if first.cached => {
+                    format!(" (cold boot; cached as boot snapshot {})", &k[..12])
+                }
+                _ => " (cold boot)".to_string(),
+            };
+            (first.vmm_pid, first.boot, how)
+        }
+        None => {
+            let pid = launch(&ws, &mut rec, None, wait, AfterReady::DeliverSecrets, out)?;
+            (pid, Boot::Cold, String::new())
+        }
     };
-    let wait = (!args.no_wait).then(|| Duration::from_secs(args.timeout));
-    let vmm_pid = launch(
-        &ws,
-        &mut rec,
-        snapshot.as_ref().map(|(d, _)| d.as_path()),
-        wait,
-        out,
-    )?;
-    let msg = match &args.from_snapshot {
-        Some(tag) => format!("workspace {} started from snapshot {tag}", ws.name),
-        None => format!("workspace {} started", ws.name),
-    };
-    print_record(out, &ws, &rec, Status::Running, None, vmm_pid, &msg);
+    let mut json = record_json(&ws, &rec, Status::Running, None, vmm_pid);
+    json["boot"] = boot.name().into();
+    json["start_ms"] = (t.elapsed().as_millis() as u64).into();
+    out.done(
+        &format!(
+            "workspace {} started{how} in {:.1}s",
+            ws.name,
+            t.elapsed().as_secs_f64()
+        ),
+        json,
+    );
     Ok(0)
 }
 
@@ -477,14 +558,25 @@ pub fn check_snapshot(dir: &Path, rec: &WorkspaceRecord) -> Result<Manifest> {
     Ok(m)
 }
 
+/// What `launch` does once the guest agent answers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum AfterReady {
+    /// Deliver the workspace's secrets (the usual case).
+    DeliverSecrets,
+    /// Leave /run/secrets empty: the caller snapshots first (boot cache).
+    NoSecrets,
+}
+
 /// Spawns the workspace's VMM (booting, or resuming `restore_from`), waits
-/// for its control socket and, with `wait`, for the guest agent; a restored
-/// guest then gets a fresh identity. Records the workspace as running.
+/// for its control socket and, with `wait`, for the guest agent, which then
+/// gives the guest its identity (hostname, machine-id, clock, entropy:
+/// fresh for a restored guest too). Records the workspace as running.
 pub fn launch(
     ws: &WorkspaceDir,
     rec: &mut WorkspaceRecord,
     restore_from: Option<&Path>,
     wait: Option<Duration>,
+    after: AfterReady,
     out: &Out,
 ) -> Result<Option<u32>> {
     let _ = std::fs::remove_file(ws.exit_record());
@@ -561,13 +653,13 @@ pub fn launch(
                 )
             },
         )?;
-        if restore_from.is_some() {
-            refresh_identity(ws, &rec.name)?;
-        }
+        // Every guest gets its machine-id and host entropy here, so a
+        // cold-booted and a warm-started workspace look alike.
+        refresh_identity(ws, &rec.name)?;
         // A restored guest's /run/secrets was scrubbed before its memory
         // was saved: deliver the host's current values (replace: nothing
         // stale survives).
-        if has_secrets(ws)? {
+        if after == AfterReady::DeliverSecrets && has_secrets(ws)? {
             deliver_secrets(ws, true)?;
         }
         if !out.json && !out.quiet {

@@ -2,6 +2,7 @@
 //!
 //! Exit codes: 0 success, 1 failure, 2 usage error.
 
+mod cache;
 mod cp;
 mod exec;
 mod image;
@@ -12,6 +13,7 @@ mod secret;
 mod snapshot;
 mod vmm_run;
 mod vmm_serve;
+mod warm;
 
 use clap::{Parser, Subcommand};
 
@@ -70,6 +72,9 @@ enum Command {
     /// fork: create --from-snapshot).
     #[command(subcommand)]
     Snapshot(snapshot::SnapshotCommand),
+    /// Boot snapshots that first starts resume instead of booting: ls, prune.
+    #[command(subcommand)]
+    Cache(cache::CacheCommand),
     /// Secrets delivered to /run/secrets: set, ls, rm.
     #[command(subcommand)]
     Secret(secret::SecretCommand),
@@ -114,6 +119,7 @@ pub fn run() -> i32 {
         Command::Image(c) => image::run(&state, c, &out),
         Command::Snapshot(c) => snapshot::run(&state, c, &out),
         Command::Secret(c) => secret::run(&state, c, &out),
+        Command::Cache(c) => cache::run(&state, c, &out),
         Command::Vmm(VmmCommand::Run(a)) => vmm_run::run(a, cli.json),
         Command::Vmm(VmmCommand::Supervise(a)) => vmm_serve::supervise(a),
         Command::Vmm(VmmCommand::Serve(a)) => vmm_serve::serve(a),

@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use serde_json::json;
 
-use super::lifecycle::{check_snapshot, deliver_secrets, launch, open, snapshot_dir};
+use super::lifecycle::{check_snapshot, deliver_secrets, launch, open, snapshot_dir, AfterReady};
 use super::output::{print_record, Out};
 use crate::agent::secrets as agent_secrets;
 use crate::digest::sha256_file;
@@ -136,7 +136,7 @@ fn guest_cpuid(dir: &Path) -> Result<Vec<CpuidLeaf>> {
         .unwrap_or_default())
 }
 
-fn human_size(bytes: u64) -> String {
+pub(crate) fn human_size(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = bytes as f64;
     let mut u = 0;
@@ -164,6 +164,64 @@ fn remove_leftovers(snapshots: &Path) {
             let _ = std::fs::remove_dir_all(e.path());
         }
     }
+}
+
+/// Saves a running or paused VM into `tmp` (vmstate.bin, memory.bin, the
+/// disk copied while paused, manifest.json last), resumes it unless
+/// `leave_paused`, and proves no secret's bytes are in it. The caller
+/// renames `tmp` into place. Returns the manifest and how long the guest
+/// was paused (None when it stays paused).
+pub(crate) fn capture(
+    ws: &WorkspaceDir,
+    rec: &WorkspaceRecord,
+    tmp: &Path,
+    tag: &str,
+    secrets: &[(String, Value)],
+    leave_paused: bool,
+    started: std::time::Instant,
+) -> Result<(Manifest, Option<Duration>)> {
+    let req = Request {
+        v: PROTOCOL_VERSION,
+        op: CtlOp::Snapshot,
+        dir: Some(tmp.display().to_string()),
+    };
+    let resp = control::request_with(&ws.control_socket(), req, SNAPSHOT_TIMEOUT)?;
+    let was_running = resp.was.as_deref() == Some("running");
+    // The VM stays paused until its disk is copied: memory and disk
+    // are from the same moment.
+    let copied = copy_disk(&ws.rootfs(), &tmp.join(ROOTFS));
+    // The pause began inside the snapshot request; this bounds it from above.
+    let mut paused = None;
+    if was_running && !leave_paused {
+        control::request(&ws.control_socket(), CtlOp::Resume, Duration::from_secs(15))?;
+        paused = Some(started.elapsed());
+    }
+    copied?;
+    // Proof of scrub, before the tag exists.
+    let files = [tmp.join(MEMORY), tmp.join(VMSTATE), tmp.join(ROOTFS)];
+    let paths: Vec<&Path> = files.iter().map(|p| p.as_path()).collect();
+    if let Some(leak) = scan(&paths, secrets).context("searching the snapshot for secrets")? {
+        return Err(SecretLeak {
+            key: leak.key,
+            file: leak.file,
+            encoding: leak.encoding,
+        }
+        .into());
+    }
+    let files = [VMSTATE, MEMORY, ROOTFS]
+        .iter()
+        .map(|f| file_info(tmp, f))
+        .collect::<Result<Vec<_>>>()?;
+    let m = Manifest::new(
+        tag,
+        rec,
+        now_rfc3339(),
+        host::guest_tsc_khz(),
+        guest_cpuid(tmp)?,
+        files,
+    );
+    m.write(tmp)?;
+    Ok((m, paused))
 }
 
 fn create(state: &StateDir, args: CreateArgs, out: &Out) -> Result<i32> {
@@ -208,47 +266,7 @@ fn create(state: &StateDir, args: CreateArgs, out: &Out) -> Result<i32> {
             agent_secrets::scrub(&ws)
                 .context("scrubbing secrets before guest memory is written")?;
         }
-        let req = Request {
-            v: PROTOCOL_VERSION,
-            op: CtlOp::Snapshot,
-            dir: Some(tmp.display().to_string()),
-        };
-        let resp = control::request_with(&ws.control_socket(), req, SNAPSHOT_TIMEOUT)?;
-        let was_running = resp.was.as_deref() == Some("running");
-        // The VM stays paused until its disk is copied: memory and disk
-        // are from the same moment.
-        let copied = copy_disk(&ws.rootfs(), &tmp.join(ROOTFS));
-        // The pause began inside the snapshot request; this bounds it from above.
-        let mut paused = None;
-        if was_running && !orig_paused {
-            control::request(&ws.control_socket(), CtlOp::Resume, Duration::from_secs(15))?;
-            paused = Some(started.elapsed());
-        }
-        copied?;
-        // Proof of scrub, before the tag exists.
-        let files = [tmp.join(MEMORY), tmp.join(VMSTATE), tmp.join(ROOTFS)];
-        let paths: Vec<&Path> = files.iter().map(|p| p.as_path()).collect();
-        if let Some(leak) = scan(&paths, &secrets).context("searching the snapshot for secrets")? {
-            return Err(SecretLeak {
-                key: leak.key,
-                file: leak.file,
-                encoding: leak.encoding,
-            }
-            .into());
-        }
-        let files = [VMSTATE, MEMORY, ROOTFS]
-            .iter()
-            .map(|f| file_info(&tmp, f))
-            .collect::<Result<Vec<_>>>()?;
-        let m = Manifest::new(
-            &tag,
-            &rec,
-            now_rfc3339(),
-            host::guest_tsc_khz(),
-            guest_cpuid(&tmp)?,
-            files,
-        );
-        m.write(&tmp)?;
+        let (m, paused) = capture(&ws, &rec, &tmp, &tag, &secrets, orig_paused, started)?;
         std::fs::rename(&tmp, &dest)
             .with_context(|| format!("renaming into {}", dest.display()))?;
         Ok((m, paused))
@@ -410,7 +428,14 @@ pub fn fork(
         for (k, v) in secret_overrides {
             store.set(k, v)?;
         }
-        let pid = launch(&ws, &mut rec, Some(&dir), wait, out)?;
+        let pid = launch(
+            &ws,
+            &mut rec,
+            Some(&dir),
+            wait,
+            AfterReady::DeliverSecrets,
+            out,
+        )?;
         Ok((rec, pid))
     })();
     match result {

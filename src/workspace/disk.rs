@@ -109,6 +109,35 @@ pub fn data_extents(file: &File, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
     Ok(extents)
 }
 
+/// sha256 of a disk image's content: its length, then every non-zero 4 KiB
+/// block with its offset. Equal content gives an equal hash whether zeros
+/// are holes or allocated, and holes are never read.
+pub fn content_sha256(path: &Path) -> std::io::Result<String> {
+    use sha2::{Digest, Sha256};
+    use std::os::unix::fs::FileExt;
+    const BLOCK: usize = 4096;
+    let file = File::open(path)?;
+    let len = file.metadata()?.len();
+    let mut h = Sha256::new();
+    h.update(len.to_le_bytes());
+    let mut buf = vec![0u8; 64 * BLOCK];
+    for (start, end) in data_extents(&file, len)? {
+        let mut pos = start;
+        while pos < end {
+            let n = ((end - pos) as usize).min(buf.len());
+            file.read_exact_at(&mut buf[..n], pos)?;
+            for (i, block) in buf[..n].chunks(BLOCK).enumerate() {
+                if block.iter().any(|&b| b != 0) {
+                    h.update((pos + (i * BLOCK) as u64).to_le_bytes());
+                    h.update(block);
+                }
+            }
+            pos += n as u64;
+        }
+    }
+    Ok(crate::digest::hex(&h.finalize()))
+}
+
 fn sparse_copy(src: &File, dst: &File, len: u64) -> std::io::Result<()> {
     dst.set_len(len)?;
     for (data, hole) in data_extents(src, len)? {
@@ -181,6 +210,32 @@ mod tests {
     use super::*;
     use std::io::{Seek, SeekFrom, Write};
     use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn content_hash_ignores_allocation_and_sees_every_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let sparse = dir.path().join("sparse");
+        let dense = dir.path().join("dense");
+        let mut f = File::create(&sparse).unwrap();
+        f.set_len(1 << 20).unwrap();
+        f.seek(SeekFrom::Start(512 << 10)).unwrap();
+        f.write_all(b"marker").unwrap();
+        let mut data = vec![0u8; 1 << 20];
+        data[512 << 10..(512 << 10) + 6].copy_from_slice(b"marker");
+        std::fs::write(&dense, &data).unwrap();
+        let a = content_sha256(&sparse).unwrap();
+        assert_eq!(a, content_sha256(&dense).unwrap());
+        data[(512 << 10) + 5] = b'X';
+        std::fs::write(&dense, &data).unwrap();
+        assert_ne!(a, content_sha256(&dense).unwrap());
+        File::options()
+            .write(true)
+            .open(&sparse)
+            .unwrap()
+            .set_len(2 << 20)
+            .unwrap();
+        assert_ne!(a, content_sha256(&sparse).unwrap(), "the length counts");
+    }
 
     #[test]
     fn sparse_copy_keeps_data_and_holes() {

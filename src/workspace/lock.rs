@@ -57,6 +57,13 @@ impl WorkspaceLock {
         Ok(WorkspaceLock { _file: file })
     }
 
+    /// Blocks until no one holds it exclusively; many may share it.
+    pub fn acquire_shared(path: &Path) -> Result<WorkspaceLock, LockError> {
+        let file = open_lock_file(path)?;
+        flock(&file, libc::LOCK_SH).map_err(lock_err(path))?;
+        Ok(WorkspaceLock { _file: file })
+    }
+
     /// The lock if nobody holds it, None otherwise.
     pub fn try_acquire(path: &Path) -> Result<Option<WorkspaceLock>, LockError> {
         let file = open_lock_file(path)?;

@@ -75,6 +75,10 @@ pub struct WorkspaceRecord {
     #[serde(default)]
     pub init: Option<String>,
     pub cpu_template: String,
+    /// What a boot of this workspace's first start depends on (see
+    /// workspace::bootcache); workspaces with equal keys boot identically.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_key: Option<String>,
     pub created: String,
     pub status: Status,
     /// Supervisor process of the running VMM, if any.
@@ -342,6 +346,7 @@ mod tests {
             cmdline: "quiet".into(),
             init: None,
             cpu_template: "host".into(),
+            boot_key: None,
             created: now_rfc3339(),
             status: Status::Created,
             vmm_pid: None,

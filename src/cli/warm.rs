@@ -1,0 +1,199 @@
+//! Warm starts: a workspace's first start resumes a cached snapshot of a
+//! guest that booted from the same inputs, instead of booting.
+//!
+//! The first start of a boot key cold-boots, waits for the agent, has it
+//! sync, snapshots that pristine guest into the boot cache (before any
+//! secret is delivered), resumes it and delivers the secrets. Later first
+//! starts with that key copy the cached disk, resume the cached memory and
+//! refresh the identity, exactly as a fork does. A damaged entry is removed
+//! and the start falls back to a cold boot, with a warning.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+
+use super::lifecycle::{check_snapshot, deliver_secrets, has_secrets, launch, AfterReady};
+use super::output::Out;
+use super::snapshot::capture;
+use crate::snapshot::manifest::ROOTFS;
+use crate::workspace::bootcache::{valid_key, BootCache};
+use crate::workspace::disk::copy_disk;
+use crate::workspace::state::Status;
+use crate::workspace::store::{StateDir, WorkspaceDir, WorkspaceRecord};
+
+/// How a start brought its guest up (reported as `boot` in `--json`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Boot {
+    /// Booted the kernel.
+    Cold,
+    /// Resumed the boot cache's snapshot of an equal workspace.
+    Warm,
+    /// Resumed one of the workspace's own snapshots (`--from-snapshot`).
+    Snapshot,
+}
+
+impl Boot {
+    pub fn name(self) -> &'static str {
+        match self {
+            Boot::Cold => "cold",
+            Boot::Warm => "warm",
+            Boot::Snapshot => "snapshot",
+        }
+    }
+}
+
+/// What a first start did, for the caller's message and JSON.
+pub struct FirstStart {
+    pub vmm_pid: Option<u32>,
+    pub boot: Boot,
+    pub key: Option<String>,
+    /// With a cold boot: whether its snapshot is now in the cache.
+    pub cached: bool,
+}
+
+fn warn(out: &Out, msg: &str) {
+    if !out.quiet {
+        eprintln!("warning: {msg}");
+    }
+}
+
+/// The first start of a workspace (status `created`). Without `wait` the
+/// agent is never awaited, so there is nothing to snapshot or restore into:
+/// such starts, and `cold`, boot without the cache.
+pub fn first_start(
+    state: &StateDir,
+    ws: &WorkspaceDir,
+    rec: &mut WorkspaceRecord,
+    wait: Option<Duration>,
+    cold: bool,
+    out: &Out,
+) -> Result<FirstStart> {
+    let key = rec.boot_key.clone().filter(|k| valid_key(k));
+    let (Some(key), Some(_), false) = (key, wait, cold) else {
+        let vmm_pid = launch(ws, rec, None, wait, AfterReady::DeliverSecrets, out)?;
+        return Ok(FirstStart {
+            vmm_pid,
+            boot: Boot::Cold,
+            key: None,
+            cached: false,
+        });
+    };
+    let cache = BootCache::new(&state.root);
+    if let Some(dir) = cache.lookup(&key) {
+        match warm_start(&cache, &dir, ws, rec, wait, out) {
+            Ok(vmm_pid) => {
+                return Ok(FirstStart {
+                    vmm_pid,
+                    boot: Boot::Warm,
+                    key: Some(key),
+                    cached: true,
+                })
+            }
+            Err(e) => {
+                let removed = match cache.remove(&key) {
+                    Ok(()) => "removed it".to_string(),
+                    Err(r) => format!("could not remove it: {r}"),
+                };
+                warn(
+                    out,
+                    &format!(
+                        "boot snapshot {} ({}) is unusable: {e:#}; {removed}; cold-booting workspace {} instead",
+                        &key[..12],
+                        dir.display(),
+                        ws.name
+                    ),
+                );
+            }
+        }
+    }
+    let vmm_pid = launch(ws, rec, None, wait, AfterReady::NoSecrets, out)?;
+    let cached = match cache_boot(&cache, &key, ws, rec) {
+        Ok(stored) => stored,
+        Err(e) => {
+            // The workspace runs (capture resumes it on every path after
+            // the pause); only the next start loses the shortcut.
+            warn(
+                out,
+                &format!(
+                    "workspace {} booted, but its boot snapshot was not cached: {e:#}",
+                    ws.name
+                ),
+            );
+            false
+        }
+    };
+    if has_secrets(ws)? {
+        deliver_secrets(ws, true)?;
+    }
+    Ok(FirstStart {
+        vmm_pid,
+        boot: Boot::Cold,
+        key: Some(key),
+        cached,
+    })
+}
+
+/// Resumes the cached boot snapshot in `dir` as this workspace. On failure
+/// the workspace is as before: created, with its own disk, no VMM.
+fn warm_start(
+    cache: &BootCache,
+    dir: &Path,
+    ws: &WorkspaceDir,
+    rec: &mut WorkspaceRecord,
+    wait: Option<Duration>,
+    out: &Out,
+) -> Result<Option<u32>> {
+    let _use = cache.use_lock()?;
+    check_snapshot(dir, rec)?;
+    // Keep the workspace's own disk until the restore has worked.
+    let own_disk = ws.dir.join("rootfs.cold.ext4");
+    std::fs::rename(ws.rootfs(), &own_disk)
+        .with_context(|| format!("moving {} aside", ws.rootfs().display()))?;
+    let result = copy_disk(&dir.join(ROOTFS), &ws.rootfs())
+        .map_err(anyhow::Error::from)
+        .and_then(|_| launch(ws, rec, Some(dir), wait, AfterReady::DeliverSecrets, out));
+    match result {
+        Ok(pid) => {
+            let _ = std::fs::remove_file(&own_disk);
+            Ok(pid)
+        }
+        Err(e) => {
+            if let Some(pid) = ws.read().ok().and_then(|r| r.vmm_pid) {
+                // SAFETY: signalling the VMM process group we started.
+                unsafe { libc::kill(-pid, libc::SIGKILL) };
+            }
+            let _ = std::fs::rename(&own_disk, ws.rootfs());
+            rec.status = Status::Created;
+            rec.vmm_pid = None;
+            rec.crash_reason = None;
+            ws.write(rec)?;
+            Err(e)
+        }
+    }
+}
+
+/// Snapshots the just-booted guest (synced by the identity refresh, no
+/// secrets yet) into the cache. Ok(false) when an equal start cached first.
+fn cache_boot(
+    cache: &BootCache,
+    key: &str,
+    ws: &WorkspaceDir,
+    rec: &WorkspaceRecord,
+) -> Result<bool> {
+    let _use = cache.use_lock()?;
+    if cache.lookup(key).is_some() {
+        return Ok(false);
+    }
+    let tmp = cache
+        .temp_dir(key)
+        .with_context(|| format!("creating a temp directory in {}", cache.root.display()))?;
+    let tag = format!("boot-{}", &key[..12]);
+    match capture(ws, rec, &tmp, &tag, &[], false, Instant::now()) {
+        Ok(_) => Ok(cache.commit(&tmp, key)?),
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Err(e)
+        }
+    }
+}

@@ -11,8 +11,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use sha2::{Digest, Sha256};
 
-const IDLE_INIT: &str = "#!/bin/sh\nwhile true; do sleep 3600; done\n";
-
 fn hex(d: &[u8]) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -47,6 +45,8 @@ fn exec_shell_and_cp_on_one_workspace() {
         rootfs.to_str().unwrap(),
         "--kernel",
         vmlinux().to_str().unwrap(),
+        "--vcpus",
+        "2",
         "--memory",
         "256",
         "--init",

@@ -33,7 +33,7 @@ fn secrets_delivered_scrubbed_proven_and_rehydrated() {
         return;
     }
     let home = Home::new();
-    let rootfs = busybox_rootfs(home.dir.path(), "#!/bin/sh\nexec sleep 100000\n");
+    let rootfs = busybox_rootfs(home.dir.path(), IDLE_INIT);
     let v1 = random_value("first");
     let v2 = random_value("rotated");
     let v3 = random_value("override");
@@ -60,8 +60,12 @@ fn secrets_delivered_scrubbed_proven_and_rehydrated() {
         rootfs.to_str().unwrap(),
         "--kernel",
         vmlinux().to_str().unwrap(),
+        "--vcpus",
+        "2",
         "--memory",
         "256",
+        "--init",
+        "/init",
         "--secret",
         &format!("API_TOKEN=@{}", f1.display()),
     ]);

@@ -12,7 +12,11 @@ use common::*;
 /// advances only when poked through a FIFO. After a rollback the counter
 /// must read the snapshot's value and the next poke must continue from
 /// there: the process's memory went back, not only a file.
-const COUNTER_INIT: &str = "#!/bin/sh\nmkfifo /run/poke\nexec 3<>/run/poke\ni=0\necho $i > /run/counter\nwhile read _ <&3; do i=$((i+1)); echo $i > /run/counter; done\n";
+/// A process that lives in guest memory only: a counter bumped by each
+/// line written to /run/poke. Started by exec (detached from the session),
+/// so this test's guest boots like exec.rs's and secrets.rs's and shares
+/// their boot snapshot.
+const START_COUNTER: &str = "mkfifo /run/poke; (exec 3<>/run/poke; i=0; echo $i > /run/counter; while read _ <&3; do i=$((i+1)); echo $i > /run/counter; done) </dev/null >/dev/null 2>&1 &";
 
 fn counter(home: &Home, ws: &str) -> u64 {
     sh(home, ws, "cat /run/counter").parse().unwrap_or(0)
@@ -77,7 +81,7 @@ fn seed_transcript_rollback_forks_and_refusals() {
         return;
     }
     let home = Home::new();
-    let rootfs = busybox_rootfs(home.dir.path(), COUNTER_INIT);
+    let rootfs = busybox_rootfs(home.dir.path(), IDLE_INIT);
 
     // 1. A workspace in a state worth keeping.
     home.ok(&[
@@ -101,6 +105,7 @@ fn seed_transcript_rollback_forks_and_refusals() {
         "{err}"
     );
     home.ok(&["start", "builder"]);
+    sh(&home, "builder", START_COUNTER);
     sh(&home, "builder", "echo checkpoint-1 > /root/progress.txt");
     poke(&home, "builder");
     assert_eq!(poke(&home, "builder"), 2);

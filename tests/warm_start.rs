@@ -65,7 +65,7 @@ fn warm_starts_share_one_boot_and_differ_in_identity() {
     if !kvm_available() {
         return;
     }
-    let home = Home::new();
+    let home = Home::with_private_boot_cache();
     let rootfs = busybox_rootfs(home.dir.path(), INIT);
 
     // The first start of a key boots the kernel and caches the booted guest.
@@ -139,7 +139,10 @@ fn warm_starts_share_one_boot_and_differ_in_identity() {
     // Prune frees the space; the next first start boots cold again.
     let pruned = home.json(&["cache", "prune"]);
     assert_eq!(pruned["removed"].as_array().unwrap().len(), 2, "{pruned}");
-    assert!(pruned["freed_bytes"].as_u64().unwrap() > 10 << 20, "{pruned}");
+    assert!(
+        pruned["freed_bytes"].as_u64().unwrap() > 10 << 20,
+        "{pruned}"
+    );
     assert!(cache_keys(&home).is_empty());
     let left: u64 = std::fs::read_dir(cache_dir(&home))
         .unwrap()

@@ -90,23 +90,67 @@ pub fn bzimage() -> PathBuf {
     kernel_dir().join("bzImage")
 }
 
-/// Builds an ext4 root disk holding a static busybox and `init` as /init
-/// (scripts/make-busybox-rootfs.sh, which the demo uses too).
+/// An init that only idles: the guest agent does the rest. Tests that
+/// need nothing else from init share it, so they share one boot snapshot.
+pub const IDLE_INIT: &str = "#!/bin/sh\nwhile true; do sleep 3600; done\n";
+
+/// Where fixtures shared by all test processes of one build live
+/// (target/tmp): root disks and the boot snapshot cache.
+pub fn shared_dir(name: &str) -> PathBuf {
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// An ext4 root disk holding a static busybox and `init` as /init
+/// (scripts/make-busybox-rootfs.sh, which the demo uses too), copied into
+/// `dir`. Built once per init script and kept in target/tmp, so equal
+/// workspaces of different tests have byte-equal disks: equal boot keys,
+/// and one cold boot for all of them (warm starts, see README).
 pub fn busybox_rootfs(dir: &Path, init: &str) -> PathBuf {
-    let init_path = dir.join("init.sh");
-    std::fs::write(&init_path, init).unwrap();
+    let script = repo_root().join("scripts/make-busybox-rootfs.sh");
+    let key = {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        init.hash(&mut h);
+        std::fs::read(&script).unwrap().hash(&mut h);
+        format!("{:016x}", h.finish())
+    };
+    let shared = shared_dir("rootfs").join(format!("busybox-{key}.ext4"));
+    if !shared.is_file() {
+        let init_path = dir.join("init.sh");
+        std::fs::write(&init_path, init).unwrap();
+        let built = dir.join("rootfs.ext4.building");
+        let out = Command::new("bash")
+            .arg(&script)
+            .arg(&built)
+            .arg(&init_path)
+            .output()
+            .expect("running make-busybox-rootfs.sh");
+        assert!(
+            out.status.success(),
+            "make-busybox-rootfs.sh: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Atomic, and the first to finish wins: a racing build of the same
+        // script is dropped and everyone copies the winner.
+        let staged = shared.with_extension(format!("{}", std::process::id()));
+        std::fs::copy(&built, &staged).unwrap();
+        std::fs::remove_file(&built).unwrap();
+        if !shared.is_file() {
+            std::fs::rename(&staged, &shared).unwrap();
+        } else {
+            std::fs::remove_file(&staged).unwrap();
+        }
+    }
     let image = dir.join("rootfs.ext4");
-    let out = Command::new("bash")
-        .arg(repo_root().join("scripts/make-busybox-rootfs.sh"))
+    let st = Command::new("cp")
+        .arg("--sparse=always")
+        .arg(&shared)
         .arg(&image)
-        .arg(&init_path)
-        .output()
-        .expect("running make-busybox-rootfs.sh");
-    assert!(
-        out.status.success(),
-        "make-busybox-rootfs.sh: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .status()
+        .unwrap();
+    assert!(st.success(), "copying {}", shared.display());
     image
 }
 
@@ -210,15 +254,29 @@ pub fn sh(home: &Home, ws: &str, script: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-/// A private state directory (`MICROAGENT_HOME`) for one test.
+/// A private state directory (`MICROAGENT_HOME`) for one test. Its boot
+/// snapshot cache is shared by every test (target/tmp/boot-cache), so the
+/// suite cold-boots once per configuration, unless the test asks for its
+/// own cache.
 pub struct Home {
     pub dir: tempfile::TempDir,
+    shared_boot_cache: bool,
 }
 
 impl Home {
     pub fn new() -> Home {
         Home {
             dir: tempfile::tempdir().unwrap(),
+            shared_boot_cache: true,
+        }
+    }
+
+    /// A home whose boot cache is its own (`<home>/cache/boot`): for
+    /// tests of the cache itself.
+    pub fn with_private_boot_cache() -> Home {
+        Home {
+            dir: tempfile::tempdir().unwrap(),
+            shared_boot_cache: false,
         }
     }
 
@@ -226,6 +284,11 @@ impl Home {
         ensure_agent();
         let mut c = microagent();
         c.env("MICROAGENT_HOME", self.dir.path());
+        if self.shared_boot_cache {
+            c.env("MICROAGENT_BOOT_CACHE", shared_dir("boot-cache"));
+        } else {
+            c.env_remove("MICROAGENT_BOOT_CACHE");
+        }
         c
     }
 

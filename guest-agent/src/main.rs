@@ -222,6 +222,13 @@ fn main() {
         let name =
             init::cmdline_value("microagent.hostname").unwrap_or_else(|| "microagent".into());
         init::set_hostname(&name);
+        // With a NIC the VMM names passt's DNS forwarder; point the
+        // resolver at it (as Docker does, the image's file is replaced).
+        if let Some(dns) = init::cmdline_value("microagent.dns") {
+            if dns.parse::<std::net::Ipv4Addr>().is_ok() {
+                let _ = std::fs::write("/etc/resolv.conf", format!("nameserver {dns}\n"));
+            }
+        }
     }
     reaper::spawn();
     start_entrypoint();

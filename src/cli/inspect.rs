@@ -17,17 +17,21 @@ struct Live {
     status: Status,
     crash_reason: Option<String>,
     pid: Option<u32>,
+    /// From the running VMM: "up", or "down: why" (passt gone).
+    network_state: Option<String>,
 }
 
 /// Status as it really is, asking the VMM when one should be running.
 fn live(ws: &WorkspaceDir, rec: &WorkspaceRecord) -> Live {
     let (mut status, crash_reason) = reconcile(ws, rec);
     let mut pid = None;
+    let mut network_state = None;
     if status.is_live() {
         if let Ok(resp) =
             control::request(&ws.control_socket(), CtlOp::Status, Duration::from_secs(5))
         {
             pid = resp.pid;
+            network_state = resp.network;
             status = match resp.state.as_deref() {
                 Some("paused") => Status::Paused,
                 _ => Status::Running,
@@ -41,6 +45,7 @@ fn live(ws: &WorkspaceDir, rec: &WorkspaceRecord) -> Live {
         status,
         crash_reason,
         pid,
+        network_state,
     }
 }
 
@@ -97,7 +102,8 @@ pub fn status(state: &StateDir, args: NameArgs, out: &Out) -> Result<i32> {
     let ws = state.existing(&args.name)?;
     let rec = ws.read()?;
     let l = live(&ws, &rec);
-    let v = record_json(&ws, &rec, l.status, l.crash_reason.as_deref(), l.pid);
+    let mut v = record_json(&ws, &rec, l.status, l.crash_reason.as_deref(), l.pid);
+    v["network_state"] = l.network_state.clone().into();
     if out.json {
         println!("{v}");
     } else {
@@ -109,6 +115,14 @@ pub fn status(state: &StateDir, args: NameArgs, out: &Out) -> Result<i32> {
         println!("  memory:  {} MiB", rec.memory_mib);
         if let Some(p) = l.pid {
             println!("  pid:     {p}");
+        }
+        match (&l.network_state, rec.network.name()) {
+            (Some(state), mode) => println!("  network: {mode} ({state})"),
+            (None, mode) => println!("  network: {mode}"),
+        }
+        if !rec.ports.is_empty() {
+            let ports: Vec<String> = rec.ports.iter().map(|p| p.to_string()).collect();
+            println!("  ports:   {}", ports.join(", "));
         }
         println!("  kernel:  {} (sha256 {})", rec.kernel, rec.kernel_sha256);
         println!("  created: {}", rec.created);

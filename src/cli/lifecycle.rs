@@ -13,6 +13,7 @@ use super::output::{print_record, record_json, Out};
 use super::warm::{self, Boot};
 use crate::agent::secrets as agent_secrets;
 use crate::agent::{agent_binary, wait_ready, AgentConn, AGENT_GUEST_PATH};
+use crate::devices::virtio::net::config::{check_unique, PortMap};
 use crate::digest::sha256_file;
 use crate::image::ops as image_ops;
 use crate::image::progress::Progress;
@@ -32,7 +33,7 @@ use crate::workspace::lock::WorkspaceLock;
 use crate::workspace::secrets::{self, SecretStore};
 use crate::workspace::state::{check, read_exit_record, reconcile, supervisor_alive, Op, Status};
 use crate::workspace::store::{
-    now_rfc3339, StateDir, StoreError, WorkspaceDir, WorkspaceRecord, RECORD_VERSION,
+    now_rfc3339, NetworkMode, StateDir, StoreError, WorkspaceDir, WorkspaceRecord, RECORD_VERSION,
 };
 
 /// How long `start` waits for the VMM to answer on its control socket.
@@ -85,6 +86,15 @@ pub struct CreateArgs {
     /// With --from-snapshot: return once the VMM runs, without waiting for the guest agent.
     #[arg(long)]
     no_wait: bool,
+    /// `user`: a NIC behind this workspace's own passt (user-mode TCP/IP,
+    /// no root set-up); `none`: loopback only. A fork keeps its source's.
+    #[arg(long, value_enum, default_value_t = NetworkMode::User, conflicts_with = "from_snapshot")]
+    network: NetworkMode,
+    /// Publish a guest TCP port on the host: [ADDR:]HOST_PORT:GUEST_PORT
+    /// (ADDR defaults to 127.0.0.1; repeatable). Forks publish only what
+    /// their own `create --from-snapshot` names.
+    #[arg(short = 'p', long = "publish", value_name = "[ADDR:]HOST:GUEST")]
+    publish: Vec<PortMap>,
     /// A secret delivered to /run/secrets/KEY: KEY=@FILE (repeatable; values
     /// never go on the command line). A fork inherits its source's
     /// secrets; --secret overrides them key by key.
@@ -154,9 +164,20 @@ pub fn default_kernel() -> Result<PathBuf> {
 pub fn create(state: &StateDir, args: CreateArgs, out: &Out) -> Result<i32> {
     let ws = state.workspace(&args.name)?;
     let secret_values = read_secret_args(&args.secrets)?;
+    check_unique(&args.publish).map_err(anyhow::Error::msg)?;
     if let Some(from) = &args.from_snapshot {
         let wait = (!args.no_wait).then(|| Duration::from_secs(600));
-        return super::snapshot::fork(state, &args.name, from, wait, &secret_values, out);
+        let fork = super::snapshot::ForkArgs {
+            name: &args.name,
+            from,
+            wait,
+            secret_overrides: &secret_values,
+            ports: &args.publish,
+        };
+        return super::snapshot::fork(state, fork, out);
+    }
+    if args.network == NetworkMode::None && !args.publish.is_empty() {
+        bail!("--publish needs a network: drop --network none");
     }
     if args.image.is_none() && args.rootfs.is_none() {
         bail!("create needs --image REF (an OCI image) or --rootfs PATH (an ext4 image)");
@@ -185,6 +206,7 @@ pub fn create(state: &StateDir, args: CreateArgs, out: &Out) -> Result<i32> {
         console_log: None,
         console_stdout: false,
         vsock: None,
+        net: None,
     }
     .validate()
     .map_err(|e| match e {
@@ -351,6 +373,8 @@ fn populate(
         cmdline: args.cmdline.clone(),
         init: args.init.clone(),
         cpu_template: cpu_template.name().to_string(),
+        network: args.network,
+        ports: args.publish.clone(),
         boot_key: Some(boot_key),
         created: now_rfc3339(),
         status: Status::Created,
@@ -400,6 +424,7 @@ fn boot_key(
         cmdline: &args.cmdline,
         init: args.init.as_deref(),
         cpu_template: cpu_template.name(),
+        network: args.network.name(),
     }
     .key())
 }

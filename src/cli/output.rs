@@ -43,6 +43,8 @@ pub fn record_json(
         "kernel_sha256": rec.kernel_sha256,
         "cmdline": rec.cmdline,
         "cpu_template": rec.cpu_template,
+        "network": rec.network.name(),
+        "ports": rec.ports.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
         "created": rec.created,
         "pid": pid,
         "dir": ws.dir.display().to_string(),

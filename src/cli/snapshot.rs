@@ -15,6 +15,7 @@ use serde_json::json;
 use super::lifecycle::{check_snapshot, deliver_secrets, launch, open, snapshot_dir, AfterReady};
 use super::output::{print_record, Out};
 use crate::agent::secrets as agent_secrets;
+use crate::devices::virtio::net::config::PortMap;
 use crate::digest::sha256_file;
 use crate::snapshot::cpuid::CpuidLeaf;
 use crate::snapshot::manifest::{
@@ -30,7 +31,7 @@ use crate::workspace::lock::WorkspaceLock;
 use crate::workspace::secrets::{SecretStore, Value};
 use crate::workspace::state::Status;
 use crate::workspace::store::{
-    now_rfc3339, StateDir, StoreError, WorkspaceDir, WorkspaceRecord, RECORD_VERSION,
+    now_rfc3339, NetworkMode, StateDir, StoreError, WorkspaceDir, WorkspaceRecord, RECORD_VERSION,
 };
 
 /// Saving guest memory of a large VM can take a while.
@@ -381,16 +382,27 @@ fn delete(state: &StateDir, args: DeleteArgs, out: &Out) -> Result<i32> {
     Ok(0)
 }
 
+/// What `create NEW --from-snapshot SRC:TAG` asks for.
+pub struct ForkArgs<'a> {
+    pub name: &'a str,
+    pub from: &'a str,
+    pub wait: Option<Duration>,
+    pub secret_overrides: &'a [(String, Value)],
+    /// The fork's own published ports (the source's are never inherited:
+    /// both would want the same host ports).
+    pub ports: &'a [PortMap],
+}
+
 /// `create NEW --from-snapshot SRC:TAG`: a new workspace resumed from the
 /// snapshot's memory, with a private copy of its disk and a fresh identity.
-pub fn fork(
-    state: &StateDir,
-    name: &str,
-    from: &str,
-    wait: Option<Duration>,
-    secret_overrides: &[(String, Value)],
-    out: &Out,
-) -> Result<i32> {
+pub fn fork(state: &StateDir, args: ForkArgs, out: &Out) -> Result<i32> {
+    let ForkArgs {
+        name,
+        from,
+        wait,
+        secret_overrides,
+        ports,
+    } = args;
     let (src_name, tag) = from
         .split_once(':')
         .with_context(|| format!("--from-snapshot takes WORKSPACE:TAG, got {from:?}"))?;
@@ -399,6 +411,9 @@ pub fn fork(
     let dir = snapshot_dir(&src, tag)?;
     let src_rec = src.read()?;
     check_snapshot(&dir, &src_rec)?;
+    if src_rec.network == NetworkMode::None && !ports.is_empty() {
+        bail!("workspace {src_name} has no network (--network none): a fork of it cannot publish ports");
+    }
     std::fs::create_dir_all(state.workspaces())?;
     match std::fs::create_dir(&ws.dir) {
         Ok(()) => {}
@@ -418,6 +433,7 @@ pub fn fork(
             vmm_pid: None,
             crash_reason: None,
             rootfs_source: Some(format!("{src_name}:{tag}")),
+            ports: ports.to_vec(),
             ..src_rec.clone()
         };
         ws.write(&rec)?;

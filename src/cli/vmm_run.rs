@@ -91,6 +91,7 @@ pub fn run(args: RunArgs, json: bool) -> Result<i32> {
             guest_cid: GUEST_CID,
             socket,
         }),
+        net: None,
     };
     let started = std::time::Instant::now();
     let vm = Vm::boot(&cfg).context("booting the VM")?;

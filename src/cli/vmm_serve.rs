@@ -7,6 +7,8 @@
 //! - `vmm serve --workspace-dir D`: boots the workspace's VM and serves its
 //!   control socket until the guest powers off or is halted.
 
+use crate::devices::virtio::net::NetConfig;
+use crate::workspace::store::NetworkMode;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 
@@ -121,6 +123,10 @@ pub fn serve(args: ServeArgs) -> Result<i32> {
         vsock: Some(VsockConfig {
             guest_cid: super::vmm_run::GUEST_CID,
             socket: ws.vsock_socket(),
+        }),
+        net: (rec.network == NetworkMode::User).then(|| NetConfig {
+            ports: rec.ports.clone(),
+            passt_log: Some(ws.dir.join("passt.log")),
         }),
     };
     let vm = match &args.restore_from {

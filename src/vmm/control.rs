@@ -52,6 +52,9 @@ pub struct Response {
     /// Snapshot only: the state the VM was in before (running or paused).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub was: Option<String>,
+    /// Status only, with a NIC: "up", or "down: why" once passt is gone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
 }
 
 impl Response {
@@ -69,6 +72,7 @@ impl Response {
             pid: Some(std::process::id()),
             error: None,
             was: None,
+            network: None,
         }
     }
 
@@ -80,6 +84,7 @@ impl Response {
             pid: None,
             error: Some(msg.into()),
             was: None,
+            network: None,
         }
     }
 }
@@ -141,7 +146,14 @@ fn snapshot(vm: &VmHandle, info: &ServeInfo, dir: Option<&str>) -> Response {
 fn handle(vm: &VmHandle, info: &ServeInfo, req: &Request) -> Response {
     match req.op {
         Op::Snapshot => snapshot(vm, info, req.dir.as_deref()),
-        Op::Status => Response::ok(vm.state()),
+        Op::Status => {
+            let mut r = Response::ok(vm.state());
+            r.network = vm.network().map(|n| match n {
+                Ok(()) => "up".to_string(),
+                Err(why) => format!("down: {why}"),
+            });
+            r
+        }
         Op::Pause => match vm.pause() {
             Ok(()) => Response::ok(RunState::Paused),
             Err(e) => Response::err(format!("pause failed: {e}")),

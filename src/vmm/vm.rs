@@ -27,6 +27,8 @@ use crate::devices::i8042::{I8042, I8042_LEN, I8042_PORT};
 use crate::devices::serial::{ConsoleSink, SerialDevice, COM1_LEN, COM1_PORT};
 use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
+use crate::devices::virtio::net::config as net_config;
+use crate::devices::virtio::net::{LinkState, Net, NetConfig};
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::devices::EventFdTrigger;
@@ -66,6 +68,8 @@ pub struct VmConfig {
     pub console_log: Option<PathBuf>,
     pub console_stdout: bool,
     pub vsock: Option<VsockConfig>,
+    /// User-mode networking through a per-VM passt (None: no NIC).
+    pub net: Option<NetConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +109,8 @@ pub enum VmError {
     #[error(transparent)]
     Vsock(#[from] crate::devices::virtio::vsock::VsockError),
     #[error(transparent)]
+    Net(#[from] crate::devices::virtio::net::PasstError),
+    #[error(transparent)]
     Mptable(#[from] mptable::MptableError),
     #[error("device layout: {0}")]
     Layout(#[from] crate::devices::bus::OverlapError),
@@ -136,8 +142,8 @@ impl VmConfig {
                 return Err(VmError::DiskMissing(d.path.display().to_string()));
             }
         }
-        // One IRQ per virtio device; the vsock takes one too.
-        if self.disks.len() + usize::from(self.vsock.is_some())
+        // One IRQ per virtio device; the vsock and the NIC take one too.
+        if self.disks.len() + usize::from(self.vsock.is_some()) + usize::from(self.net.is_some())
             > (IRQ_MAX - VIRTIO_IRQ_BASE + 1) as usize
         {
             return Err(VmError::TooManyDisks(self.disks.len()));
@@ -234,6 +240,7 @@ pub struct VmHandle {
     pub(crate) mem: GuestMemoryMmap,
     pub(crate) serial: Arc<Mutex<SerialDevice>>,
     pub(crate) devices: Vec<(String, Arc<Mutex<MmioTransport>>)>,
+    link: Option<LinkState>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -243,6 +250,13 @@ pub enum RunState {
 }
 
 impl VmHandle {
+    /// None without a NIC; Some(Ok) while passt runs, Some(Err(why)) after.
+    pub fn network(&self) -> Option<Result<(), String>> {
+        self.link
+            .as_ref()
+            .map(|l| l.lock().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+
     fn kick_all(&self) -> bool {
         let threads = lock(&self.threads);
         let Some(tids) = threads.as_ref() else {
@@ -308,6 +322,8 @@ pub struct Vm {
     vcpu_count: usize,
     serial: Arc<Mutex<SerialDevice>>,
     devices: Vec<(String, Arc<Mutex<MmioTransport>>)>,
+    /// The NIC's link (None without one): down once its passt is gone.
+    link: Option<LinkState>,
     /// Built from a snapshot: tell devices and the guest's clock once the
     /// vCPUs run.
     restored: bool,
@@ -344,6 +360,8 @@ pub(crate) fn create_vm() -> Result<(Kvm, VmFd), VmError> {
 /// vda, vdb, ... for disks, then the vsock.
 pub(crate) const SERIAL_ID: &str = "com1";
 pub(crate) const VSOCK_ID: &str = "vsock";
+/// After the vsock, so snapshots taken before NICs existed keep their order.
+pub(crate) const NET_ID: &str = "eth0";
 
 fn disk_id(i: usize) -> String {
     format!("vd{}", (b'a' + i as u8) as char)
@@ -427,6 +445,23 @@ impl Vm {
                 devices.is_some(),
             )?;
         }
+        let link = match &cfg.net {
+            Some(n) => {
+                let link: LinkState = Arc::new(Mutex::new(Ok(())));
+                let dev = Net::new(n, link.clone())?;
+                virtio.add(
+                    &vm,
+                    &mem,
+                    NET_ID.into(),
+                    Box::new(dev),
+                    saved(NET_ID),
+                    devices.is_some(),
+                )?;
+                virtio.cmdline_args.push(net_config::kernel_ip_arg());
+                Some(link)
+            }
+            None => None,
+        };
         let VirtioSet {
             mmio,
             kicks,
@@ -451,6 +486,7 @@ impl Vm {
             vcpu_count: usize::from(cfg.vcpus),
             serial,
             devices: named,
+            link,
             restored: devices.is_some(),
             vm_fd: Arc::new(vm),
             mem,
@@ -497,6 +533,7 @@ impl Vm {
             mem: self.mem.clone(),
             serial: self.serial.clone(),
             devices: self.devices.clone(),
+            link: self.link.clone(),
         }
     }
 
@@ -716,6 +753,7 @@ mod tests {
             console_log: None,
             console_stdout: false,
             vsock: None,
+            net: None,
         }
     }
 

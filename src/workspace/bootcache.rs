@@ -36,13 +36,15 @@ pub struct BootInputs<'a> {
     pub cmdline: &'a str,
     pub init: Option<&'a str>,
     pub cpu_template: &'a str,
+    /// `user` or `none`: whether the guest has a NIC.
+    pub network: &'a str,
 }
 
 impl BootInputs<'_> {
     /// sha256 over a line per input: unambiguous, and readable when debugging.
     pub fn key(&self) -> String {
         let text = format!(
-            "{KEY_VERSION}\nkernel {}\ndisk {}\ndisk-bytes {}\nagent {}\nentrypoint {}\nvcpus {}\nmemory-mib {}\ncmdline {:?}\ninit {:?}\ncpu-template {}\n",
+            "{KEY_VERSION}\nkernel {}\ndisk {}\ndisk-bytes {}\nagent {}\nentrypoint {}\nvcpus {}\nmemory-mib {}\ncmdline {:?}\ninit {:?}\ncpu-template {}\nnetwork {}\n",
             self.kernel_sha256,
             self.disk_source,
             self.disk_bytes,
@@ -53,6 +55,7 @@ impl BootInputs<'_> {
             self.cmdline,
             self.init,
             self.cpu_template,
+            self.network,
         );
         crate::digest::hex(&Sha256::digest(text.as_bytes()))
     }
@@ -227,6 +230,7 @@ mod tests {
             cmdline: "quiet root=/dev/vda rw",
             init: None,
             cpu_template: "pvm-safe",
+            network: "user",
         }
     }
 

@@ -75,6 +75,14 @@ pub struct WorkspaceRecord {
     #[serde(default)]
     pub init: Option<String>,
     pub cpu_template: String,
+    /// `user` (a NIC behind its own passt) or `none`. Records written
+    /// before networking existed have none, which keeps their snapshots'
+    /// device set.
+    #[serde(default)]
+    pub network: NetworkMode,
+    /// TCP ports published on the host (never inherited by forks).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<crate::devices::virtio::net::config::PortMap>,
     /// What a boot of this workspace's first start depends on (see
     /// workspace::bootcache); workspaces with equal keys boot identically.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -85,6 +93,36 @@ pub struct WorkspaceRecord {
     pub vmm_pid: Option<i32>,
     /// Why the workspace is crashed, when it is.
     pub crash_reason: Option<String>,
+}
+
+/// A workspace's network.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    /// User-mode networking through a per-VM passt.
+    User,
+    /// Loopback only.
+    #[default]
+    None,
+}
+
+impl NetworkMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            NetworkMode::User => "user",
+            NetworkMode::None => "none",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -346,6 +384,8 @@ mod tests {
             cmdline: "quiet".into(),
             init: None,
             cpu_template: "host".into(),
+            network: NetworkMode::User,
+            ports: vec![],
             boot_key: None,
             created: now_rfc3339(),
             status: Status::Created,

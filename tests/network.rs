@@ -1,0 +1,249 @@
+//! User-mode networking with real guests: each VM's own passt, the host's
+//! loopback reached through the gateway, published ports, rollback, eight
+//! concurrent forks with identical addresses, `--network none`, and a
+//! killed passt reported by `status`.
+
+mod common;
+
+use common::*;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A tiny HTTP/1.0 file server on 127.0.0.1 for the guests to fetch from.
+struct HostServer {
+    port: u16,
+    hits: Arc<AtomicUsize>,
+}
+
+fn serve(blob: Arc<Vec<u8>>) -> HostServer {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let blob = blob.clone();
+            let h = h.clone();
+            std::thread::spawn(move || {
+                let mut conn = conn;
+                let mut req = [0u8; 1024];
+                let n = conn.read(&mut req).unwrap_or(0);
+                let req = String::from_utf8_lossy(&req[..n]);
+                let body: &[u8] = if req.starts_with("GET /blob") {
+                    &blob
+                } else {
+                    b"hello from the host\n"
+                };
+                h.fetch_add(1, Ordering::SeqCst);
+                let _ = write!(
+                    conn,
+                    "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n",
+                    body.len()
+                );
+                let _ = conn.write_all(body);
+            });
+        }
+    });
+    HostServer { port, hits }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// GET / from a published port on the host, retried while the guest's
+/// server comes up.
+fn get_published(port: u16) -> String {
+    let t = Instant::now();
+    loop {
+        let attempt = (|| -> std::io::Result<String> {
+            let mut s = TcpStream::connect(("127.0.0.1", port))?;
+            s.set_read_timeout(Some(Duration::from_secs(30)))?;
+            s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        })();
+        match attempt {
+            Ok(body) if body.contains("200 OK") => return body,
+            other => assert!(
+                t.elapsed() < Duration::from_secs(120),
+                "published port {port}: {other:?}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn create(home: &Home, name: &str, rootfs: &std::path::Path, extra: &[&str]) {
+    let kernel = vmlinux();
+    let mut args = vec![
+        "create",
+        name,
+        "--rootfs",
+        rootfs.to_str().unwrap(),
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--vcpus",
+        "2",
+        "--memory",
+        "256",
+        "--init",
+        "/init",
+    ];
+    args.extend_from_slice(extra);
+    home.ok(&args);
+}
+
+#[test]
+fn user_networking_ports_rollback_forks_and_passt_death() {
+    if !kvm_available() {
+        return;
+    }
+    let home = Home::new();
+    let rootfs = busybox_rootfs(home.dir.path(), IDLE_INIT);
+    let blob: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(7919) >> 3) as u8)
+        .collect();
+    let blob_sha = sha256_hex(&blob);
+    let host = serve(Arc::new(blob));
+    let published = free_port();
+
+    create(&home, "net", &rootfs, &["-p", &format!("{published}:8080")]);
+    create(&home, "isolated", &rootfs, &["--network", "none"]);
+    let v = home.json(&["status", "net"]);
+    assert_eq!(v["network"], "user");
+    assert_eq!(v["ports"][0], format!("127.0.0.1:{published}:8080"));
+    // `isolated` boots (another configuration) while `net` starts.
+    std::thread::scope(|s| {
+        s.spawn(|| home.ok(&["start", "isolated"]));
+        home.ok(&["start", "net"]);
+    });
+
+    // The guest reaches the host's loopback through the gateway.
+    let fetch = format!(
+        "wget -q -O - http://10.0.2.2:{}/blob | sha256sum",
+        host.port
+    );
+    let got = sh(&home, "net", &fetch);
+    assert!(
+        got.starts_with(&blob_sha),
+        "guest saw {got}, host has {blob_sha}"
+    );
+    assert_eq!(
+        sh(&home, "net", "cat /etc/resolv.conf"),
+        "nameserver 10.0.2.3"
+    );
+    assert_eq!(home.json(&["status", "net"])["network_state"], "up");
+
+    // A published port reaches a server inside the guest.
+    sh(
+        &home,
+        "net",
+        "mkdir -p /www && echo guest-says-hi > /www/index.html && httpd -p 8080 -h /www",
+    );
+    assert!(get_published(published).contains("guest-says-hi"));
+
+    // --network none: loopback only.
+    assert_eq!(sh(&home, "isolated", "ls /sys/class/net"), "lo");
+
+    // Rollback: a fresh passt, and new connections work.
+    home.ok(&["snapshot", "create", "net", "--tag", "base"]);
+    home.ok(&["halt", "net"]);
+    home.ok(&["start", "net", "--from-snapshot", "base"]);
+    assert!(sh(&home, "net", &fetch).starts_with(&blob_sha));
+    assert!(get_published(published).contains("guest-says-hi"));
+
+    // Eight forks with the same MAC and IP, each on its own passt, at once;
+    // one publishes the guest's server on a port of its own.
+    let fork_port = free_port();
+    let hits_before = host.hits.load(Ordering::SeqCst);
+    std::thread::scope(|s| {
+        for i in 0..8 {
+            let home = &home;
+            let port = fork_port.to_string();
+            s.spawn(move || {
+                let name = format!("f{i}");
+                let mut args = vec!["create", &name, "--from-snapshot", "net:base"];
+                let publish = format!("{port}:8080");
+                if i == 0 {
+                    args.extend(["-p", &publish]);
+                }
+                home.ok(&args);
+            });
+        }
+    });
+    let hello = format!("wget -q -O - http://10.0.2.2:{}/hello", host.port);
+    std::thread::scope(|s| {
+        for i in 0..8 {
+            let home = &home;
+            let hello = &hello;
+            s.spawn(move || {
+                let name = format!("f{i}");
+                assert_eq!(sh(home, &name, hello), "hello from the host");
+                assert_eq!(
+                    sh(home, &name, "ip -4 addr show eth0 | grep -o 10.0.2.15/24"),
+                    "10.0.2.15/24"
+                );
+            });
+        }
+    });
+    assert!(host.hits.load(Ordering::SeqCst) >= hits_before + 8);
+    assert!(get_published(fork_port).contains("guest-says-hi"));
+    let f1 = home.json(&["status", "f1"]);
+    assert_eq!(
+        f1["ports"].as_array().unwrap().len(),
+        0,
+        "ports are never inherited"
+    );
+
+    // A killed passt is noticed and reported, and nothing hangs.
+    let vmm = home.json(&["status", "f1"])["pid"].as_u64().unwrap();
+    let killed = std::process::Command::new("pkill")
+        .args(["-9", "-f", &format!("microagent-passt-{vmm}-")])
+        .status()
+        .unwrap();
+    assert!(killed.success(), "no passt found for VMM {vmm}");
+    let t = Instant::now();
+    loop {
+        let state = home.json(&["status", "f1"])["network_state"].clone();
+        if state
+            .as_str()
+            .is_some_and(|s| s.starts_with("down: passt killed by signal 9"))
+        {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "status says {state}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (code, _, _) = home.run(&[
+        "exec",
+        "f1",
+        "--",
+        "sh",
+        "-c",
+        &format!("wget -q -T 5 -O - http://10.0.2.2:{}/hello", host.port),
+    ]);
+    assert_ne!(code, 0, "no network after passt died");
+    assert_eq!(sh(&home, "f1", "echo still-here"), "still-here");
+    assert_eq!(
+        sh(&home, "f2", &hello),
+        "hello from the host",
+        "other forks unaffected"
+    );
+}

@@ -134,11 +134,17 @@ fn describe(status: std::process::ExitStatus) -> String {
     }
 }
 
-/// What became of a passt that is gone.
+/// What became of a passt whose socket closed. Its fds close before it
+/// becomes a zombie, so give the exit a moment to land (this runs once,
+/// when the link goes down).
 pub fn exit_reason(child: &mut Child) -> String {
-    match child.try_wait() {
-        Ok(Some(st)) => format!("passt {}", describe(st)),
-        _ => "passt closed its socket".into(),
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        match child.try_wait() {
+            Ok(Some(st)) => return format!("passt {}", describe(st)),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            _ => return "passt closed its socket".into(),
+        }
     }
 }
 

@@ -1,0 +1,169 @@
+//! User-mode network figures on one booted workspace, as JSON lines:
+//! - guest -> host TCP throughput: the guest streams N bytes with busybox
+//!   `nc` to a sink on the host's loopback (via the gateway address), timed
+//!   on the host from first to last byte;
+//! - host -> guest: the guest fetches N bytes from the host with `wget`;
+//! - connection latency: a loop of `wget` of a tiny file, per request,
+//!   next to the same loop spawning `true` (the process cost on this host,
+//!   which on PVM is most of it): the difference is the network's share.
+//!
+//! Runs: MICROAGENT_BENCH_RUNS (default 3).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::time::Instant;
+
+const BYTES: usize = 16 << 20;
+const REQUESTS: usize = 10;
+
+fn line(metric: &str, unit: &str, mut v: Vec<f64>) {
+    if v.is_empty() {
+        println!(r#"{{"bench":"network","metric":"{metric}","error":"no samples"}}"#);
+        return;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        r#"{{"bench":"network","metric":"{metric}","unit":"{unit}","runs":{},"min":{:.3},"median":{:.3},"max":{:.3},"pvm_host":{}}}"#,
+        v.len(),
+        v[0],
+        v[v.len() / 2],
+        v[v.len() - 1],
+        common::is_pvm_host()
+    );
+}
+
+fn main() {
+    if !common::kvm_available() {
+        println!(r#"{{"bench":"network","error":"/dev/kvm not available"}}"#);
+        return;
+    }
+    let runs: usize = std::env::var("MICROAGENT_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let home = common::Home::new();
+    let rootfs = common::busybox_rootfs(home.dir.path(), common::IDLE_INIT);
+    let kernel = common::vmlinux();
+    home.ok(&[
+        "create",
+        "bench",
+        "--rootfs",
+        rootfs.to_str().unwrap(),
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--vcpus",
+        "2",
+        "--memory",
+        "256",
+        "--init",
+        "/init",
+    ]);
+    home.ok(&["start", "bench"]);
+
+    // A sink and a source on the host's loopback.
+    let sink = TcpListener::bind("127.0.0.1:0").unwrap();
+    let sink_port = sink.local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for conn in sink.incoming().flatten() {
+            let mut conn = conn;
+            let mut buf = vec![0u8; 1 << 16];
+            let mut got = 0usize;
+            let mut first = None;
+            while got < BYTES {
+                match conn.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        first.get_or_insert_with(Instant::now);
+                        got += n;
+                    }
+                }
+            }
+            let secs = first.map_or(0.0, |t| t.elapsed().as_secs_f64());
+            let _ = tx.send((got, secs));
+        }
+    });
+    let source = TcpListener::bind("127.0.0.1:0").unwrap();
+    let source_port = source.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let body = vec![0x5au8; BYTES];
+        for conn in source.incoming().flatten() {
+            let mut conn = conn;
+            let mut req = [0u8; 512];
+            let n = conn.read(&mut req).unwrap_or(0);
+            let big = String::from_utf8_lossy(&req[..n]).starts_with("GET /big");
+            let data: &[u8] = if big { &body } else { b"ok\n" };
+            let _ = write!(
+                conn,
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n",
+                data.len()
+            );
+            let _ = conn.write_all(data);
+        }
+    });
+
+    let mut up = Vec::new();
+    for _ in 0..runs {
+        let ok = home
+            .cmd()
+            .args(["exec", "bench", "--", "sh", "-c"])
+            .arg(format!(
+                "head -c {BYTES} /dev/zero | nc 10.0.2.2 {sink_port}"
+            ))
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if let Ok((got, secs)) = rx.recv_timeout(std::time::Duration::from_secs(5)) {
+            if ok && got == BYTES && secs > 0.0 {
+                up.push(got as f64 / 1e6 / secs);
+            }
+        }
+    }
+    line("guest_to_host_tcp_throughput", "MB/s", up);
+
+    let mut down = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        let out = home
+            .cmd()
+            .args(["exec", "bench", "--", "sh", "-c"])
+            .arg(format!(
+                "wget -q -O - http://10.0.2.2:{source_port}/big | wc -c"
+            ))
+            .output();
+        if out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == BYTES.to_string()) {
+            down.push(BYTES as f64 / 1e6 / t.elapsed().as_secs_f64());
+        }
+    }
+    line("host_to_guest_tcp_throughput", "MB/s", down);
+
+    // Per-request time of a loop run inside the guest, against the same
+    // loop spawning `true`.
+    let per_request = |body: &str| -> Option<f64> {
+        let script = format!(
+            "s=$(date +%s%N); i=0; while [ $i -lt {REQUESTS} ]; do {body}; i=$((i+1)); done; e=$(date +%s%N); echo $(( (e - s) / {REQUESTS} / 1000 ))"
+        );
+        let o = home
+            .cmd()
+            .args(["exec", "bench", "--", "sh", "-c", &script])
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&o.stdout)
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .map(|us| us / 1000.0)
+    };
+    let (mut wget, mut spawn) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        wget.extend(per_request(&format!(
+            "wget -q -O /dev/null http://10.0.2.2:{source_port}/ok"
+        )));
+        spawn.extend(per_request("true"));
+    }
+    line("wget_request_ms", "ms", wget);
+    line("process_spawn_baseline_ms", "ms", spawn);
+    home.ok(&["halt", "bench"]);
+}

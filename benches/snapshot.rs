@@ -6,6 +6,7 @@
 //! snapshot and `-incoming` restore of the same guest, in the same run.
 //!
 //! Runs per figure: MICROAGENT_BENCH_RUNS, default 3 (each needs no boot).
+//! Guest sizes: MICROAGENT_BENCH_SNAPSHOT_MIB, default "256,1024".
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -297,7 +298,13 @@ fn main() {
         .unwrap_or(3)
         .clamp(1, FORKS);
     let have_qemu = qemu::available();
-    for memory_mib in [256, 1024] {
+    // MICROAGENT_BENCH_SNAPSHOT_MIB=256,1024 (the default) picks the sizes.
+    let sizes: Vec<u64> = std::env::var("MICROAGENT_BENCH_SNAPSHOT_MIB")
+        .ok()
+        .map(|v| v.split(',').filter_map(|s| s.trim().parse().ok()).collect())
+        .filter(|v: &Vec<u64>| !v.is_empty())
+        .unwrap_or_else(|| vec![256, 1024]);
+    for memory_mib in sizes {
         ours(memory_mib, runs);
         if have_qemu {
             theirs(memory_mib, runs, pvm);

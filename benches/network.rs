@@ -45,22 +45,8 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
     let home = common::Home::new();
-    let rootfs = common::busybox_rootfs(home.dir.path(), common::IDLE_INIT);
-    let kernel = common::vmlinux();
-    home.ok(&[
-        "create",
-        "bench",
-        "--rootfs",
-        rootfs.to_str().unwrap(),
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--vcpus",
-        "2",
-        "--memory",
-        "256",
-        "--init",
-        "/init",
-    ]);
+    let shared = common::SharedConfig::new(home.dir.path());
+    home.ok(&shared.create_args("bench", &[]));
     home.ok(&["start", "bench"]);
 
     // A sink and a source on the host's loopback.

@@ -37,21 +37,8 @@ fn exec_shell_and_cp_on_one_workspace() {
         return;
     }
     let home = Home::new();
-    let rootfs = busybox_rootfs(home.dir.path(), IDLE_INIT);
-    home.ok(&[
-        "create",
-        "ws",
-        "--rootfs",
-        rootfs.to_str().unwrap(),
-        "--kernel",
-        vmlinux().to_str().unwrap(),
-        "--vcpus",
-        "2",
-        "--memory",
-        "256",
-        "--init",
-        "/init",
-    ]);
+    let shared = SharedConfig::new(home.dir.path());
+    home.ok(&shared.create_args("ws", &[]));
     // Exec into a workspace that is not running is a clear error.
     let (code, _, err) = sh(&home, "true");
     assert_eq!(code, 1);

@@ -90,33 +90,13 @@ fn sha256_hex(data: &[u8]) -> String {
         .collect()
 }
 
-fn create(home: &Home, name: &str, rootfs: &std::path::Path, extra: &[&str]) {
-    let kernel = vmlinux();
-    let mut args = vec![
-        "create",
-        name,
-        "--rootfs",
-        rootfs.to_str().unwrap(),
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--vcpus",
-        "2",
-        "--memory",
-        "256",
-        "--init",
-        "/init",
-    ];
-    args.extend_from_slice(extra);
-    home.ok(&args);
-}
-
 #[test]
 fn user_networking_ports_rollback_forks_and_passt_death() {
     if !kvm_available() {
         return;
     }
     let home = Home::new();
-    let rootfs = busybox_rootfs(home.dir.path(), IDLE_INIT);
+    let shared = SharedConfig::new(home.dir.path());
     let blob: Vec<u8> = (0..3_000_000u32)
         .map(|i| (i.wrapping_mul(7919) >> 3) as u8)
         .collect();
@@ -124,8 +104,9 @@ fn user_networking_ports_rollback_forks_and_passt_death() {
     let host = serve(Arc::new(blob));
     let published = free_port();
 
-    create(&home, "net", &rootfs, &["-p", &format!("{published}:8080")]);
-    create(&home, "isolated", &rootfs, &["--network", "none"]);
+    let publish = format!("{published}:8080");
+    home.ok(&shared.create_args("net", &["-p", &publish]));
+    home.ok(&shared.create_args("isolated", &["--network", "none"]));
     let v = home.json(&["status", "net"]);
     assert_eq!(v["network"], "user");
     assert_eq!(v["ports"][0], format!("127.0.0.1:{published}:8080"));

@@ -33,7 +33,7 @@ fn secrets_delivered_scrubbed_proven_and_rehydrated() {
         return;
     }
     let home = Home::new();
-    let rootfs = busybox_rootfs(home.dir.path(), IDLE_INIT);
+    let shared = SharedConfig::new(home.dir.path());
     let v1 = random_value("first");
     let v2 = random_value("rotated");
     let v3 = random_value("override");
@@ -53,22 +53,8 @@ fn secrets_delivered_scrubbed_proven_and_rehydrated() {
         v
     };
 
-    json(&[
-        "create",
-        "sec",
-        "--rootfs",
-        rootfs.to_str().unwrap(),
-        "--kernel",
-        vmlinux().to_str().unwrap(),
-        "--vcpus",
-        "2",
-        "--memory",
-        "256",
-        "--init",
-        "/init",
-        "--secret",
-        &format!("API_TOKEN=@{}", f1.display()),
-    ]);
+    let secret_arg = format!("API_TOKEN=@{}", f1.display());
+    json(&shared.create_args("sec", &["--secret", &secret_arg]));
     let ws_dir = home.workspace_dir("sec");
     let md = std::fs::metadata(ws_dir.join("secrets")).unwrap();
     assert_eq!(md.mode() & 0o777, 0o700);

@@ -154,6 +154,44 @@ pub fn busybox_rootfs(dir: &Path, init: &str) -> PathBuf {
     image
 }
 
+/// The suite's shared guest configuration: an idle busybox init, 2 vCPUs,
+/// 256 MiB and the default user network. Workspaces created with it have
+/// equal boot keys, so the whole suite cold-boots it once and warm-starts
+/// it everywhere else.
+pub struct SharedConfig {
+    rootfs: String,
+    kernel: String,
+}
+
+impl SharedConfig {
+    pub fn new(dir: &Path) -> SharedConfig {
+        SharedConfig {
+            rootfs: busybox_rootfs(dir, IDLE_INIT).display().to_string(),
+            kernel: vmlinux().display().to_string(),
+        }
+    }
+
+    /// `create NAME …` arguments, then `extra`.
+    pub fn create_args<'a>(&'a self, name: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+        let mut a = vec![
+            "create",
+            name,
+            "--rootfs",
+            &self.rootfs,
+            "--kernel",
+            &self.kernel,
+            "--vcpus",
+            "2",
+            "--memory",
+            "256",
+            "--init",
+            "/init",
+        ];
+        a.extend_from_slice(extra);
+        a
+    }
+}
+
 /// Builds a busybox disk holding `/big`: `mib` MiB of non-zero bytes the
 /// guest can pull into its page cache (the disk path writes guest memory
 /// from the host; a guest-side copy loop would take minutes on PVM).

@@ -374,13 +374,29 @@ impl Home {
     }
 }
 
+/// The last `n` lines of a file ("" if unreadable).
+fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 impl Drop for Home {
-    /// Never leave VMMs behind, whatever the test did.
+    /// Never leave VMMs behind, whatever the test did. A failing test
+    /// first prints each workspace's VMM log and console tail: the
+    /// directory is about to go, and CI has nothing else to show.
     fn drop(&mut self) {
         let ws = self.dir.path().join("workspaces");
         if let Ok(entries) = std::fs::read_dir(&ws) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
+                if std::thread::panicking() {
+                    eprintln!(
+                        "--- workspace {name}: vmm.log ---\n{}\n--- {name}: console.log (tail) ---\n{}",
+                        tail(&e.path().join("vmm.log"), 30),
+                        tail(&e.path().join("console.log"), 20)
+                    );
+                }
                 let _ = self
                     .cmd()
                     .args(["delete", &name, "--yes", "--force"])

@@ -1,6 +1,6 @@
 //! User-mode networking with real guests: each VM's own passt, the host's
 //! loopback reached through the gateway, published ports, rollback, eight
-//! concurrent forks with identical addresses, `--network none`, and a
+//! concurrent forks with identical addresses, a 4 MiB upload, `--network none`, and a
 //! killed passt reported by `status`.
 
 mod common;
@@ -48,6 +48,22 @@ fn serve(blob: Arc<Vec<u8>>) -> HostServer {
         }
     });
     HostServer { port, hits }
+}
+
+/// A sink on 127.0.0.1 that takes one upload and reports its length and
+/// sha256 once the sender closes.
+fn upload_sink() -> (u16, std::sync::mpsc::Receiver<(usize, String)>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        if let Ok((mut conn, _)) = listener.accept() {
+            let mut data = Vec::new();
+            let _ = conn.read_to_end(&mut data);
+            let _ = tx.send((data.len(), sha256_hex(&data)));
+        }
+    });
+    (port, rx)
 }
 
 fn free_port() -> u16 {
@@ -129,6 +145,22 @@ fn user_networking_ports_rollback_forks_and_passt_death() {
     assert_eq!(
         sh(&home, "net", "cat /etc/resolv.conf"),
         "nameserver 10.0.2.3"
+    );
+
+    // A sustained upload arrives whole (passt's framing survives many
+    // back-to-back 64 KiB frames).
+    let (sink_port, uploaded) = upload_sink();
+    let upload = format!(
+        "head -c 4194304 /dev/urandom > /tmp/up && sha256sum /tmp/up && nc 10.0.2.2 {sink_port} < /tmp/up"
+    );
+    let guest_sha = sh(&home, "net", &upload);
+    let (len, host_sha) = uploaded
+        .recv_timeout(Duration::from_secs(300))
+        .expect("the host sink saw the upload end");
+    assert_eq!(len, 4 << 20, "bytes the host received");
+    assert!(
+        guest_sha.starts_with(&host_sha),
+        "guest sent {guest_sha}, host got {host_sha}"
     );
     assert_eq!(home.json(&["status", "net"])["network_state"], "up");
 

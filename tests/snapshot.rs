@@ -359,9 +359,14 @@ fn seed_transcript_rollback_forks_and_refusals() {
     }
 
     // 7. Clean up as the transcript does; deleting a workspace removes its snapshots.
-    home.ok(&["snapshot", "delete", "builder", "baseline"]);
-    assert!(!snapshot_dir(&home, "builder", "baseline").exists());
+    // Without --yes and without a terminal, nothing is deleted (exit 2).
     let (code, _, err) = home.run(&["snapshot", "delete", "builder", "baseline"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--yes"), "{err}");
+    assert!(snapshot_dir(&home, "builder", "baseline").exists());
+    home.ok(&["snapshot", "delete", "builder", "baseline", "--yes"]);
+    assert!(!snapshot_dir(&home, "builder", "baseline").exists());
+    let (code, _, err) = home.run(&["snapshot", "delete", "builder", "baseline", "--yes"]);
     assert_eq!(code, 1);
     assert!(
         err.contains("snapshot baseline of workspace builder does not exist"),
@@ -457,7 +462,7 @@ fn large_guest_busy_status_kill_and_clock() {
         &["pause", "big"][..],
         &["halt", "big"],
         &["snapshot", "create", "big", "--tag", "second"],
-        &["snapshot", "delete", "big", "touched"],
+        &["snapshot", "delete", "big", "touched", "--yes"],
     ] {
         let (code, _, err) = home.run(args);
         assert_eq!(code, 1, "{args:?}");

@@ -137,7 +137,9 @@ fn warm_starts_share_one_boot_and_differ_in_identity() {
     assert_eq!(f["boot"], "warm", "the new entry is sound: {err}");
 
     // Prune frees the space; the next first start boots cold again.
-    let pruned = home.json(&["cache", "prune"]);
+    let (code, _, err) = home.run(&["cache", "prune"]);
+    assert_eq!(code, 2, "prune without --yes and no terminal: {err}");
+    let pruned = home.json(&["cache", "prune", "--yes"]);
     assert_eq!(pruned["removed"].as_array().unwrap().len(), 2, "{pruned}");
     assert!(
         pruned["freed_bytes"].as_u64().unwrap() > 10 << 20,

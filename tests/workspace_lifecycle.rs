@@ -311,7 +311,7 @@ fn names_unknown_workspaces_and_confirmation() {
         "/bin/sh",
     ]);
     let (code, _, err) = home.run(&["delete", "w"]);
-    assert_eq!(code, 1);
+    assert_eq!(code, 2, "destructive without --yes and no terminal");
     assert!(err.contains("--yes"), "{err}");
     assert!(home.workspace_dir("w").exists());
     let (code, _, _) = home.run(&["frobnicate"]);

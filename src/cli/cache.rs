@@ -24,6 +24,9 @@ pub enum CacheCommand {
 pub struct PruneArgs {
     /// Keys (or unique prefixes of at least 8 characters) to remove; none: all.
     keys: Vec<String>,
+    /// Confirm (asked on a terminal; refused without one).
+    #[arg(long, short)]
+    yes: bool,
 }
 
 pub fn run(state: &StateDir, cmd: CacheCommand, out: &Out) -> Result<i32> {
@@ -97,6 +100,12 @@ fn resolve(cache: &BootCache, wanted: &[String]) -> Result<Vec<String>> {
 
 fn prune(cache: &BootCache, args: PruneArgs, out: &Out) -> Result<i32> {
     let keys = resolve(cache, &args.keys)?;
+    let what = if args.keys.is_empty() {
+        "cache prune removes every cached boot snapshot".to_string()
+    } else {
+        format!("cache prune removes {} boot snapshot(s)", keys.len())
+    };
+    super::confirm::confirm(&what, args.yes)?;
     let (removed, freed) = cache.prune(&keys)?;
     out.done(
         &format!(

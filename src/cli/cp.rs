@@ -158,7 +158,7 @@ fn copy_out(state: &StateDir, name: &str, path: &str, dest: &Path) -> Result<()>
     Ok(())
 }
 
-pub fn cp(state: &StateDir, args: CpArgs) -> Result<i32> {
+pub fn cp(state: &StateDir, args: CpArgs, out: &super::output::Out) -> Result<i32> {
     match (split_remote(&args.src), split_remote(&args.dst)) {
         (None, Some((name, dir))) => copy_in(state, Path::new(&args.src), name, dir)?,
         (Some((name, path)), None) => copy_out(state, name, path, Path::new(&args.dst))?,
@@ -166,6 +166,13 @@ pub fn cp(state: &StateDir, args: CpArgs) -> Result<i32> {
             bail!("copying between two workspaces is not supported; go through the host")
         }
         (None, None) => bail!("one side of cp must be NAME:/absolute/path"),
+    }
+    // Like cp(1), silent on success unless --json asks.
+    if out.json {
+        println!(
+            "{}",
+            serde_json::json!({"source": args.src, "destination": args.dst})
+        );
     }
     Ok(0)
 }

@@ -54,6 +54,31 @@ pub struct ListArgs {
     /// Only workspaces with this status.
     #[arg(long)]
     status: Option<String>,
+    /// Only workspaces made from this image (its reference as given to
+    /// create, or a prefix of its digest such as sha256:3f2a).
+    #[arg(long)]
+    image: Option<String>,
+    /// Only workspaces whose name starts with this.
+    #[arg(long)]
+    prefix: Option<String>,
+}
+
+impl ListArgs {
+    fn wants(&self, rec: &crate::workspace::store::WorkspaceRecord, status: &str) -> bool {
+        let image_ok = self.image.as_deref().is_none_or(|want| {
+            rec.image.as_deref() == Some(want)
+                || rec
+                    .image_digest
+                    .as_deref()
+                    .is_some_and(|d| want.len() >= 12 && d.starts_with(want))
+        });
+        self.status.as_deref().is_none_or(|s| s == status)
+            && image_ok
+            && self
+                .prefix
+                .as_deref()
+                .is_none_or(|p| rec.name.starts_with(p))
+    }
 }
 
 pub fn list(state: &StateDir, args: ListArgs, out: &Out) -> Result<i32> {
@@ -62,7 +87,7 @@ pub fn list(state: &StateDir, args: ListArgs, out: &Out) -> Result<i32> {
         let ws = state.workspace(&name)?;
         let Ok(rec) = ws.read() else { continue };
         let l = live(&ws, &rec);
-        if args.status.as_deref().is_some_and(|s| s != l.status.name()) {
+        if !args.wants(&rec, l.status.name()) {
             continue;
         }
         rows.push((ws, rec, l));

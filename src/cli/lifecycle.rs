@@ -863,8 +863,9 @@ pub fn halt(state: &StateDir, args: HaltArgs, out: &Out) -> Result<i32> {
 #[derive(Args)]
 pub struct DeleteArgs {
     name: String,
-    /// Required: deleting removes the workspace's disk and snapshots.
-    #[arg(long)]
+    /// Confirm: deleting removes the workspace's disk and snapshots
+    /// (asked on a terminal; refused without one).
+    #[arg(long, short)]
     yes: bool,
     /// Delete even if running (the VMM is stopped first).
     #[arg(long)]
@@ -872,12 +873,14 @@ pub struct DeleteArgs {
 }
 
 pub fn delete(state: &StateDir, args: DeleteArgs, out: &Out) -> Result<i32> {
-    if !args.yes {
-        bail!(
-            "delete removes workspace {} with its disk and snapshots: pass --yes to confirm",
+    state.existing(&args.name)?;
+    super::confirm::confirm(
+        &format!(
+            "delete removes workspace {} with its disk and snapshots",
             args.name
-        );
-    }
+        ),
+        args.yes,
+    )?;
     let (ws, _lock, rec, status) = open(state, &args.name)?;
     if !args.force {
         check(&ws.name, status, Op::Delete)?;

@@ -1,8 +1,12 @@
 //! Command-line front end.
 //!
-//! Exit codes: 0 success, 1 failure, 2 usage error.
+//! Exit codes: 0 success, 1 failure, 2 usage error (including a
+//! destructive command without --yes and no terminal to ask on); `exec`
+//! passes the guest command's own status through.
 
 mod cache;
+mod checkpoint;
+mod confirm;
 mod cp;
 mod exec;
 mod image;
@@ -75,6 +79,9 @@ enum Command {
     /// Boot snapshots that first starts resume instead of booting: ls, prune.
     #[command(subcommand)]
     Cache(cache::CacheCommand),
+    /// Run a setup once per set of inputs and fork from its snapshot:
+    /// checkpoint NAME --image REF [--file F]… [--fork NEW] -- COMMAND…
+    Checkpoint(checkpoint::CheckpointArgs),
     /// Secrets delivered to /run/secrets: set, ls, rm.
     #[command(subcommand)]
     Secret(secret::SecretCommand),
@@ -95,6 +102,7 @@ enum VmmCommand {
 
 pub const EXIT_OK: i32 = 0;
 pub const EXIT_FAILURE: i32 = 1;
+pub const EXIT_USAGE: i32 = 2;
 
 pub fn run() -> i32 {
     let cli = Cli::parse();
@@ -115,11 +123,12 @@ pub fn run() -> i32 {
         Command::Logs(a) => inspect::logs(&state, a),
         Command::Exec(a) => exec::exec(&state, a),
         Command::Shell(a) => exec::shell(&state, a),
-        Command::Cp(a) => cp::cp(&state, a),
+        Command::Cp(a) => cp::cp(&state, a, &out),
         Command::Image(c) => image::run(&state, c, &out),
         Command::Snapshot(c) => snapshot::run(&state, c, &out),
         Command::Secret(c) => secret::run(&state, c, &out),
         Command::Cache(c) => cache::run(&state, c, &out),
+        Command::Checkpoint(a) => checkpoint::checkpoint(&state, a, &out),
         Command::Vmm(VmmCommand::Run(a)) => vmm_run::run(a, cli.json),
         Command::Vmm(VmmCommand::Supervise(a)) => vmm_serve::supervise(a),
         Command::Vmm(VmmCommand::Serve(a)) => vmm_serve::serve(a),
@@ -139,7 +148,11 @@ pub fn run() -> i32 {
                 println!("{v}");
             }
             eprintln!("microagent: {e:#}");
-            EXIT_FAILURE
+            if e.downcast_ref::<confirm::NeedsConfirmation>().is_some() {
+                EXIT_USAGE
+            } else {
+                EXIT_FAILURE
+            }
         }
     }
 }

@@ -60,12 +60,18 @@ pub struct CreateArgs {
 #[derive(Args)]
 pub struct ListArgs {
     name: String,
+    /// Only tags that start with this.
+    #[arg(long)]
+    prefix: Option<String>,
 }
 
 #[derive(Args)]
 pub struct DeleteArgs {
     name: String,
     tag: String,
+    /// Confirm (asked on a terminal; refused without one).
+    #[arg(long, short)]
+    yes: bool,
 }
 
 pub fn run(state: &StateDir, cmd: SnapshotCommand, out: &Out) -> Result<i32> {
@@ -320,7 +326,9 @@ fn list(state: &StateDir, args: ListArgs, out: &Out) -> Result<i32> {
     if let Ok(entries) = std::fs::read_dir(ws.snapshots()) {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if validate_tag(&name).is_err() {
+            if validate_tag(&name).is_err()
+                || args.prefix.as_deref().is_some_and(|p| !name.starts_with(p))
+            {
                 continue;
             }
             let Ok(m) = Manifest::read(&e.path()) else {
@@ -368,6 +376,14 @@ fn list(state: &StateDir, args: ListArgs, out: &Out) -> Result<i32> {
 
 fn delete(state: &StateDir, args: DeleteArgs, out: &Out) -> Result<i32> {
     let ws = state.existing(&args.name)?;
+    snapshot_dir(&ws, &args.tag)?;
+    super::confirm::confirm(
+        &format!(
+            "snapshot delete removes snapshot {} of workspace {}",
+            args.tag, ws.name
+        ),
+        args.yes,
+    )?;
     let _lock = busy::lock(&ws)?;
     let dir = snapshot_dir(&ws, &args.tag)?;
     let doomed = ws

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod oci;
+pub mod schema;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -4,7 +4,8 @@
 //! One RX and one TX queue, no offloads and no mergeable buffers (every
 //! chain carries one whole frame, at most the MTU we offer), MAC and MTU in
 //! config.
-//! Frames go to passt length-prefixed over a socketpair. Backpressure both
+//! Frames go to passt length-prefixed over a socketpair, one frame per
+//! write (see `flush_tx` for why). Backpressure both
 //! ways: TX chains stay in the ring while passt's socket is full, and we
 //! stop reading passt while the guest has posted no RX buffers, so neither
 //! side drops frames in a busy loop.
@@ -68,7 +69,12 @@ pub struct Net {
     link: LinkState,
     reader: FrameReader,
     rx_backlog: VecDeque<Vec<u8>>,
-    tx_backlog: Vec<u8>,
+    /// Encoded frames (length prefix + frame) waiting for passt's socket.
+    tx_backlog: VecDeque<Vec<u8>>,
+    /// Bytes in `tx_backlog`, less what has gone of its front frame.
+    tx_bytes: usize,
+    /// Bytes of the front frame already written.
+    tx_sent: usize,
     active: Option<Active>,
 }
 
@@ -151,7 +157,9 @@ impl Net {
             link,
             reader: FrameReader::default(),
             rx_backlog: VecDeque::new(),
-            tx_backlog: Vec::new(),
+            tx_backlog: VecDeque::new(),
+            tx_bytes: 0,
+            tx_sent: 0,
             active: None,
         })
     }
@@ -175,7 +183,13 @@ impl Net {
         );
         let _ = self.passt.shutdown(std::net::Shutdown::Both);
         self.rx_backlog.clear();
+        self.clear_tx();
+    }
+
+    fn clear_tx(&mut self) {
         self.tx_backlog.clear();
+        self.tx_bytes = 0;
+        self.tx_sent = 0;
     }
 
     /// Reads what passt sent, while the guest can take it.
@@ -210,11 +224,32 @@ impl Net {
         }
     }
 
+    /// Writes queued frames to passt, one frame per write() and the rest
+    /// of a half-written frame before anything else.
+    ///
+    /// Why not one big write: passt (Debian 12's 2023-03 build) reads its
+    /// socket in chunks and only copes with a chunk that ends inside a
+    /// frame if the rest of that frame then arrives in one piece, and it
+    /// drops a chunk that ends inside a 4-byte length. The kernel queues a
+    /// unix-stream write in pieces of ~36 KiB, and a reader can run between
+    /// them. A write that starts at a frame's length and holds only that
+    /// frame (at most 64 KiB: two pieces) can only be cut between its two
+    /// pieces, and the second arrives whole. Batched writes were cut
+    /// anywhere: passt lost its framing and reset the guest's TCP
+    /// connections after about a megabyte of upload.
     fn flush_tx(&mut self) {
-        while self.is_up() && !self.tx_backlog.is_empty() {
-            match self.passt.write(&self.tx_backlog) {
+        while self.is_up() {
+            let Some(front) = self.tx_backlog.front() else {
+                break;
+            };
+            match self.passt.write(&front[self.tx_sent..]) {
                 Ok(n) => {
-                    self.tx_backlog.drain(..n);
+                    self.tx_sent += n;
+                    self.tx_bytes -= n;
+                    if self.tx_sent == front.len() {
+                        self.tx_backlog.pop_front();
+                        self.tx_sent = 0;
+                    }
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -237,7 +272,7 @@ impl Net {
         };
         let mem = active.mem.clone();
         let mut used = false;
-        while !up || self.tx_backlog.len() < MAX_TX_BACKLOG {
+        while !up || self.tx_bytes < MAX_TX_BACKLOG {
             let Some(chain) = active.queues[TX].pop_descriptor_chain(&mem) else {
                 break;
             };
@@ -246,7 +281,10 @@ impl Net {
             // A malformed chain is consumed and dropped; so is everything
             // once passt is gone.
             if let (Ok(frame), true) = (read_tx(&mem, &segs), up) {
-                encode(&frame, &mut self.tx_backlog);
+                let mut wire = Vec::with_capacity(frame.len() + 4);
+                encode(&frame, &mut wire);
+                self.tx_bytes += wire.len();
+                self.tx_backlog.push_back(wire);
             }
             let _ = active.queues[TX].add_used(&mem, head, 0);
             used = true;
@@ -368,7 +406,18 @@ impl VirtioDevice for Net {
     fn reset(&mut self) {
         self.active = None;
         self.rx_backlog.clear();
-        self.tx_backlog.clear();
+        // A half-written frame must still be finished, or passt's framing
+        // breaks; whole frames not yet started can go.
+        let partial = (self.tx_sent > 0)
+            .then(|| self.tx_backlog.pop_front())
+            .flatten();
+        let sent = self.tx_sent;
+        self.clear_tx();
+        if let Some(f) = partial {
+            self.tx_bytes = f.len() - sent;
+            self.tx_sent = sent;
+            self.tx_backlog.push_back(f);
+        }
     }
 
     fn queue_states(&self) -> Vec<virtio_queue::QueueState> {

@@ -8,6 +8,8 @@
 mod common;
 #[path = "support/qemu.rs"]
 mod qemu;
+#[path = "support/stats.rs"]
+mod stats;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -45,26 +47,21 @@ fn time_to_marker(mut cmd: Command) -> Option<Duration> {
     found
 }
 
-fn report(vmm: &str, samples: &mut [Duration], runs: usize) {
-    if samples.is_empty() {
-        println!(r#"{{"bench":"boot","vmm":"{vmm}","error":"no run reached init","runs":{runs}}}"#);
-        return;
-    }
-    samples.sort();
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    println!(
-        r#"{{"bench":"boot","vmm":"{vmm}","metric":"process_start_to_init_ms","runs":{},"min":{:.1},"median":{:.1},"max":{:.1},"pvm_host":{}}}"#,
-        samples.len(),
-        ms(samples[0]),
-        ms(samples[samples.len() / 2]),
-        ms(samples[samples.len() - 1]),
-        common::is_pvm_host()
+fn report(vmm: &str, samples: &[Duration]) {
+    let ms = samples.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
+    stats::emit(
+        "boot",
+        vmm,
+        "process_start_to_init_ms",
+        "ms",
+        ms,
+        serde_json::json!({"memory_mib": MEMORY_MIB.parse::<u64>().unwrap()}),
     );
 }
 
 fn main() {
     if !common::kvm_available() {
-        println!(r#"{{"bench":"boot","error":"/dev/kvm not available"}}"#);
+        stats::skipped("boot", "microagent", "/dev/kvm not available");
         return;
     }
     let pvm = common::is_pvm_host();
@@ -89,12 +86,10 @@ fn main() {
             .args(["--cmdline", &guest_args]);
         ours.extend(time_to_marker(cmd));
     }
-    report("microagent", &mut ours, runs);
+    report("microagent", &ours);
 
     if !qemu::available() {
-        println!(
-            r#"{{"bench":"boot","vmm":"qemu-microvm","skipped":"qemu-system-x86_64 not installed"}}"#
-        );
+        stats::skipped("boot", "qemu-microvm", "qemu-system-x86_64 not installed");
         return;
     }
     // QEMU gets what our VMM adds on its own.
@@ -109,5 +104,5 @@ fn main() {
             &guest_args,
         )));
     }
-    report("qemu-microvm", &mut theirs, runs);
+    report("qemu-microvm", &theirs);
 }

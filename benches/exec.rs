@@ -8,6 +8,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/stats.rs"]
+mod stats;
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -16,20 +18,8 @@ use microagent::agent::AgentConn;
 
 const STREAM_BYTES: usize = 16 << 20;
 
-fn stats(name: &str, unit: &str, mut samples: Vec<f64>, extra: &str) {
-    if samples.is_empty() {
-        println!(r#"{{"bench":"exec","metric":"{name}","error":"no samples"}}"#);
-        return;
-    }
-    samples.sort_by(|a, b| a.total_cmp(b));
-    println!(
-        r#"{{"bench":"exec","metric":"{name}","unit":"{unit}","runs":{},"min":{:.2},"median":{:.2},"max":{:.2},"pvm_host":{}{extra}}}"#,
-        samples.len(),
-        samples[0],
-        samples[samples.len() / 2],
-        samples[samples.len() - 1],
-        common::is_pvm_host()
-    );
+fn stats(name: &str, unit: &str, samples: Vec<f64>, extra: serde_json::Value) {
+    stats::emit("exec", "microagent", name, unit, samples, extra);
 }
 
 fn ms(d: Duration) -> f64 {
@@ -38,7 +28,7 @@ fn ms(d: Duration) -> f64 {
 
 fn main() {
     if !common::kvm_available() {
-        println!(r#"{{"bench":"exec","error":"/dev/kvm not available"}}"#);
+        stats::skipped("exec", "microagent", "/dev/kvm not available");
         return;
     }
     let runs: usize = std::env::var("MICROAGENT_BENCH_RUNS")
@@ -77,7 +67,7 @@ fn main() {
             cli.push(ms(t.elapsed()));
         }
     }
-    stats("cli_process_start_ms", "ms", cli, "");
+    stats("cli_process_start_ms", "ms", cli, serde_json::json!({}));
 
     let sock = home.workspace_dir("bench").join("vsock.sock");
     let mut ping = Vec::new();
@@ -90,7 +80,12 @@ fn main() {
             ping.push(ms(t.elapsed()));
         }
     }
-    stats("vsock_handshake_and_ping_ms", "ms", ping, "");
+    stats(
+        "vsock_handshake_and_ping_ms",
+        "ms",
+        ping,
+        serde_json::json!({}),
+    );
 
     let mut exec = Vec::new();
     for _ in 0..runs {
@@ -104,7 +99,7 @@ fn main() {
             exec.push(ms(t.elapsed()));
         }
     }
-    stats("exec_true_ms", "ms", exec, "");
+    stats("exec_true_ms", "ms", exec, serde_json::json!({}));
 
     let mut tput = Vec::new();
     for _ in 0..3 {
@@ -130,7 +125,7 @@ fn main() {
         "stdout_throughput",
         "MB/s",
         tput,
-        &format!(r#","bytes":{STREAM_BYTES}"#),
+        serde_json::json!({"bytes": STREAM_BYTES}),
     );
     home.ok(&["halt", "bench"]);
 }

@@ -12,6 +12,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/stats.rs"]
+mod stats;
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -21,25 +23,20 @@ use std::time::Instant;
 const BYTES: usize = 4 << 20;
 const REQUESTS: usize = 10;
 
-fn line(metric: &str, unit: &str, mut v: Vec<f64>) {
-    if v.is_empty() {
-        println!(r#"{{"bench":"network","metric":"{metric}","error":"no samples"}}"#);
-        return;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    println!(
-        r#"{{"bench":"network","metric":"{metric}","unit":"{unit}","runs":{},"min":{:.3},"median":{:.3},"max":{:.3},"pvm_host":{}}}"#,
-        v.len(),
-        v[0],
-        v[v.len() / 2],
-        v[v.len() - 1],
-        common::is_pvm_host()
+fn line(metric: &str, unit: &str, v: Vec<f64>) {
+    stats::emit(
+        "network",
+        "microagent",
+        metric,
+        unit,
+        v,
+        serde_json::json!({}),
     );
 }
 
 fn main() {
     if !common::kvm_available() {
-        println!(r#"{{"bench":"network","error":"/dev/kvm not available"}}"#);
+        stats::skipped("network", "microagent", "/dev/kvm not available");
         return;
     }
     let runs: usize = std::env::var("MICROAGENT_BENCH_RUNS")

@@ -12,6 +12,8 @@
 mod common;
 #[path = "support/qemu.rs"]
 mod qemu;
+#[path = "support/stats.rs"]
+mod stats;
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::MetadataExt;
@@ -30,24 +32,14 @@ fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
-/// min/median/max of `samples` as one JSON line.
-fn stats(vmm: &str, memory_mib: u64, metric: &str, unit: &str, mut samples: Vec<f64>) {
-    if samples.is_empty() {
-        println!(
-            "{}",
-            json!({"bench": "snapshot", "vmm": vmm, "memory_mib": memory_mib, "metric": metric, "error": "no sample"})
-        );
-        return;
-    }
-    samples.sort_by(f64::total_cmp);
-    println!(
-        "{}",
-        json!({
-            "bench": "snapshot", "vmm": vmm, "memory_mib": memory_mib, "metric": metric,
-            "unit": unit, "runs": samples.len(), "min": samples[0],
-            "median": samples[samples.len() / 2], "max": samples[samples.len() - 1],
-            "pvm_host": common::is_pvm_host(),
-        })
+fn stats(vmm: &str, memory_mib: u64, metric: &str, unit: &str, samples: Vec<f64>) {
+    stats::emit(
+        "snapshot",
+        vmm,
+        metric,
+        unit,
+        samples,
+        json!({"memory_mib": memory_mib}),
     );
 }
 
@@ -165,14 +157,13 @@ fn ours(memory_mib: u64, runs: usize) {
     let total_pss: f64 = (0..FORKS)
         .map(|i| pss_mib(vmm_pid(&home, &format!("f{i}"))))
         .sum();
-    println!(
-        "{}",
-        json!({
-            "bench": "snapshot", "vmm": "microagent", "memory_mib": memory_mib,
-            "metric": "forks_total_pss_mib", "unit": "MiB", "forks": FORKS,
-            "total": (total_pss * 10.0).round() / 10.0, "one_fork_alone": (alone * 10.0).round() / 10.0,
-            "pvm_host": common::is_pvm_host(),
-        })
+    stats::emit(
+        "snapshot",
+        "microagent",
+        &format!("forks_{FORKS}_total_pss_mib"),
+        "MiB",
+        vec![total_pss],
+        json!({"memory_mib": memory_mib, "one_fork_alone_mib": (alone * 10.0).round() / 10.0}),
     );
     for i in 0..FORKS {
         home.ok(&["delete", &format!("f{i}"), "--yes", "--force"]);
@@ -288,7 +279,7 @@ fn theirs(memory_mib: u64, runs: usize, pvm: bool) {
 
 fn main() {
     if !common::kvm_available() {
-        println!(r#"{{"bench":"snapshot","error":"/dev/kvm not available"}}"#);
+        stats::skipped("snapshot", "microagent", "/dev/kvm not available");
         return;
     }
     let pvm = common::is_pvm_host();
@@ -309,8 +300,10 @@ fn main() {
         if have_qemu {
             theirs(memory_mib, runs, pvm);
         } else {
-            println!(
-                r#"{{"bench":"snapshot","vmm":"qemu-microvm","skipped":"qemu-system-x86_64 not installed"}}"#
+            stats::skipped(
+                "snapshot",
+                "qemu-microvm",
+                "qemu-system-x86_64 not installed",
             );
         }
     }

@@ -8,24 +8,20 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/stats.rs"]
+mod stats;
 
 use std::time::Instant;
 
-fn stats(name: &str, mut samples: Vec<f64>) -> Option<f64> {
-    if samples.is_empty() {
-        println!(r#"{{"bench":"warm_start","metric":"{name}","error":"no samples"}}"#);
-        return None;
-    }
-    samples.sort_by(|a, b| a.total_cmp(b));
-    let median = samples[samples.len() / 2];
-    println!(
-        r#"{{"bench":"warm_start","metric":"{name}","unit":"ms","runs":{},"min":{:.1},"median":{median:.1},"max":{:.1},"pvm_host":{}}}"#,
-        samples.len(),
-        samples[0],
-        samples[samples.len() - 1],
-        common::is_pvm_host()
-    );
-    Some(median)
+fn stats(name: &str, samples: Vec<f64>) -> Option<f64> {
+    stats::emit(
+        "warm_start",
+        "microagent",
+        name,
+        "ms",
+        samples,
+        serde_json::json!({}),
+    )
 }
 
 /// create + start (+ --cold) + first exec output, in ms; None on failure.
@@ -71,7 +67,7 @@ fn start_to_first_exec(home: &common::Home, rootfs: &str, name: &str, cold: bool
 
 fn main() {
     if !common::kvm_available() {
-        println!(r#"{{"bench":"warm_start","error":"/dev/kvm not available"}}"#);
+        stats::skipped("warm_start", "microagent", "/dev/kvm not available");
         return;
     }
     let runs: usize = std::env::var("MICROAGENT_BENCH_RUNS")
@@ -105,10 +101,13 @@ fn main() {
     let c = stats("cold_start_to_first_exec_ms", cold);
     let w = stats("warm_start_to_first_exec_ms", warm);
     if let (Some(c), Some(w)) = (c, w) {
-        println!(
-            r#"{{"bench":"warm_start","metric":"cold_over_warm_median","ratio":{:.1},"pvm_host":{}}}"#,
-            c / w,
-            common::is_pvm_host()
+        stats::emit(
+            "warm_start",
+            "microagent",
+            "cold_over_warm_median",
+            "x",
+            vec![c / w],
+            serde_json::json!({}),
         );
     }
 }

@@ -14,6 +14,8 @@ step "installing packages (if missing)"
 bash scripts/setup.sh
 step "building the guest kernel (cached after the first run, ~7 min on 2 cores)"
 kernel_dir=$(bash scripts/build-kernel.sh | sed -n 's/^kernel: //p')
+step "building passt, the per-VM user-mode network (cached; Debian 12's own resets silent uploads)"
+bash scripts/build-passt.sh >/dev/null
 step "building microagent and its static guest agent"
 cargo build --release --quiet
 bash scripts/build-agent.sh >/dev/null

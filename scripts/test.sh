@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/build-kernel.sh
+bash scripts/build-passt.sh
 bash scripts/build-agent.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod devices;
 pub mod digest;
 pub mod image;
+pub mod paths;
 pub mod snapshot;
 pub mod vmm;
 pub mod workspace;

@@ -145,13 +145,7 @@ pub fn default_kernel() -> Result<PathBuf> {
     if let Some(k) = std::env::var_os("MICROAGENT_KERNEL").filter(|k| !k.is_empty()) {
         return Ok(k.into());
     }
-    let cache = std::env::var_os("MICROAGENT_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|c| PathBuf::from(c).join("microagent")))
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/microagent")
-        });
-    let k = cache.join("kernels/current/vmlinux");
+    let k = crate::paths::cache_root().join("kernels/current/vmlinux");
     if !k.is_file() {
         bail!(
             "no guest kernel at {}: pass --kernel, set MICROAGENT_KERNEL, or run scripts/build-kernel.sh",

@@ -66,6 +66,43 @@ pub enum ActivateError {
 
 /// The device half of a virtio device; the transport owns feature
 /// negotiation and queue set-up, and hands ready queues over on DRIVER_OK.
+/// What an activated multi-queue device holds: guest memory, its
+/// interrupt, and exactly the queues it asked for.
+pub struct Activated {
+    pub mem: GuestMemoryMmap,
+    pub interrupt: std::sync::Arc<Interrupt>,
+    pub queues: Vec<Queue>,
+}
+
+impl Activated {
+    /// Refuses a driver that set up another number of queues than `count`.
+    pub fn new(
+        mem: GuestMemoryMmap,
+        interrupt: std::sync::Arc<Interrupt>,
+        queues: Vec<Queue>,
+        count: usize,
+    ) -> Result<Activated, ActivateError> {
+        if queues.len() != count {
+            return Err(ActivateError::InvalidQueue {
+                index: queues.len(),
+            });
+        }
+        Ok(Activated {
+            mem,
+            interrupt,
+            queues,
+        })
+    }
+
+    /// The queues' state for a snapshot; none before activation.
+    pub fn states(active: Option<&Activated>) -> Vec<virtio_queue::QueueState> {
+        active
+            .iter()
+            .flat_map(|a| a.queues.iter().map(|q| q.state()))
+            .collect()
+    }
+}
+
 pub trait VirtioDevice: Send {
     fn device_type(&self) -> u32;
     fn queue_max_sizes(&self) -> &[u16];

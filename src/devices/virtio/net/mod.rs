@@ -26,8 +26,8 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::{
-    chain_segs, read_config_bytes, ActivateError, Interrupt, Seg, VirtioDevice, INT_USED_RING,
-    VIRTIO_F_VERSION_1,
+    chain_segs, read_config_bytes, ActivateError, Activated, Interrupt, Seg, VirtioDevice,
+    INT_USED_RING, VIRTIO_F_VERSION_1,
 };
 pub use config::NetConfig;
 use frame::{encode, FrameReader, MAX_FRAME};
@@ -54,11 +54,7 @@ const MAX_TX_BACKLOG: usize = 1 << 20;
 /// The link as `status` reports it: up, or why not.
 pub type LinkState = Arc<Mutex<Result<(), String>>>;
 
-struct Active {
-    mem: GuestMemoryMmap,
-    interrupt: Arc<Interrupt>,
-    queues: Vec<Queue>,
-}
+type Active = Activated;
 
 pub struct Net {
     /// mac[6], status (unused), max_virtqueue_pairs (unused), mtu.
@@ -385,16 +381,7 @@ impl VirtioDevice for Net {
         queues: Vec<Queue>,
         _acked_features: u64,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 2 {
-            return Err(ActivateError::InvalidQueue {
-                index: queues.len(),
-            });
-        }
-        self.active = Some(Active {
-            mem,
-            interrupt,
-            queues,
-        });
+        self.active = Some(Activated::new(mem, interrupt, queues, 2)?);
         self.pump();
         Ok(())
     }
@@ -421,10 +408,7 @@ impl VirtioDevice for Net {
     }
 
     fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
-        self.active
-            .iter()
-            .flat_map(|a| a.queues.iter().map(|q| q.state()))
-            .collect()
+        Activated::states(self.active.as_ref())
     }
 
     fn after_restore(&mut self) {

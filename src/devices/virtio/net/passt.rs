@@ -11,8 +11,8 @@ use super::config::{NetConfig, DNS, GATEWAY, GUEST_IP, PREFIX_LEN};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PasstError {
-    #[error("starting passt (the user-mode network; apt-get install passt): {0}")]
-    Spawn(std::io::Error),
+    #[error("starting passt {0} (the user-mode network; run scripts/build-passt.sh, or set MICROAGENT_PASST): {1}")]
+    Spawn(String, std::io::Error),
     #[error("passt exited at start ({status}): {log}")]
     Exited { status: String, log: String },
     #[error("passt did not come up within {0:?}")]
@@ -61,6 +61,8 @@ fn check_ports_free(cfg: &NetConfig) -> Result<(), PasstError> {
 /// has dropped root for `nobody`: so the directory belongs to nobody then.
 struct PidDir(std::path::PathBuf);
 
+use std::os::unix::fs::PermissionsExt;
+
 impl PidDir {
     fn new() -> std::io::Result<PidDir> {
         use std::sync::atomic::{AtomicU32, Ordering};
@@ -74,13 +76,18 @@ impl PidDir {
         std::fs::create_dir(&dir)?;
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } == 0 {
+            // passt run as root writes its PID file either as nobody
+            // (older builds switch user first) or as root without
+            // CAP_DAC_OVERRIDE (newer ones drop capabilities first): the
+            // directory is root's and nobody's group's, and no one else's.
             // SAFETY: getpwnam takes a NUL-terminated name and returns
             // a pointer to static storage or null; read at once.
             let nobody = unsafe { libc::getpwnam(c"nobody".as_ptr()) };
             if !nobody.is_null() {
                 // SAFETY: non-null, points to a valid passwd entry.
-                let (uid, gid) = unsafe { ((*nobody).pw_uid, (*nobody).pw_gid) };
-                std::os::unix::fs::chown(&dir, Some(uid), Some(gid))?;
+                let gid = unsafe { (*nobody).pw_gid };
+                std::os::unix::fs::chown(&dir, None, Some(gid))?;
+                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o770))?;
             }
         }
         Ok(PidDir(dir))
@@ -115,6 +122,18 @@ fn args(cfg: &NetConfig, fd: i32, pid_file: &std::path::Path) -> Vec<String> {
         "--udp-ports".into(),
         "none".into(),
     ];
+    // Debugging aid: MICROAGENT_PASST_DEBUG=DIR makes passt capture every
+    // frame to DIR/passt-<pid>.pcap. (Debian 12's passt crashes in its
+    // own --debug logging of TCP, so that stays off.)
+    if let Some(dir) = std::env::var_os("MICROAGENT_PASST_DEBUG") {
+        a.push("--pcap".into());
+        a.push(
+            std::path::Path::new(&dir)
+                .join(format!("passt-{}.pcap", std::process::id()))
+                .display()
+                .to_string(),
+        );
+    }
     if cfg.ports.is_empty() {
         a.extend(["--tcp-ports".into(), "none".into()]);
     }
@@ -170,13 +189,14 @@ pub fn spawn(cfg: &NetConfig) -> Result<(UnixStream, Child), PasstError> {
     // SAFETY: fd was just returned by F_DUPFD and nothing else owns it.
     let child_fd = unsafe { OwnedFd::from_raw_fd(fd) };
     drop(theirs);
-    let mut child = Command::new("passt")
+    let binary = crate::paths::passt_binary();
+    let mut child = Command::new(&binary)
         .args(args(cfg, fd, &pid_file))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
-        .map_err(PasstError::Spawn)?;
+        .map_err(|e| PasstError::Spawn(binary.display().to_string(), e))?;
     drop(child_fd);
     let start = Instant::now();
     loop {

@@ -18,8 +18,8 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::{
-    chain_segs, read_config_bytes, ActivateError, Interrupt, VirtioDevice, INT_USED_RING,
-    VIRTIO_F_VERSION_1,
+    chain_segs, read_config_bytes, ActivateError, Activated, Interrupt, VirtioDevice,
+    INT_USED_RING, VIRTIO_F_VERSION_1,
 };
 use conn::{Conn, ConnState};
 use packet::{
@@ -58,11 +58,7 @@ struct Pending {
     line: Vec<u8>,
 }
 
-struct Active {
-    mem: GuestMemoryMmap,
-    interrupt: Arc<Interrupt>,
-    queues: Vec<Queue>,
-}
+type Active = Activated;
 
 pub struct Vsock {
     guest_cid: u64,
@@ -499,16 +495,7 @@ impl VirtioDevice for Vsock {
         queues: Vec<Queue>,
         _acked_features: u64,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 3 {
-            return Err(ActivateError::InvalidQueue {
-                index: queues.len(),
-            });
-        }
-        self.active = Some(Active {
-            mem,
-            interrupt,
-            queues,
-        });
+        self.active = Some(Activated::new(mem, interrupt, queues, 3)?);
         self.pump();
         Ok(())
     }
@@ -527,10 +514,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
-        self.active
-            .iter()
-            .flat_map(|a| a.queues.iter().map(|q| q.state()))
-            .collect()
+        Activated::states(self.active.as_ref())
     }
 
     fn after_restore(&mut self) {

@@ -3,7 +3,7 @@
 //!
 //! The key is the sha256 of what the setup's result depends on: the image's
 //! manifest digest, the kernel's sha256, vCPUs, memory, network mode, the
-//! working directory, the command, and each listed file's path and content.
+//! working directory, the command, and each listed file's name and content.
 //! The snapshot lives in a holder workspace `NAME-<key12>` under tag
 //! `setup`, halted once the snapshot is taken. A holder only counts once
 //! its `checkpoint.json` is written, after the snapshot: a crash mid-setup
@@ -98,7 +98,7 @@ struct Inputs<'a> {
     network: &'a str,
     workdir: &'a str,
     command: &'a [String],
-    /// (path as given, sha256 of its content)
+    /// (file name, sha256 of its content)
     files: &'a [(String, String)],
 }
 
@@ -179,7 +179,8 @@ fn read_marker(state: &StateDir, holder: &str) -> Option<Marker> {
     serde_json::from_slice(&data).ok()
 }
 
-/// Hashes the listed files, refusing two that would land on one path.
+/// (file name, sha256 of content) of the listed files, refusing two that
+/// would land on one path.
 fn hash_files(files: &[PathBuf]) -> Result<Vec<(String, String)>> {
     let mut seen = std::collections::HashSet::new();
     let mut out = Vec::new();
@@ -195,7 +196,9 @@ fn hash_files(files: &[PathBuf]) -> Result<Vec<(String, String)>> {
             );
         }
         let sha = sha256_file(f).with_context(|| format!("--file {}", f.display()))?;
-        out.push((f.display().to_string(), sha));
+        // The key holds what the guest sees, its name and content, not
+        // where the host had it: CI checkouts move from run to run.
+        out.push((base.to_string_lossy().into_owned(), sha));
     }
     Ok(out)
 }
@@ -499,5 +502,15 @@ mod tests {
         assert!(err.to_string().contains("same place"), "{err}");
         let ok = hash_files(&[a.join("x")]).unwrap();
         assert_eq!(ok[0].1, crate::digest::sha256_bytes(b"1"));
+        // Where the file lives on the host is not an input.
+        std::fs::write(dir.path().join("y"), b"1").unwrap();
+        std::fs::create_dir(dir.path().join("b")).unwrap();
+        std::fs::write(dir.path().join("b/x"), b"1").unwrap();
+        assert_eq!(hash_files(&[dir.path().join("b/x")]).unwrap(), ok);
+        assert_ne!(
+            hash_files(&[dir.path().join("y")]).unwrap(),
+            ok,
+            "the name is"
+        );
     }
 }

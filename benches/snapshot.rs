@@ -275,6 +275,53 @@ fn theirs(memory_mib: u64, runs: usize, pvm: bool) {
         "ms",
         restore,
     );
+
+    // QEMU's nearest thing to our forks: ten `-incoming` restores of one
+    // state file, all running. Each reads the state into memory of its
+    // own, so nothing is shared; the same PSS figure as ours.
+    let mut forks = Vec::new();
+    let mut alone = 0.0;
+    for i in 0..FORKS {
+        let qmp_path = dir.path().join(format!("qmp-fork{i}.sock"));
+        let qmp_arg = format!("unix:{},server=on,wait=off", qmp_path.display());
+        let vm = qemu::microvm(&kernel, &rootfs, memory_mib, &args)
+            .args(["-qmp", &qmp_arg, "-incoming"])
+            .arg(format!("exec:cat {}", state(0).display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let pid = u64::from(vm.id());
+        forks.push(vm);
+        let Some(mut q) = qemu::Qmp::connect(&qmp_path, Duration::from_secs(10)) else {
+            break;
+        };
+        if !q.wait_migration(Duration::from_secs(300)) {
+            break;
+        }
+        q.execute("cont", json!({}));
+        if i == 0 {
+            alone = pss_mib(pid);
+        }
+    }
+    let running = forks.len();
+    let total: f64 = forks.iter().map(|vm| pss_mib(u64::from(vm.id()))).sum();
+    for mut vm in forks {
+        let _ = vm.kill();
+        let _ = vm.wait();
+    }
+    stats::emit(
+        "snapshot",
+        "qemu-microvm",
+        &format!("forks_{FORKS}_total_pss_mib"),
+        "MiB",
+        if running == FORKS {
+            vec![total]
+        } else {
+            vec![]
+        },
+        json!({"memory_mib": memory_mib, "one_fork_alone_mib": (alone * 10.0).round() / 10.0}),
+    );
 }
 
 fn main() {

@@ -127,4 +127,6 @@ fn main() {
         println!("not measured: {s}");
     }
     println!("ADVANTAGE: QEMU's figure over ours (ours over QEMU's for throughput): above 1x, microagent is better.");
+    println!("No QEMU figure for exec (QEMU's vsock needs /dev/vhost-vsock, which PVM hosts lack, and it has no agent of its own)");
+    println!("nor for warm starts (a microagent feature). Our restore ends when the agent answers, QEMU's when its vCPUs run.");
 }

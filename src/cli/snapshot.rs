@@ -376,7 +376,11 @@ fn list(state: &StateDir, args: ListArgs, out: &Out) -> Result<i32> {
 
 fn delete(state: &StateDir, args: DeleteArgs, out: &Out) -> Result<i32> {
     let ws = state.existing(&args.name)?;
-    snapshot_dir(&ws, &args.tag)?;
+    // The lock first: a workspace busy snapshotting is refused naming
+    // what runs (the tag being made does not exist yet). The prompt, if
+    // any, is answered under the lock, so the tag cannot change meanwhile.
+    let _lock = busy::lock(&ws)?;
+    let dir = snapshot_dir(&ws, &args.tag)?;
     super::confirm::confirm(
         &format!(
             "snapshot delete removes snapshot {} of workspace {}",
@@ -384,8 +388,6 @@ fn delete(state: &StateDir, args: DeleteArgs, out: &Out) -> Result<i32> {
         ),
         args.yes,
     )?;
-    let _lock = busy::lock(&ws)?;
-    let dir = snapshot_dir(&ws, &args.tag)?;
     let doomed = ws
         .snapshots()
         .join(format!(".deleting-{}-{}", args.tag, std::process::id()));

@@ -200,6 +200,7 @@ fn theirs(runs: usize, host: &HostServers) {
     let init = format!(
         r#"#!/bin/sh
 mount -t proc proc /proc
+mount -t devtmpfs dev /dev 2>/dev/null
 for a in $(cat /proc/cmdline); do
   case $a in bench.sink=*) SINK=${{a#*=}};; bench.src=*) SRC=${{a#*=}};; esac
 done

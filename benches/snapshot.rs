@@ -243,18 +243,23 @@ fn theirs(memory_mib: u64, runs: usize, pvm: bool) {
         alloc,
     );
 
-    let mut restore = Vec::new();
-    for r in 0..runs {
-        let qmp_path = dir.path().join(format!("qmp-in{r}.sock"));
+    // A QEMU restoring the first state file, QMP at `qmp_path`.
+    let restore_from = state(0);
+    let incoming = |state: &std::path::Path, qmp_path: &std::path::Path| {
         let qmp_arg = format!("unix:{},server=on,wait=off", qmp_path.display());
-        let t = Instant::now();
-        let mut vm = qemu::microvm(&kernel, &rootfs, memory_mib, &args)
+        qemu::microvm(&kernel, &rootfs, memory_mib, &args)
             .args(["-qmp", &qmp_arg, "-incoming"])
-            .arg(format!("exec:cat {}", state(0).display()))
+            .arg(format!("exec:cat {}", state.display()))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .unwrap();
+            .unwrap()
+    };
+    let mut restore = Vec::new();
+    for r in 0..runs {
+        let qmp_path = dir.path().join(format!("qmp-in{r}.sock"));
+        let t = Instant::now();
+        let mut vm = incoming(&restore_from, &qmp_path);
         let mut q = qemu::Qmp::connect(&qmp_path, Duration::from_secs(10)).expect("QMP");
         assert!(
             q.wait_migration(Duration::from_secs(300)),
@@ -283,14 +288,7 @@ fn theirs(memory_mib: u64, runs: usize, pvm: bool) {
     let mut alone = 0.0;
     for i in 0..FORKS {
         let qmp_path = dir.path().join(format!("qmp-fork{i}.sock"));
-        let qmp_arg = format!("unix:{},server=on,wait=off", qmp_path.display());
-        let vm = qemu::microvm(&kernel, &rootfs, memory_mib, &args)
-            .args(["-qmp", &qmp_arg, "-incoming"])
-            .arg(format!("exec:cat {}", state(0).display()))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let vm = incoming(&restore_from, &qmp_path);
         let pid = u64::from(vm.id());
         forks.push(vm);
         let Some(mut q) = qemu::Qmp::connect(&qmp_path, Duration::from_secs(10)) else {

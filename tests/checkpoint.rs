@@ -34,11 +34,16 @@ fn example(home: &Home, image: &str) -> (i32, String, String) {
     (out.status.code().unwrap_or(-1), o, e)
 }
 
-/// `checkpoint ci …` as the example calls it, with `deps` as deps.lock.
+/// The setup the direct calls below checkpoint.
+const SETUP: &str = "cat deps.lock > /root/deps && echo set-up";
+
+/// `checkpoint ci …` as the example calls it, with `deps` as deps.lock and
+/// `setup` run by `sh -c`.
 fn checkpoint(
     home: &Home,
     dir: &std::path::Path,
     deps: &str,
+    setup: &str,
     extra: &[&str],
 ) -> (i32, String, String) {
     let lock = dir.join("deps.lock");
@@ -56,12 +61,7 @@ fn checkpoint(
         lock.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
-    args.extend([
-        "--",
-        "sh",
-        "-c",
-        "cat deps.lock > /root/deps && echo set-up",
-    ]);
+    args.extend(["--", "sh", "-c", setup]);
     home.run(&args)
 }
 
@@ -98,7 +98,7 @@ fn checkpoint_miss_hit_forks_prune_and_json() {
     // Changed inputs miss; with --keep 2, the third checkpoint of `ci`
     // prunes the oldest. Each holder is halted, its snapshot kept.
     let dir = tempfile::tempdir().unwrap();
-    let (code, out, err) = checkpoint(&home, dir.path(), "dep-a 1.1\n", &["--json"]);
+    let (code, out, err) = checkpoint(&home, dir.path(), "dep-a 1.1\n", SETUP, &["--json"]);
     assert_eq!(code, 0, "{err}");
     let second: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_schema("checkpoint", &second);
@@ -109,7 +109,7 @@ fn checkpoint_miss_hit_forks_prune_and_json() {
         home.json(&["status", second["workspace"].as_str().unwrap()])["status"],
         "halted"
     );
-    let (code, out, err) = checkpoint(&home, dir.path(), "dep-a 1.2\n", &["--json"]);
+    let (code, out, err) = checkpoint(&home, dir.path(), "dep-a 1.2\n", SETUP, &["--json"]);
     assert_eq!(code, 0, "{err}");
     let third: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(third["pruned"], serde_json::json!([holders[0]]), "{third}");
@@ -120,6 +120,7 @@ fn checkpoint_miss_hit_forks_prune_and_json() {
         &home,
         dir.path(),
         "dep-a 1.1\n",
+        SETUP,
         &["--json", "--fork", "job"],
     );
     assert_eq!(code, 0, "{err}");
@@ -133,22 +134,13 @@ fn checkpoint_miss_hit_forks_prune_and_json() {
 
     // A failing setup passes its status through and keeps nothing.
     let before = home.json(&["list"]).as_array().unwrap().len();
-    let lock = dir.path().join("deps.lock");
-    let (code, out, err) = home.run(&[
-        "checkpoint",
-        "ci",
-        "--image",
-        "localhost/busybox:latest",
-        "--memory",
-        "256",
-        "--file",
-        lock.to_str().unwrap(),
-        "--json",
-        "--",
-        "sh",
-        "-c",
+    let (code, out, err) = checkpoint(
+        &home,
+        dir.path(),
+        "dep-a 1.1\n",
         "echo failing >&2; exit 7",
-    ]);
+        &["--json"],
+    );
     assert_eq!(code, 7, "{err}");
     assert!(
         err.contains("exited with status 7; nothing was kept"),
@@ -172,6 +164,7 @@ fn checkpoint_miss_hit_forks_prune_and_json() {
         serde_json::json!([]),
         "filtered out"
     );
+    let lock = dir.path().join("deps.lock");
     let cp = home.json(&["cp", lock.to_str().unwrap(), "job:/tmp"]);
     assert_schema("cp", &cp);
     assert_eq!(sh(&home, "job", "cat /tmp/deps.lock"), "dep-a 1.1");

@@ -10,6 +10,10 @@ mod init;
 mod reaper;
 mod secrets;
 mod vsock;
+mod zeroing_alloc;
+
+#[global_allocator]
+static ALLOC: zeroing_alloc::ZeroOnFree = zeroing_alloc::ZeroOnFree;
 
 use std::fs::File;
 use std::sync::{Arc, Mutex};

@@ -564,5 +564,32 @@ fn large_guest_busy_status_kill_and_clock() {
         ticks < 8,
         "the snapshot's exec session ran on to tick {ticks} after restore"
     );
+
+    // delete --force ends a snapshot in progress, as `docker rm -f` ends
+    // a running container, and leaves no VMM behind.
+    let mut abandoned = home
+        .cmd()
+        .args(["snapshot", "create", "big", "--tag", "abandoned"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let s = wait_snapshotting(&home, "big", &mut abandoned);
+    let vmm = s["pid"].as_i64().expect("a VMM pid") as i32;
     home.ok(&["delete", "big", "--yes", "--force"]);
+    let out = abandoned.wait_with_output().unwrap();
+    assert!(
+        !out.status.success(),
+        "the snapshot finished before delete --force reached it"
+    );
+    assert!(!home.workspace_dir("big").exists());
+    let t = Instant::now();
+    // SAFETY: signal 0 only probes whether the process exists.
+    while unsafe { libc::kill(vmm, 0) } == 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the VMM outlived its deleted workspace"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

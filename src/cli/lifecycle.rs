@@ -430,6 +430,13 @@ pub(crate) fn open(
 ) -> Result<(WorkspaceDir, WorkspaceLock, WorkspaceRecord, Status)> {
     let ws = state.existing(name)?;
     let lock = busy::lock(&ws)?;
+    reconciled(ws, lock)
+}
+
+fn reconciled(
+    ws: WorkspaceDir,
+    lock: WorkspaceLock,
+) -> Result<(WorkspaceDir, WorkspaceLock, WorkspaceRecord, Status)> {
     let mut rec = ws.read()?;
     let (status, reason) = reconcile(&ws, &rec);
     if status != rec.status {
@@ -861,7 +868,8 @@ pub struct DeleteArgs {
     /// (asked on a terminal; refused without one).
     #[arg(long, short)]
     yes: bool,
-    /// Delete even if running (the VMM is stopped first).
+    /// Delete even if running (the VMM is stopped first) or snapshotting
+    /// (the snapshot is ended; it is not kept).
     #[arg(long)]
     force: bool,
 }
@@ -875,7 +883,14 @@ pub fn delete(state: &StateDir, args: DeleteArgs, out: &Out) -> Result<i32> {
         ),
         args.yes,
     )?;
-    let (ws, _lock, rec, status) = open(state, &args.name)?;
+    let (ws, _lock, rec, status) = if args.force {
+        // Like `docker rm -f`: a snapshot in progress is ended too.
+        let ws = state.existing(&args.name)?;
+        let lock = busy::lock_evicting(&ws)?;
+        reconciled(ws, lock)?
+    } else {
+        open(state, &args.name)?
+    };
     if !args.force {
         check(&ws.name, status, Op::Delete)?;
     }

@@ -87,6 +87,40 @@ pub fn lock(ws: &WorkspaceDir) -> Result<WorkspaceLock, BusyError> {
     }
 }
 
+/// How long `lock_evicting` keeps trying before it reports the holder.
+const EVICT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Whether `pid` runs this same program: a marker's pid could have been
+/// reused by an unrelated process, which must never be killed.
+fn runs_this_program(pid: u32) -> bool {
+    let theirs = std::fs::read_link(format!("/proc/{pid}/exe"));
+    let ours = std::fs::read_link("/proc/self/exe");
+    matches!((theirs, ours), (Ok(a), Ok(b)) if a == b)
+}
+
+/// Takes the workspace lock for `delete --force`: a long operation holding
+/// it (a snapshot) is killed first, which releases its lock. Whatever it
+/// half-made lives inside the workspace that is about to go. A holder that
+/// is not a microagent process is never killed: that is refused as busy.
+pub fn lock_evicting(ws: &WorkspaceDir) -> Result<WorkspaceLock, BusyError> {
+    let deadline = std::time::Instant::now() + EVICT_TIMEOUT;
+    loop {
+        match lock(ws) {
+            Err(BusyError::Busy { pid, .. })
+                if std::time::Instant::now() < deadline && runs_this_program(pid) =>
+            {
+                if let Ok(p) = i32::try_from(pid) {
+                    // SAFETY: signals a live process checked to be one of
+                    // ours just above.
+                    unsafe { libc::kill(p, libc::SIGKILL) };
+                }
+                std::thread::sleep(POLL);
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Marks `ws` busy until dropped. The caller must hold the workspace lock.
 pub struct BusyGuard {
     path: PathBuf,
@@ -150,5 +184,19 @@ mod tests {
         assert!(current(&ws).is_none());
         drop(held);
         assert!(lock(&ws).is_ok());
+    }
+
+    #[test]
+    fn only_this_program_counts_as_an_evictable_holder() {
+        // A marker's pid reused by another program must never be killed.
+        let mut other = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        assert!(!runs_this_program(other.id()));
+        assert!(runs_this_program(std::process::id()));
+        assert!(!runs_this_program(u32::MAX - 1));
+        other.kill().unwrap();
+        other.wait().unwrap();
     }
 }

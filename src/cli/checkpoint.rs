@@ -303,7 +303,7 @@ pub fn checkpoint(state: &StateDir, args: CheckpointArgs, out: &Out) -> Result<i
     let files = hash_files(&args.files)?;
     let kernel = match args.kernel.clone() {
         Some(k) => k,
-        None => super::lifecycle::default_kernel()?,
+        None => super::create::default_kernel()?,
     };
     let kernel_sha256 =
         sha256_file(&kernel).with_context(|| format!("hashing kernel {}", kernel.display()))?;

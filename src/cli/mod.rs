@@ -8,6 +8,7 @@ mod cache;
 mod checkpoint;
 mod confirm;
 mod cp;
+mod create;
 mod exec;
 mod image;
 mod inspect;
@@ -15,6 +16,7 @@ mod lifecycle;
 mod output;
 mod secret;
 mod snapshot;
+mod stop;
 mod vmm_run;
 mod vmm_serve;
 mod warm;
@@ -44,7 +46,7 @@ pub struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Create a workspace (its own copy of a root disk, not started).
-    Create(lifecycle::CreateArgs),
+    Create(create::CreateArgs),
     /// Start a workspace's VM in a detached VMM process; returns once the
     /// guest agent answers.
     Start(lifecycle::StartArgs),
@@ -53,9 +55,9 @@ enum Command {
     /// Resume a paused workspace.
     Resume(lifecycle::NameArgs),
     /// Stop a workspace's VM (forced after --timeout).
-    Halt(lifecycle::HaltArgs),
+    Halt(stop::HaltArgs),
     /// Delete a workspace with its disk and snapshots.
-    Delete(lifecycle::DeleteArgs),
+    Delete(stop::DeleteArgs),
     /// List workspaces.
     #[command(alias = "ls")]
     List(inspect::ListArgs),
@@ -112,12 +114,12 @@ pub fn run() -> i32 {
     };
     let state = StateDir::from_env();
     let result = match cli.command {
-        Command::Create(a) => lifecycle::create(&state, a, &out),
+        Command::Create(a) => create::create(&state, a, &out),
         Command::Start(a) => lifecycle::start(&state, a, &out),
         Command::Pause(a) => lifecycle::pause(&state, a, &out),
         Command::Resume(a) => lifecycle::resume(&state, a, &out),
-        Command::Halt(a) => lifecycle::halt(&state, a, &out),
-        Command::Delete(a) => lifecycle::delete(&state, a, &out),
+        Command::Halt(a) => stop::halt(&state, a, &out),
+        Command::Delete(a) => stop::delete(&state, a, &out),
         Command::List(a) => inspect::list(&state, a, &out),
         Command::Status(a) => inspect::status(&state, a, &out),
         Command::Logs(a) => inspect::logs(&state, a),

@@ -3,6 +3,7 @@
 pub mod arch;
 pub mod boot;
 pub mod control;
+mod devices;
 pub mod host;
 pub mod memory;
 pub mod snapshot;

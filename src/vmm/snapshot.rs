@@ -145,7 +145,7 @@ impl VmHandle {
                 .map_err(|e| format!("{id}: {e}"))?;
         }
         let mut devices = vec![(
-            super::vm::SERIAL_ID.to_string(),
+            super::devices::SERIAL_ID.to_string(),
             DeviceState::Serial(serial.save()),
         )];
         devices.extend(

@@ -8,30 +8,23 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
+use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::arch::x86_64::cpuid::CpuTemplate;
-use super::arch::x86_64::layout::{
-    IRQ_MAX, KVM_TSS_ADDRESS, MAX_VCPUS, SERIAL_IRQ, VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE,
-    VIRTIO_MMIO_SIZE,
-};
+use super::arch::x86_64::layout::{IRQ_MAX, KVM_TSS_ADDRESS, MAX_VCPUS, VIRTIO_IRQ_BASE};
 use super::arch::x86_64::mptable;
 use super::boot::{self, BootError};
+use super::devices::{Devices, QueueKick, VirtioSet};
 use super::memory::{self, MemoryError};
 use super::vcpu::{GuestStop, IoBuses, StopSignal, Vcpu, VcpuError};
-use crate::devices::bus::{lock, Bus};
-use crate::devices::i8042::{I8042, I8042_LEN, I8042_PORT};
-use crate::devices::serial::{ConsoleSink, SerialDevice, COM1_LEN, COM1_PORT};
-use crate::devices::virtio::block::{Block, BlockError};
-use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
-use crate::devices::virtio::net::config as net_config;
-use crate::devices::virtio::net::{LinkState, Net, NetConfig};
-use crate::devices::virtio::vsock::Vsock;
-use crate::devices::virtio::{Interrupt, VirtioDevice};
-use crate::devices::EventFdTrigger;
+use crate::devices::bus::lock;
+use crate::devices::serial::SerialDevice;
+use crate::devices::virtio::block::BlockError;
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::net::{LinkState, NetConfig};
 use crate::vmm::snapshot::DeviceState;
 
 pub const MIN_MEM_MIB: u64 = 32;
@@ -152,81 +145,6 @@ impl VmConfig {
     }
 }
 
-/// The virtio-mmio devices of a VM as they are created: one MMIO window
-/// and one IRQ each, in order.
-#[derive(Default)]
-struct VirtioSet {
-    mmio: Bus,
-    kicks: Vec<QueueKick>,
-    backends: Vec<Arc<Mutex<MmioTransport>>>,
-    named: Vec<(String, Arc<Mutex<MmioTransport>>)>,
-    cmdline_args: Vec<String>,
-}
-
-impl VirtioSet {
-    fn add(
-        &mut self,
-        vm: &VmFd,
-        mem: &GuestMemoryMmap,
-        id: String,
-        device: Box<dyn VirtioDevice>,
-        saved: Option<&DeviceState>,
-        restoring: bool,
-    ) -> Result<(), VmError> {
-        let i = self.cmdline_args.len();
-        let base = VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE;
-        let irq = VIRTIO_IRQ_BASE + i as u32;
-        let has_backend = device.backend_fd().is_some();
-        let irqfd = eventfd()?;
-        vm.register_irqfd(&irqfd, irq)
-            .map_err(kvm_err("registering virtio irqfd"))?;
-        let interrupt = Arc::new(Interrupt::new(irqfd));
-        let transport = match (saved, restoring) {
-            (Some(DeviceState::Virtio(st)), _) => {
-                MmioTransport::restore(device, mem.clone(), interrupt, st)
-                    .map_err(|e| VmError::Restore(format!("{id}: {e}")))?
-            }
-            (Some(_), _) => {
-                return Err(VmError::Restore(format!(
-                    "{id}: not a virtio device's state"
-                )))
-            }
-            (None, true) => return Err(VmError::Restore(format!("no state for device {id}"))),
-            (None, false) => MmioTransport::new(device, mem.clone(), interrupt),
-        };
-        let transport = Arc::new(Mutex::new(transport));
-        for q in 0..lock(&transport).num_queues() {
-            let evt = eventfd()?;
-            vm.register_ioevent(
-                &evt,
-                &IoEventAddress::Mmio(base + REG_QUEUE_NOTIFY),
-                q as u32,
-            )
-            .map_err(kvm_err("registering virtio ioeventfd"))?;
-            self.kicks.push(QueueKick {
-                evt,
-                transport: transport.clone(),
-                queue: q,
-            });
-        }
-        if has_backend {
-            self.backends.push(transport.clone());
-        }
-        self.named.push((id, transport.clone()));
-        self.mmio.insert(base, VIRTIO_MMIO_SIZE, transport)?;
-        self.cmdline_args
-            .push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
-        Ok(())
-    }
-}
-
-/// A queue kick the event loop watches: (transport, queue index).
-struct QueueKick {
-    evt: EventFd,
-    transport: Arc<Mutex<MmioTransport>>,
-    queue: usize,
-}
-
 /// Pause, resume and halt a running VM from another thread (the control
 /// socket server).
 #[derive(Clone)]
@@ -333,11 +251,11 @@ pub struct Vm {
     pub cmdline: String,
 }
 
-fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+pub(super) fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::KvmSetup { what, source }
 }
 
-fn eventfd() -> Result<EventFd, VmError> {
+pub(super) fn eventfd() -> Result<EventFd, VmError> {
     EventFd::new(EFD_NONBLOCK).map_err(VmError::EventFd)
 }
 
@@ -356,17 +274,6 @@ pub(crate) fn create_vm() -> Result<(Kvm, VmFd), VmError> {
     Ok((kvm, vm))
 }
 
-/// Device ids, stable across snapshot and restore: the serial port, then
-/// vda, vdb, ... for disks, then the vsock.
-pub(crate) const SERIAL_ID: &str = "com1";
-pub(crate) const VSOCK_ID: &str = "vsock";
-/// After the vsock, so snapshots taken before NICs existed keep their order.
-pub(crate) const NET_ID: &str = "eth0";
-
-fn disk_id(i: usize) -> String {
-    format!("vd{}", (b'a' + i as u8) as char)
-}
-
 impl Vm {
     /// Devices and plumbing shared by boot and restore. With `devices`
     /// (from a snapshot), each device is restored from its saved state.
@@ -377,98 +284,20 @@ impl Vm {
         cfg: &VmConfig,
         devices: Option<&[(String, DeviceState)]>,
     ) -> Result<(Vm, Vec<String>), VmError> {
-        let saved =
-            |id: &str| devices.and_then(|d| d.iter().find(|(i, _)| i == id).map(|(_, s)| s));
-        let mut pio = Bus::default();
-        let serial_irq = eventfd()?;
-        vm.register_irqfd(&serial_irq, SERIAL_IRQ)
-            .map_err(kvm_err("registering serial irqfd"))?;
-        let log = match &cfg.console_log {
-            Some(path) => Some(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|source| VmError::ConsoleLog {
-                        path: path.display().to_string(),
-                        source,
-                    })?,
-            ),
-            None => None,
-        };
-        let sink = ConsoleSink::new(log, cfg.console_stdout);
-        let serial = match saved(SERIAL_ID) {
-            Some(DeviceState::Serial(snap)) => {
-                SerialDevice::restore(EventFdTrigger(serial_irq), sink, snap)
-                    .map_err(|e| VmError::Restore(format!("{SERIAL_ID}: {e}")))?
-            }
-            Some(_) => {
-                return Err(VmError::Restore(format!(
-                    "{SERIAL_ID}: not a serial port's state"
-                )))
-            }
-            None if devices.is_some() => {
-                return Err(VmError::Restore(format!("no state for {SERIAL_ID}")))
-            }
-            None => SerialDevice::new(EventFdTrigger(serial_irq), sink),
-        };
-        let serial = Arc::new(Mutex::new(serial));
-        pio.insert(COM1_PORT, COM1_LEN, serial.clone())?;
-        let reset_evt = eventfd()?;
-        let i8042 = I8042::new(EventFdTrigger(
-            reset_evt.try_clone().map_err(VmError::EventFd)?,
-        ));
-        pio.insert(I8042_PORT, I8042_LEN, Arc::new(Mutex::new(i8042)))?;
-
-        // virtio-mmio devices, described to the guest on the command line.
-        let mut virtio = VirtioSet::default();
-        for (i, disk) in cfg.disks.iter().enumerate() {
-            let id = disk_id(i);
-            let block = Block::open(&disk.path, disk.read_only, &format!("microagent-{id}"))?;
-            virtio.add(
-                &vm,
-                &mem,
-                id.clone(),
-                Box::new(block),
-                saved(&id),
-                devices.is_some(),
-            )?;
-        }
-        if let Some(v) = &cfg.vsock {
-            let dev = Vsock::new(v.guest_cid, &v.socket)?;
-            virtio.add(
-                &vm,
-                &mem,
-                VSOCK_ID.into(),
-                Box::new(dev),
-                saved(VSOCK_ID),
-                devices.is_some(),
-            )?;
-        }
-        let link = match &cfg.net {
-            Some(n) => {
-                let link: LinkState = Arc::new(Mutex::new(Ok(())));
-                let dev = Net::new(n, link.clone())?;
-                virtio.add(
-                    &vm,
-                    &mem,
-                    NET_ID.into(),
-                    Box::new(dev),
-                    saved(NET_ID),
-                    devices.is_some(),
-                )?;
-                virtio.cmdline_args.push(net_config::kernel_ip_arg());
-                Some(link)
-            }
-            None => None,
-        };
-        let VirtioSet {
-            mmio,
-            kicks,
-            backends,
-            named,
-            cmdline_args,
-        } = virtio;
+        let Devices {
+            pio,
+            serial,
+            reset_evt,
+            virtio:
+                VirtioSet {
+                    mmio,
+                    kicks,
+                    backends,
+                    named,
+                    cmdline_args,
+                },
+            link,
+        } = Devices::assemble(&vm, &mem, cfg, devices)?;
 
         let msr_list = kvm
             .get_msr_index_list()

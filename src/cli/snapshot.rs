@@ -86,8 +86,13 @@ fn default_tag() -> String {
     now_rfc3339().replace([':', '-'], "")
 }
 
+/// Syncs a snapshot file (written unsynced while the guest was paused)
+/// and describes it for the manifest.
 fn file_info(dir: &Path, name: &str) -> Result<FileInfo> {
     let path = dir.join(name);
+    std::fs::File::open(&path)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("syncing {}", path.display()))?;
     Ok(FileInfo {
         name: name.to_string(),
         size: std::fs::metadata(&path)
@@ -191,19 +196,18 @@ pub(crate) fn capture(
         v: PROTOCOL_VERSION,
         op: CtlOp::Snapshot,
         dir: Some(tmp.display().to_string()),
+        // The VMM copies the disk while it writes memory, both while
+        // paused: memory and disk are from the same moment.
+        with_disk: true,
     };
     let resp = control::request_with(&ws.control_socket(), req, SNAPSHOT_TIMEOUT)?;
     let was_running = resp.was.as_deref() == Some("running");
-    // The VM stays paused until its disk is copied: memory and disk
-    // are from the same moment.
-    let copied = copy_disk(&ws.rootfs(), &tmp.join(ROOTFS));
     // The pause began inside the snapshot request; this bounds it from above.
     let mut paused = None;
     if was_running && !leave_paused {
         control::request(&ws.control_socket(), CtlOp::Resume, Duration::from_secs(15))?;
         paused = Some(started.elapsed());
     }
-    copied?;
     // Proof of scrub, before the tag exists.
     let files = [tmp.join(MEMORY), tmp.join(VMSTATE), tmp.join(ROOTFS)];
     let paths: Vec<&Path> = files.iter().map(|p| p.as_path()).collect();
@@ -215,10 +219,19 @@ pub(crate) fn capture(
         }
         .into());
     }
-    let files = [VMSTATE, MEMORY, ROOTFS]
-        .iter()
-        .map(|f| file_info(tmp, f))
-        .collect::<Result<Vec<_>>>()?;
+    // Synced and hashed after the guest runs again, one thread per file
+    // (memory.bin and the disk are hundreds of MiB), before the manifest
+    // that commits them.
+    let files = std::thread::scope(|scope| {
+        let workers: Vec<_> = [VMSTATE, MEMORY, ROOTFS]
+            .iter()
+            .map(|f| scope.spawn(|| file_info(tmp, f)))
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("hashing thread panicked"))
+            .collect::<Result<Vec<_>>>()
+    })?;
     let m = Manifest::new(
         tag,
         rec,
@@ -276,6 +289,10 @@ fn create(state: &StateDir, args: CreateArgs, out: &Out) -> Result<i32> {
         let (m, paused) = capture(&ws, &rec, &tmp, &tag, &secrets, orig_paused, started)?;
         std::fs::rename(&tmp, &dest)
             .with_context(|| format!("renaming into {}", dest.display()))?;
+        // The tag exists once its name is on disk too.
+        std::fs::File::open(ws.snapshots())
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("syncing {}", ws.snapshots().display()))?;
         Ok((m, paused))
     })();
     if !secrets.is_empty() {

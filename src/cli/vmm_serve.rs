@@ -142,6 +142,7 @@ pub fn serve(args: ServeArgs) -> Result<i32> {
     let info = ServeInfo {
         cmdline: vm.cmdline.clone(),
         mem_mib: cfg.mem_mib,
+        root_disk: cfg.disks.first().map(|d| d.path.clone()),
     };
     control::spawn_server(&ws.control_socket(), vm.handle(), info)
         .with_context(|| format!("serving {}", ws.control_socket().display()))?;

@@ -7,12 +7,14 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use super::vm::{RunState, VmHandle};
+use crate::snapshot::manifest::{MEMORY, ROOTFS, VMSTATE};
+use crate::workspace::disk::{copy_disk_with, Sync};
 
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Requests are tiny; anything longer is refused without being buffered.
@@ -25,8 +27,10 @@ pub enum Op {
     Pause,
     Resume,
     Halt,
-    /// Save the VM into `dir` (vmstate.bin, memory.bin) and leave it
-    /// paused; the client copies the disk, then resumes if it wants.
+    /// Save the VM into `dir` (vmstate.bin, memory.bin, and with
+    /// `with_disk` the root disk as rootfs.ext4, copied while memory is
+    /// written) and leave it paused; the client resumes it if it wants,
+    /// then syncs the files. Nothing in `dir` is synced yet.
     Snapshot,
 }
 
@@ -37,6 +41,9 @@ pub struct Request {
     /// Snapshot only: directory to write into (must exist).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dir: Option<String>,
+    /// Snapshot only: copy the root disk too.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub with_disk: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -107,18 +114,36 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
 pub struct ServeInfo {
     pub cmdline: String,
     pub mem_mib: u64,
+    /// The disk a snapshot `with_disk` copies (the workspace's root disk).
+    pub root_disk: Option<PathBuf>,
 }
 
-fn snapshot(vm: &VmHandle, info: &ServeInfo, dir: Option<&str>) -> Response {
-    let Some(dir) = dir.map(std::path::Path::new).filter(|d| d.is_dir()) else {
+fn snapshot(vm: &VmHandle, info: &ServeInfo, req: &Request) -> Response {
+    let Some(dir) = req
+        .dir
+        .as_deref()
+        .map(std::path::Path::new)
+        .filter(|d| d.is_dir())
+    else {
         return Response::err("snapshot needs an existing directory");
+    };
+    let disk = match (req.with_disk, &info.root_disk) {
+        (false, _) => None,
+        (true, Some(d)) => Some(d),
+        (true, None) => return Response::err("snapshot with_disk: this VM has no root disk"),
+    };
+    let copy_disk = || match disk {
+        Some(src) => copy_disk_with(src, &dir.join(ROOTFS), Sync::Deferred)
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+        None => Ok(()),
     };
     let was = vm.state();
     let result = vm
-        .save(&dir.join("memory.bin"), &info.cmdline, info.mem_mib)
+        .save(&dir.join(MEMORY), &info.cmdline, info.mem_mib, copy_disk)
         .and_then(|snap| crate::snapshot::format::encode(&snap).map_err(|e| e.to_string()))
         .and_then(|bytes| {
-            crate::workspace::store::write_atomic(&dir.join("vmstate.bin"), &bytes)
+            crate::workspace::store::write_atomic(&dir.join(VMSTATE), &bytes)
                 .map_err(|e| e.to_string())
         });
     match result {
@@ -145,7 +170,7 @@ fn snapshot(vm: &VmHandle, info: &ServeInfo, dir: Option<&str>) -> Response {
 
 fn handle(vm: &VmHandle, info: &ServeInfo, req: &Request) -> Response {
     match req.op {
-        Op::Snapshot => snapshot(vm, info, req.dir.as_deref()),
+        Op::Snapshot => snapshot(vm, info, req),
         Op::Status => {
             let mut r = Response::ok(vm.state());
             r.network = vm.network().map(|n| match n {
@@ -257,6 +282,7 @@ pub fn request(path: &Path, op: Op, timeout: Duration) -> Result<Response, Clien
             v: PROTOCOL_VERSION,
             op,
             dir: None,
+            with_disk: false,
         },
         timeout,
     )

@@ -112,21 +112,25 @@ fn write_memory(mem: &GuestMemoryMmap, file: &mut File) -> Result<Vec<RegionSnap
         });
         offset += size;
     }
+    // Not synced here: that would hold the guest paused through the
+    // writeback. The snapshot is committed only after its files are synced.
     file.set_len(offset)
         .map_err(|e| format!("sizing memory file: {e}"))?;
-    file.sync_all()
-        .map_err(|e| format!("syncing memory file: {e}"))?;
     Ok(regions)
 }
 
 impl VmHandle {
     /// Saves the whole VM: its state is returned, guest memory goes to
-    /// `memory_file`. Leaves the VM paused; the caller resumes it.
+    /// `memory_file` (not yet synced). `alongside` runs on another thread
+    /// while memory is written, once devices are quiesced and disks
+    /// flushed: the moment a disk copy is consistent with memory. Leaves
+    /// the VM paused; the caller resumes it.
     pub fn save(
         &self,
         memory_file: &Path,
         cmdline: &str,
         mem_mib: u64,
+        alongside: impl FnOnce() -> Result<(), String> + Send,
     ) -> Result<VmSnapshot, String> {
         if self.state() != RunState::Paused {
             self.pause()?;
@@ -164,7 +168,16 @@ impl VmHandle {
         );
         let mut file =
             File::create(memory_file).map_err(|e| format!("{}: {e}", memory_file.display()))?;
-        let memory = write_memory(&self.mem, &mut file)?;
+        let (memory, beside) = std::thread::scope(|scope| {
+            let beside = scope.spawn(alongside);
+            let memory = write_memory(&self.mem, &mut file);
+            let beside = beside
+                .join()
+                .unwrap_or_else(|_| Err("the disk copy panicked".into()));
+            (memory, beside)
+        });
+        let memory = memory?;
+        beside?;
         drop(transports);
         drop(serial);
         Ok(VmSnapshot {

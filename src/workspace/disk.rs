@@ -147,8 +147,22 @@ fn sparse_copy(src: &File, dst: &File, len: u64) -> std::io::Result<()> {
 }
 
 /// Copies `src` to `dst` (through a temp file and rename, so `dst` is never
-/// half-written) and says how.
+/// half-written), durably, and says how.
 pub fn copy_disk(src: &Path, dst: &Path) -> Result<CopyMethod, DiskError> {
+    copy_disk_with(src, dst, Sync::Now)
+}
+
+/// When a copy reaches the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sync {
+    Now,
+    /// The caller fsyncs later, before anything depends on the copy:
+    /// a snapshot's copy is made while the guest is paused, and its
+    /// writeback need not be.
+    Deferred,
+}
+
+pub fn copy_disk_with(src: &Path, dst: &Path, sync: Sync) -> Result<CopyMethod, DiskError> {
     let err = |source| DiskError::Copy {
         src: src.display().to_string(),
         dst: dst.display().to_string(),
@@ -166,7 +180,9 @@ pub fn copy_disk(src: &Path, dst: &Path) -> Result<CopyMethod, DiskError> {
                 CopyMethod::Sparse
             }
         };
-        d.sync_all()?;
+        if sync == Sync::Now {
+            d.sync_all()?;
+        }
         std::fs::rename(&tmp, dst)?;
         Ok(method)
     })();

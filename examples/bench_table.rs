@@ -128,5 +128,6 @@ fn main() {
     }
     println!("ADVANTAGE: QEMU's figure over ours (ours over QEMU's for throughput): above 1x, microagent is better.");
     println!("No QEMU figure for exec (QEMU's vsock needs /dev/vhost-vsock, which PVM hosts lack, and it has no agent of its own)");
-    println!("nor for warm starts (a microagent feature). Our restore ends when the agent answers, QEMU's when its vCPUs run.");
+    println!("nor for warm starts (a microagent feature). restore_to_running_ms ends when the vCPUs run for both (ours includes");
+    println!("rolling the disk back, which QEMU's -incoming does not do); restore_to_agent_ready_ms adds the guest's reconnect.");
 }

@@ -87,13 +87,13 @@ pub fn start(state: &StateDir, args: StartArgs, out: &Out) -> Result<i32> {
     check(&ws.name, status, Op::Start)?;
     let wait = (!args.no_wait).then(|| Duration::from_secs(args.timeout));
     let t = Instant::now();
-    let (vmm_pid, boot, how) = match &args.from_snapshot {
+    let (launched, boot, how) = match &args.from_snapshot {
         Some(tag) => {
             let dir = snapshot_dir(&ws, tag)?;
             check_snapshot(&dir, &rec)?;
             // Roll the disk back with the memory: both are from that moment.
             copy_disk(&dir.join(ROOTFS), &ws.rootfs())?;
-            let pid = launch(
+            let l = launch(
                 &ws,
                 &mut rec,
                 Some(&dir),
@@ -101,7 +101,7 @@ pub fn start(state: &StateDir, args: StartArgs, out: &Out) -> Result<i32> {
                 AfterReady::DeliverSecrets,
                 out,
             )?;
-            (pid, Boot::Snapshot, format!(" from snapshot {tag}"))
+            (l, Boot::Snapshot, format!(" from snapshot {tag}"))
         }
         None if status == Status::Created => {
             let first = warm::first_start(state, &ws, &mut rec, wait, args.cold, out)?;
@@ -112,15 +112,16 @@ pub fn start(state: &StateDir, args: StartArgs, out: &Out) -> Result<i32> {
                 }
                 _ => " (cold boot)".to_string(),
             };
-            (first.vmm_pid, first.boot, how)
+            (first.launched, first.boot, how)
         }
         None => {
-            let pid = launch(&ws, &mut rec, None, wait, AfterReady::DeliverSecrets, out)?;
-            (pid, Boot::Cold, String::new())
+            let l = launch(&ws, &mut rec, None, wait, AfterReady::DeliverSecrets, out)?;
+            (l, Boot::Cold, String::new())
         }
     };
-    let mut json = record_json(&ws, &rec, Status::Running, None, vmm_pid);
+    let mut json = record_json(&ws, &rec, Status::Running, None, launched.vmm_pid);
     json["boot"] = boot.name().into();
+    json["running_ms"] = (launched.running_at.duration_since(t).as_millis() as u64).into();
     json["start_ms"] = (t.elapsed().as_millis() as u64).into();
     out.done(
         &format!(
@@ -207,6 +208,14 @@ pub enum AfterReady {
 /// for its control socket and, with `wait`, for the guest agent, which then
 /// gives the guest its identity (hostname, machine-id, clock, entropy:
 /// fresh for a restored guest too). Records the workspace as running.
+/// A VMM that `launch` started.
+pub struct Launched {
+    pub vmm_pid: Option<u32>,
+    /// When the VMM first answered on its control socket: the VM is built
+    /// (booted or restored) and its vCPUs run. The guest agent comes later.
+    pub running_at: Instant,
+}
+
 pub fn launch(
     ws: &WorkspaceDir,
     rec: &mut WorkspaceRecord,
@@ -214,7 +223,7 @@ pub fn launch(
     wait: Option<Duration>,
     after: AfterReady,
     out: &Out,
-) -> Result<Option<u32>> {
+) -> Result<Launched> {
     let _ = std::fs::remove_file(ws.exit_record());
     let _ = std::fs::remove_file(ws.control_socket());
     let log = std::fs::OpenOptions::new()
@@ -275,6 +284,7 @@ pub fn launch(
             }
         }
     };
+    let running_at = Instant::now();
     rec.status = Status::Running;
     rec.vmm_pid = Some(pid);
     rec.crash_reason = None;
@@ -302,7 +312,10 @@ pub fn launch(
             eprintln!("guest agent ready after {:.1}s", t.elapsed().as_secs_f64());
         }
     }
-    Ok(vmm_pid)
+    Ok(Launched {
+        vmm_pid,
+        running_at,
+    })
 }
 
 pub(crate) fn has_secrets(ws: &WorkspaceDir) -> Result<bool> {

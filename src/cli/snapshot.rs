@@ -479,7 +479,7 @@ pub fn fork(state: &StateDir, args: ForkArgs, out: &Out) -> Result<i32> {
         for (k, v) in secret_overrides {
             store.set(k, v)?;
         }
-        let pid = launch(
+        let l = launch(
             &ws,
             &mut rec,
             Some(&dir),
@@ -487,7 +487,7 @@ pub fn fork(state: &StateDir, args: ForkArgs, out: &Out) -> Result<i32> {
             AfterReady::DeliverSecrets,
             out,
         )?;
-        Ok((rec, pid))
+        Ok((rec, l.vmm_pid))
     })();
     match result {
         Ok((rec, pid)) => {

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
-use super::lifecycle::{check_snapshot, deliver_secrets, has_secrets, launch, AfterReady};
+use super::lifecycle::{
+    check_snapshot, deliver_secrets, has_secrets, launch, AfterReady, Launched,
+};
 use super::output::Out;
 use super::snapshot::capture;
 use crate::snapshot::manifest::ROOTFS;
@@ -45,7 +47,7 @@ impl Boot {
 
 /// What a first start did, for the caller's message and JSON.
 pub struct FirstStart {
-    pub vmm_pid: Option<u32>,
+    pub launched: Launched,
     pub boot: Boot,
     pub key: Option<String>,
     /// With a cold boot: whether its snapshot is now in the cache.
@@ -71,9 +73,9 @@ pub fn first_start(
 ) -> Result<FirstStart> {
     let key = rec.boot_key.clone().filter(|k| valid_key(k));
     let (Some(key), Some(_), false) = (key, wait, cold) else {
-        let vmm_pid = launch(ws, rec, None, wait, AfterReady::DeliverSecrets, out)?;
+        let launched = launch(ws, rec, None, wait, AfterReady::DeliverSecrets, out)?;
         return Ok(FirstStart {
-            vmm_pid,
+            launched,
             boot: Boot::Cold,
             key: None,
             cached: false,
@@ -82,9 +84,9 @@ pub fn first_start(
     let cache = BootCache::new(&state.root);
     if let Some(dir) = cache.lookup(&key) {
         match warm_start(&cache, &dir, ws, rec, wait, out) {
-            Ok(vmm_pid) => {
+            Ok(launched) => {
                 return Ok(FirstStart {
-                    vmm_pid,
+                    launched,
                     boot: Boot::Warm,
                     key: Some(key),
                     cached: true,
@@ -107,7 +109,7 @@ pub fn first_start(
             }
         }
     }
-    let vmm_pid = launch(ws, rec, None, wait, AfterReady::NoSecrets, out)?;
+    let launched = launch(ws, rec, None, wait, AfterReady::NoSecrets, out)?;
     let cached = match cache_boot(&cache, &key, ws, rec) {
         Ok(stored) => stored,
         Err(e) => {
@@ -127,7 +129,7 @@ pub fn first_start(
         deliver_secrets(ws, true)?;
     }
     Ok(FirstStart {
-        vmm_pid,
+        launched,
         boot: Boot::Cold,
         key: Some(key),
         cached,
@@ -143,7 +145,7 @@ fn warm_start(
     rec: &mut WorkspaceRecord,
     wait: Option<Duration>,
     out: &Out,
-) -> Result<Option<u32>> {
+) -> Result<Launched> {
     let _use = cache.use_lock()?;
     check_snapshot(dir, rec)?;
     // Keep the workspace's own disk until the restore has worked.
@@ -154,9 +156,9 @@ fn warm_start(
         .map_err(anyhow::Error::from)
         .and_then(|_| launch(ws, rec, Some(dir), wait, AfterReady::DeliverSecrets, out));
     match result {
-        Ok(pid) => {
+        Ok(launched) => {
             let _ = std::fs::remove_file(&own_disk);
-            Ok(pid)
+            Ok(launched)
         }
         Err(e) => {
             if let Some(pid) = ws.read().ok().and_then(|r| r.vmm_pid) {

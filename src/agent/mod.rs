@@ -138,6 +138,10 @@ pub fn wait_ready(
 ) -> Result<Response, AgentError> {
     let deadline = Instant::now() + timeout;
     let mut last = String::from("no attempt");
+    // A restored guest answers within milliseconds on hardware KVM, so
+    // retry soon at first; back off to spare an emulated (PVM) guest
+    // kernel a storm of refused connections while it boots.
+    let mut pause = Duration::from_millis(10);
     while Instant::now() < deadline {
         if !alive() {
             return Err(AgentError::Unreachable {
@@ -151,7 +155,8 @@ pub fn wait_ready(
             Ok(r) => return Ok(r),
             Err(e) => last = e.to_string(),
         }
-        std::thread::sleep(Duration::from_millis(250));
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(250));
     }
     let _ = last;
     Err(AgentError::Timeout(timeout.as_secs()))

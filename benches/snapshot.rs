@@ -256,10 +256,16 @@ fn theirs(memory_mib: u64, runs: usize, pvm: bool) {
 
     // A QEMU restoring the first state file, QMP at `qmp_path`.
     let restore_from = state(0);
-    let incoming = |state: &std::path::Path, qmp_path: &std::path::Path| {
+    // `private_disk`: writes go to a temp overlay (`-snapshot`), like our
+    // forks' private disk copies; without it, only one QEMU can hold the
+    // image's write lock and the others cannot `cont`.
+    let incoming = |state: &std::path::Path, qmp_path: &std::path::Path, private_disk: bool| {
         let qmp_arg = format!("unix:{},server=on,wait=off", qmp_path.display());
-        qemu::microvm(&kernel, &rootfs, memory_mib, &args)
-            .args(["-qmp", &qmp_arg, "-incoming"])
+        let mut cmd = qemu::microvm(&kernel, &rootfs, memory_mib, &args);
+        if private_disk {
+            cmd.arg("-snapshot");
+        }
+        cmd.args(["-qmp", &qmp_arg, "-incoming"])
             .arg(format!("exec:cat {}", state.display()))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -270,7 +276,7 @@ fn theirs(memory_mib: u64, runs: usize, pvm: bool) {
     for r in 0..runs {
         let qmp_path = dir.path().join(format!("qmp-in{r}.sock"));
         let t = Instant::now();
-        let mut vm = incoming(&restore_from, &qmp_path);
+        let mut vm = incoming(&restore_from, &qmp_path, false);
         let mut q = qemu::Qmp::connect(&qmp_path, Duration::from_secs(10)).expect("QMP");
         assert!(
             q.wait_migration(Duration::from_secs(300)),
@@ -299,16 +305,20 @@ fn theirs(memory_mib: u64, runs: usize, pvm: bool) {
     let mut alone = 0.0;
     for i in 0..FORKS {
         let qmp_path = dir.path().join(format!("qmp-fork{i}.sock"));
-        let vm = incoming(&restore_from, &qmp_path);
+        let vm = incoming(&restore_from, &qmp_path, true);
         let pid = u64::from(vm.id());
         forks.push(vm);
         let Some(mut q) = qemu::Qmp::connect(&qmp_path, Duration::from_secs(10)) else {
             break;
         };
-        if !q.wait_migration(Duration::from_secs(300)) {
+        if !q.wait_migration(Duration::from_secs(300)) || q.execute("cont", json!({})).is_none() {
+            // Counted as not running: no figure rather than a wrong one.
+            if let Some(mut vm) = forks.pop() {
+                let _ = vm.kill();
+                let _ = vm.wait();
+            }
             break;
         }
-        q.execute("cont", json!({}));
         if i == 0 {
             alone = pss_mib(pid);
         }

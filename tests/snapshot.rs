@@ -376,6 +376,16 @@ fn seed_transcript_rollback_forks_and_refusals() {
     assert!(!home.workspace_dir("builder").exists());
 }
 
+/// Starts `snapshot create WS --tag TAG` in the background, output piped.
+fn spawn_snapshot(home: &Home, ws: &str, tag: &str) -> std::process::Child {
+    home.cmd()
+        .args(["snapshot", "create", ws, "--tag", tag])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 /// Polls `status` until the workspace reports `snapshotting`.
 fn wait_snapshotting(home: &Home, ws: &str, snap: &mut std::process::Child) -> serde_json::Value {
     let t = Instant::now();
@@ -449,13 +459,7 @@ fn large_guest_busy_status_kill_and_clock() {
         );
     }
 
-    let mut snap = home
-        .cmd()
-        .args(["snapshot", "create", "big", "--tag", "touched"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut snap = spawn_snapshot(&home, "big", "touched");
     wait_snapshotting(&home, "big", &mut snap);
     // Lifecycle operations are refused at once, naming what runs.
     for args in [
@@ -510,13 +514,7 @@ fn large_guest_busy_status_kill_and_clock() {
 
     // kill -9 of the VMM mid-snapshot: no tag, nothing half-made, and the
     // workspace is usable (here: rolled back to the good snapshot).
-    let mut doomed = home
-        .cmd()
-        .args(["snapshot", "create", "big", "--tag", "doomed"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut doomed = spawn_snapshot(&home, "big", "doomed");
     let s = wait_snapshotting(&home, "big", &mut doomed);
     let pid = s["pid"]
         .as_i64()
@@ -567,13 +565,7 @@ fn large_guest_busy_status_kill_and_clock() {
 
     // delete --force ends a snapshot in progress, as `docker rm -f` ends
     // a running container, and leaves no VMM behind.
-    let mut abandoned = home
-        .cmd()
-        .args(["snapshot", "create", "big", "--tag", "abandoned"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut abandoned = spawn_snapshot(&home, "big", "abandoned");
     let s = wait_snapshotting(&home, "big", &mut abandoned);
     let vmm = s["pid"].as_i64().expect("a VMM pid") as i32;
     home.ok(&["delete", "big", "--yes", "--force"]);

@@ -173,7 +173,7 @@ impl VmHandle {
             let memory = write_memory(&self.mem, &mut file);
             let beside = beside
                 .join()
-                .unwrap_or_else(|_| Err("the disk copy panicked".into()));
+                .unwrap_or_else(|_| Err("the work alongside the memory write panicked".into()));
             (memory, beside)
         });
         let memory = memory?;

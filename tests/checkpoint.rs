@@ -148,7 +148,8 @@ fn checkpoint_miss_hit_forks_prune_and_json() {
     );
     let failed: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_schema("error", &failed);
-    assert_eq!(failed["setup_exit"], 7);
+    assert_eq!(failed["error"]["code"], "setup_failed", "{failed}");
+    assert_eq!(failed["error"]["setup_exit"], 7);
     assert_eq!(home.json(&["list"]).as_array().unwrap().len(), before);
 
     // --json of the commands that need a running guest.

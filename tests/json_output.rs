@@ -88,7 +88,15 @@ fn json_outputs_match_the_documented_schemas() {
     assert_eq!(code, 1);
     let err: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_schema("error", &err);
-    assert!(err["error"].as_str().unwrap().contains("missing"), "{err}");
+    assert_eq!(err["error"]["code"], "not_found", "{err}");
+    assert_eq!(err["error"]["kind"], "workspace", "{err}");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("missing"),
+        "{err}"
+    );
 
     // Destructive commands: no terminal and no --yes means exit 2 and
     // nothing removed.
@@ -96,7 +104,9 @@ fn json_outputs_match_the_documented_schemas() {
         let (code, out, err) = home.run(&[args, &["--json"]].concat());
         assert_eq!(code, 2, "{args:?}: {err}");
         assert!(err.contains("--yes"), "{args:?}: {err}");
-        assert_schema("error", &serde_json::from_str(&out).unwrap());
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_schema("error", &v);
+        assert_eq!(v["error"]["code"], "confirmation_required", "{v}");
     }
     assert!(home.workspace_dir("plain").exists());
     assert_schema("cache-prune", &home.json(&["cache", "prune", "--yes"]));
@@ -126,5 +136,12 @@ fn the_schema_check_catches_extra_and_missing_fields() {
     });
     assert!(start.is_err(), "workspace's own fields were not required");
     // Optional fields may be absent.
-    assert_schema("error", &json!({"error": "x"}));
+    assert_schema(
+        "error",
+        &json!({"error": {"code": "internal", "message": "x"}}),
+    );
+    let bad_code = std::panic::catch_unwind(|| {
+        assert_schema("error", &json!({"error": {"code": "oops", "message": "x"}}))
+    });
+    assert!(bad_code.is_err(), "an undocumented error code passed");
 }

@@ -162,8 +162,9 @@ fn secrets_delivered_scrubbed_proven_and_rehydrated() {
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     let err: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-    assert_eq!(err["secret_key"], "API_TOKEN", "{stdout}");
-    assert_eq!(err["file"], "memory.bin", "{stdout}");
+    assert_eq!(err["error"]["code"], "secret_leak", "{stdout}");
+    assert_eq!(err["error"]["secret_key"], "API_TOKEN", "{stdout}");
+    assert_eq!(err["error"]["file"], "memory.bin", "{stdout}");
     assert!(
         stderr.contains("secret API_TOKEN found in memory.bin"),
         "{stderr}"

@@ -272,7 +272,8 @@ fn names_unknown_workspaces_and_confirmation() {
     let (code, out, _) = home.run(&["status", "ghost", "--json"]);
     assert_eq!(code, 1);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert!(v["error"].as_str().unwrap().contains("ghost"));
+    assert_eq!(v["error"]["code"], "not_found", "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("ghost"));
     let (code, _, err) = home.run(&[
         "create",
         "w",

@@ -1,14 +1,12 @@
 //! `cache ls|prune`: the boot snapshots that warm starts resume (see
 //! cli::warm and workspace::bootcache).
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::{Args, Subcommand};
 use serde_json::json;
 
-use super::output::Out;
-use super::snapshot::human_size;
-use crate::workspace::bootcache::{valid_key, BootCache};
-use crate::workspace::store::StateDir;
+use super::output::{human_size, Out};
+use crate::engine::Engine;
 
 #[derive(Subcommand)]
 pub enum CacheCommand {
@@ -29,16 +27,15 @@ pub struct PruneArgs {
     yes: bool,
 }
 
-pub fn run(state: &StateDir, cmd: CacheCommand, out: &Out) -> Result<i32> {
-    let cache = BootCache::new(&state.root);
+pub fn run(engine: &Engine, cmd: CacheCommand, out: &Out) -> Result<i32> {
     match cmd {
-        CacheCommand::Ls => ls(&cache, out),
-        CacheCommand::Prune(a) => prune(&cache, a, out),
+        CacheCommand::Ls => ls(engine, out),
+        CacheCommand::Prune(a) => prune(engine, a, out),
     }
 }
 
-fn ls(cache: &BootCache, out: &Out) -> Result<i32> {
-    let entries = cache.list();
+fn ls(engine: &Engine, out: &Out) -> Result<i32> {
+    let entries = engine.cache_list();
     if out.json {
         let v: Vec<_> = entries
             .iter()
@@ -79,41 +76,22 @@ fn ls(cache: &BootCache, out: &Out) -> Result<i32> {
     Ok(0)
 }
 
-/// Expands prefixes to full keys; a prefix must name exactly one entry.
-fn resolve(cache: &BootCache, wanted: &[String]) -> Result<Vec<String>> {
-    let keys: Vec<String> = cache.list().into_iter().map(|e| e.key).collect();
-    wanted
-        .iter()
-        .map(|w| {
-            if w.len() < 8 || !valid_key(&format!("{w:0<64}")) {
-                bail!("boot cache key {w:?}: give at least 8 lowercase hex characters");
-            }
-            let hits: Vec<&String> = keys.iter().filter(|k| k.starts_with(w.as_str())).collect();
-            match hits.as_slice() {
-                [one] => Ok((*one).clone()),
-                [] => bail!("no boot snapshot with key {w} in {}", cache.root.display()),
-                _ => bail!("boot cache key prefix {w} is ambiguous"),
-            }
-        })
-        .collect()
-}
-
-fn prune(cache: &BootCache, args: PruneArgs, out: &Out) -> Result<i32> {
-    let keys = resolve(cache, &args.keys)?;
+fn prune(engine: &Engine, args: PruneArgs, out: &Out) -> Result<i32> {
+    let keys = engine.cache_resolve(&args.keys)?;
     let what = if args.keys.is_empty() {
         "cache prune removes every cached boot snapshot".to_string()
     } else {
         format!("cache prune removes {} boot snapshot(s)", keys.len())
     };
     super::confirm::confirm(&what, args.yes)?;
-    let (removed, freed) = cache.prune(&keys)?;
+    let p = engine.cache_prune(&keys)?;
     out.done(
         &format!(
             "removed {} boot snapshot(s), freed {}",
-            removed.len(),
-            human_size(freed)
+            p.removed.len(),
+            human_size(p.freed_bytes)
         ),
-        json!({"removed": removed, "freed_bytes": freed}),
+        json!({"removed": p.removed, "freed_bytes": p.freed_bytes}),
     );
     Ok(0)
 }

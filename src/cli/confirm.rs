@@ -4,21 +4,19 @@
 
 use std::io::{BufRead, IsTerminal, Write};
 
-/// A refusal that is the caller's to fix: `cli::run` exits 2 for it.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct NeedsConfirmation(pub String);
+use crate::engine::Error;
 
 /// Ok when `yes`, or when stdin and stderr are a terminal and the user
 /// answers y/yes to "`what`?".
-pub fn confirm(what: &str, yes: bool) -> Result<(), NeedsConfirmation> {
+/// A refusal is `confirmation_required`, for which `cli::run` exits 2.
+pub fn confirm(what: &str, yes: bool) -> Result<(), Error> {
     if yes {
         return Ok(());
     }
     if !(std::io::stdin().is_terminal() && std::io::stderr().is_terminal()) {
-        return Err(NeedsConfirmation(format!(
-            "{what}: pass --yes to confirm (no terminal to ask on)"
-        )));
+        return Err(Error::ConfirmationRequired {
+            message: format!("{what}: pass --yes to confirm (no terminal to ask on)"),
+        });
     }
     eprint!("{what}. Continue? [y/N] ");
     let _ = std::io::stderr().flush();
@@ -26,6 +24,8 @@ pub fn confirm(what: &str, yes: bool) -> Result<(), NeedsConfirmation> {
     let _ = std::io::stdin().lock().read_line(&mut answer);
     match answer.trim().to_ascii_lowercase().as_str() {
         "y" | "yes" => Ok(()),
-        _ => Err(NeedsConfirmation(format!("{what}: not confirmed"))),
+        _ => Err(Error::ConfirmationRequired {
+            message: format!("{what}: not confirmed"),
+        }),
     }
 }

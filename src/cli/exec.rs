@@ -6,29 +6,15 @@
 
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
-use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use guest_agent::{
-    read_frame, write_frame, write_json, ExecRequest, ExitStatus, Kind, Request, ResizeMsg,
-    SignalMsg, CHUNK,
-};
+use guest_agent::{ExecRequest, CHUNK};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::termios;
 
-use crate::agent::{error_text, AgentConn};
-use crate::image::config::RunConfig;
-use crate::workspace::state::{reconcile, Status};
-use crate::workspace::store::StateDir;
-
-/// Exit codes for failures that are not the command's own (as Docker).
-const EXIT_CANNOT_EXEC: i32 = 126;
-const EXIT_NOT_FOUND: i32 = 127;
-/// The agent connection broke before the command's status arrived (as ssh).
-const EXIT_LOST: i32 = 255;
+use crate::engine::exec::{ExecInput, ExecSession, Output, EXIT_LOST};
+use crate::engine::Engine;
 
 #[derive(Args)]
 pub struct ExecArgs {
@@ -114,7 +100,7 @@ fn parse_env(kv: &[String]) -> Result<Vec<(String, String)>> {
         .collect()
 }
 
-pub fn exec(state: &StateDir, args: ExecArgs) -> Result<i32> {
+pub fn exec(engine: &Engine, args: ExecArgs) -> Result<i32> {
     let req = ExecRequest {
         argv: args.command.clone(),
         env: parse_env(&args.env)?,
@@ -125,51 +111,20 @@ pub fn exec(state: &StateDir, args: ExecArgs) -> Result<i32> {
         rows: 0,
         cols: 0,
     };
-    run(state, &args.name, req)
+    run(engine, &args.name, req)
 }
 
-pub fn shell(state: &StateDir, args: ShellArgs) -> Result<i32> {
+pub fn shell(engine: &Engine, args: ShellArgs) -> Result<i32> {
     let req = ExecRequest {
         argv: vec![args.shell],
         tty: is_tty(libc::STDIN_FILENO),
         stdin: true,
         ..Default::default()
     };
-    run(state, &args.name, req)
+    run(engine, &args.name, req)
 }
 
-/// The image's Env, WorkingDir and User are exec's defaults; the command
-/// line's -e, -w and -u win.
-fn apply_image_defaults(req: &mut ExecRequest, image: &RunConfig) {
-    let mut env: Vec<(String, String)> = image
-        .env
-        .iter()
-        .filter_map(|kv| kv.split_once('='))
-        .filter(|(k, _)| !req.env.iter().any(|(rk, _)| rk == k))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    env.append(&mut req.env);
-    req.env = env;
-    if req.cwd.is_none() {
-        req.cwd = image.working_dir.clone();
-    }
-    if req.user.is_none() {
-        req.user = image.user.clone();
-    }
-}
-
-fn run(state: &StateDir, name: &str, mut req: ExecRequest) -> Result<i32> {
-    let ws = state.existing(name)?;
-    let rec = ws.read()?;
-    let (status, _) = reconcile(&ws, &rec);
-    match status {
-        Status::Running => {}
-        Status::Paused => bail!("workspace {name} is paused; resume it first"),
-        s => bail!("workspace {name} is {s}; start it first"),
-    }
-    if let Some(image) = &rec.image_config {
-        apply_image_defaults(&mut req, image);
-    }
+fn run(engine: &Engine, name: &str, mut req: ExecRequest) -> Result<i32> {
     if req.tty {
         if let Some((rows, cols)) = window_size() {
             req.rows = rows;
@@ -188,45 +143,32 @@ fn run(state: &StateDir, name: &str, mut req: ExecRequest) -> Result<i32> {
         forwarded.add(s);
     }
     forwarded.thread_block().context("blocking signals")?;
-
-    let conn = AgentConn::connect(&ws.vsock_socket(), Duration::from_secs(30))
-        .with_context(|| format!("workspace {name}"))?;
-    let mut stream = conn.stream;
-    stream.set_read_timeout(None)?;
     let tty = req.tty;
     let interactive = req.stdin;
-    write_json(&mut stream, Kind::Request, &Request::Exec(req))?;
-    let writer = Arc::new(Mutex::new(stream.try_clone()?));
-
+    let mut session = engine.exec(name, req)?;
     let _raw = RawMode::enter(tty && is_tty(libc::STDIN_FILENO));
     if interactive {
-        let w = writer.clone();
-        std::thread::spawn(move || forward_stdin(w));
+        let input = session.input();
+        std::thread::spawn(move || forward_stdin(input));
     }
     {
-        let w = writer.clone();
-        std::thread::spawn(move || forward_signals(forwarded, w, tty));
+        let input = session.input();
+        std::thread::spawn(move || forward_signals(forwarded, input, tty));
     }
-    Ok(receive(&mut stream))
+    Ok(receive(&mut session))
 }
 
-fn send(w: &Mutex<UnixStream>, kind: Kind, payload: &[u8]) -> bool {
-    let mut s = w.lock().unwrap_or_else(|p| p.into_inner());
-    write_frame(&mut *s, kind, payload).is_ok()
-}
-
-fn forward_stdin(w: Arc<Mutex<UnixStream>>) {
+fn forward_stdin(input: ExecInput) {
     let mut stdin = std::io::stdin().lock();
     let mut buf = vec![0u8; CHUNK];
     loop {
         match stdin.read(&mut buf) {
             Ok(0) | Err(_) => {
-                // An empty STDIN frame is EOF.
-                send(&w, Kind::Stdin, &[]);
+                input.stdin(&[]);
                 return;
             }
             Ok(n) => {
-                if !send(&w, Kind::Stdin, &buf[..n]) {
+                if !input.stdin(&buf[..n]) {
                     return;
                 }
             }
@@ -234,19 +176,15 @@ fn forward_stdin(w: Arc<Mutex<UnixStream>>) {
     }
 }
 
-fn forward_signals(set: SigSet, w: Arc<Mutex<UnixStream>>, tty: bool) {
+fn forward_signals(set: SigSet, input: ExecInput, tty: bool) {
     while let Ok(sig) = set.wait() {
         let ok = if sig == Signal::SIGWINCH {
             match window_size() {
-                Some((rows, cols)) if tty => {
-                    let mut s = w.lock().unwrap_or_else(|p| p.into_inner());
-                    write_json(&mut *s, Kind::Resize, &ResizeMsg { rows, cols }).is_ok()
-                }
+                Some((rows, cols)) if tty => input.resize(rows, cols),
                 _ => true,
             }
         } else {
-            let mut s = w.lock().unwrap_or_else(|p| p.into_inner());
-            write_json(&mut *s, Kind::Signal, &SignalMsg { signal: sig as i32 }).is_ok()
+            input.signal(sig as i32)
         };
         if !ok {
             return;
@@ -254,45 +192,34 @@ fn forward_signals(set: SigSet, w: Arc<Mutex<UnixStream>>, tty: bool) {
     }
 }
 
-/// Streams output until EXIT; returns the exit code to use.
-fn receive(stream: &mut UnixStream) -> i32 {
+/// Streams output until the command ends; returns the exit code to use.
+fn receive(session: &mut ExecSession) -> i32 {
     let mut out = std::io::stdout().lock();
     let mut err = std::io::stderr();
     loop {
-        let f = match read_frame(stream) {
-            Ok(f) => f,
-            Err(e) => {
+        match session.next_output() {
+            Output::Stdout(b) => {
+                // A closed stdout (e.g. `| head`) must not stop the session.
+                let _ = out.write_all(&b);
                 let _ = out.flush();
-                eprintln!("microagent: connection to the guest agent lost: {e}");
+            }
+            Output::Stderr(b) => {
+                let _ = err.write_all(&b);
+            }
+            Output::Exit(code) => {
+                let _ = out.flush();
+                return code;
+            }
+            Output::Failed(msg, code) => {
+                let _ = out.flush();
+                eprintln!("microagent: {msg}");
+                return code;
+            }
+            Output::Lost(why) => {
+                let _ = out.flush();
+                eprintln!("microagent: connection to the guest agent lost: {why}");
                 return EXIT_LOST;
             }
-        };
-        match f.kind {
-            Kind::Stdout => {
-                // A closed stdout (e.g. `| head`) must not stop the session.
-                let _ = out.write_all(&f.payload);
-                let _ = out.flush();
-            }
-            Kind::Stderr => {
-                let _ = err.write_all(&f.payload);
-            }
-            Kind::Exit => {
-                let _ = out.flush();
-                return match f.json::<ExitStatus>() {
-                    Ok(s) => s.shell_code(),
-                    Err(_) => EXIT_LOST,
-                };
-            }
-            Kind::Error => {
-                let msg = error_text(&f);
-                eprintln!("microagent: {msg}");
-                return if msg.ends_with("command not found") {
-                    EXIT_NOT_FOUND
-                } else {
-                    EXIT_CANNOT_EXEC
-                };
-            }
-            _ => {}
         }
     }
 }

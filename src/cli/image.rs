@@ -7,11 +7,10 @@ use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 
 use super::output::Out;
-use crate::image::ops::{self, Ready};
-use crate::image::progress::Progress;
-use crate::image::pull::PullOptions;
-use crate::image::store::{ImageRecord, ImageStore};
-use crate::workspace::store::StateDir;
+use crate::engine::create::RegistryOptions;
+use crate::engine::Engine;
+use crate::image::ops::Ready;
+use crate::image::store::ImageRecord;
 
 #[derive(Subcommand)]
 pub enum ImageCommand {
@@ -44,10 +43,10 @@ pub struct RegistryArgs {
 }
 
 impl RegistryArgs {
-    pub fn options(&self) -> PullOptions<'_> {
-        PullOptions {
-            creds: self.creds.as_deref(),
-            insecure_registries: &self.insecure_registry,
+    pub fn options(&self) -> RegistryOptions {
+        RegistryOptions {
+            creds: self.creds.clone(),
+            insecure_registries: self.insecure_registry.clone(),
         }
     }
 }
@@ -77,26 +76,19 @@ pub struct RmArgs {
     image: String,
 }
 
-pub fn run(state: &StateDir, cmd: ImageCommand, out: &Out) -> Result<i32> {
-    let store = ImageStore::new(&state.root);
-    let progress = Progress::for_output(out.json, out.quiet);
+pub fn run(engine: &Engine, cmd: ImageCommand, out: &Out) -> Result<i32> {
     match cmd {
         ImageCommand::Pull(a) => {
-            let ready = ops::pull(&store, &a.reference, &a.registry.options(), &progress)?;
+            let ready = engine.image_pull(&a.reference, &a.registry.options(), out)?;
             report(out, "pulled", &ready);
         }
         ImageCommand::Import(a) => {
-            let ready = ops::import(
-                &store,
-                &a.path,
-                a.tag.as_deref(),
-                a.ref_name.as_deref(),
-                &progress,
-            )?;
+            let ready =
+                engine.image_import(&a.path, a.tag.as_deref(), a.ref_name.as_deref(), out)?;
             report(out, "imported", &ready);
         }
         ImageCommand::Ls => {
-            let records = store.records()?;
+            let records = engine.image_list()?;
             if out.json {
                 println!(
                     "{}",
@@ -124,7 +116,7 @@ pub fn run(state: &StateDir, cmd: ImageCommand, out: &Out) -> Result<i32> {
             }
         }
         ImageCommand::Rm(a) => {
-            let rec = ops::remove(&store, &a.image)?;
+            let rec = engine.image_remove(&a.image)?;
             out.done(&format!("removed image {}", rec.digest), record_json(&rec));
         }
     }

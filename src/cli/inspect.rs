@@ -8,46 +8,7 @@ use clap::Args;
 
 use super::lifecycle::NameArgs;
 use super::output::{record_json, Out};
-use crate::vmm::control::{self, Op as CtlOp};
-use crate::workspace::busy;
-use crate::workspace::state::{reconcile, supervisor_alive, Status};
-use crate::workspace::store::{StateDir, WorkspaceDir, WorkspaceRecord};
-
-struct Live {
-    status: Status,
-    crash_reason: Option<String>,
-    pid: Option<u32>,
-    /// From the running VMM: "up", or "down: why" (passt gone).
-    network_state: Option<String>,
-}
-
-/// Status as it really is, asking the VMM when one should be running.
-fn live(ws: &WorkspaceDir, rec: &WorkspaceRecord) -> Live {
-    let (mut status, crash_reason) = reconcile(ws, rec);
-    let mut pid = None;
-    let mut network_state = None;
-    if status.is_live() {
-        if let Ok(resp) =
-            control::request(&ws.control_socket(), CtlOp::Status, Duration::from_secs(5))
-        {
-            pid = resp.pid;
-            network_state = resp.network;
-            status = match resp.state.as_deref() {
-                Some("paused") => Status::Paused,
-                _ => Status::Running,
-            };
-        }
-        if busy::current(ws).is_some_and(|b| b.op == "snapshotting") {
-            status = Status::Snapshotting;
-        }
-    }
-    Live {
-        status,
-        crash_reason,
-        pid,
-        network_state,
-    }
-}
+use crate::engine::{Engine, WorkspaceView};
 
 #[derive(Args)]
 pub struct ListArgs {
@@ -64,7 +25,8 @@ pub struct ListArgs {
 }
 
 impl ListArgs {
-    fn wants(&self, rec: &crate::workspace::store::WorkspaceRecord, status: &str) -> bool {
+    fn wants(&self, v: &WorkspaceView) -> bool {
+        let (rec, status) = (&v.record, v.status.name());
         let image_ok = self.image.as_deref().is_none_or(|want| {
             rec.image.as_deref() == Some(want)
                 || rec
@@ -81,22 +43,14 @@ impl ListArgs {
     }
 }
 
-pub fn list(state: &StateDir, args: ListArgs, out: &Out) -> Result<i32> {
-    let mut rows = Vec::new();
-    for name in state.list()? {
-        let ws = state.workspace(&name)?;
-        let Ok(rec) = ws.read() else { continue };
-        let l = live(&ws, &rec);
-        if !args.wants(&rec, l.status.name()) {
-            continue;
-        }
-        rows.push((ws, rec, l));
-    }
+pub fn list(engine: &Engine, args: ListArgs, out: &Out) -> Result<i32> {
+    let rows: Vec<WorkspaceView> = engine
+        .list()?
+        .into_iter()
+        .filter(|v| args.wants(v))
+        .collect();
     if out.json {
-        let v: Vec<_> = rows
-            .iter()
-            .map(|(ws, rec, l)| record_json(ws, rec, l.status, l.crash_reason.as_deref(), l.pid))
-            .collect();
+        let v: Vec<_> = rows.iter().map(record_json).collect();
         println!("{}", serde_json::Value::Array(v));
         return Ok(0);
     }
@@ -104,7 +58,8 @@ pub fn list(state: &StateDir, args: ListArgs, out: &Out) -> Result<i32> {
         "{:<24} {:<9} {:<32} {:>5} {:>7} CREATED",
         "NAME", "STATUS", "IMAGE", "VCPUS", "MEMORY"
     );
-    for (_, rec, l) in &rows {
+    for l in &rows {
+        let rec = &l.record;
         let image = rec
             .image
             .clone()
@@ -123,11 +78,10 @@ pub fn list(state: &StateDir, args: ListArgs, out: &Out) -> Result<i32> {
     Ok(0)
 }
 
-pub fn status(state: &StateDir, args: NameArgs, out: &Out) -> Result<i32> {
-    let ws = state.existing(&args.name)?;
-    let rec = ws.read()?;
-    let l = live(&ws, &rec);
-    let mut v = record_json(&ws, &rec, l.status, l.crash_reason.as_deref(), l.pid);
+pub fn status(engine: &Engine, args: NameArgs, out: &Out) -> Result<i32> {
+    let l = engine.status(&args.name)?;
+    let rec = &l.record;
+    let mut v = record_json(&l);
     v["network_state"] = l.network_state.clone().into();
     if out.json {
         println!("{v}");
@@ -163,9 +117,8 @@ pub struct LogsArgs {
     follow: bool,
 }
 
-pub fn logs(state: &StateDir, args: LogsArgs) -> Result<i32> {
-    let ws = state.existing(&args.name)?;
-    let path = ws.console_log();
+pub fn logs(engine: &Engine, args: LogsArgs) -> Result<i32> {
+    let path = engine.console_log(&args.name)?;
     let mut file = match std::fs::File::open(&path) {
         Ok(f) => Some(f),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
@@ -195,8 +148,7 @@ pub fn logs(state: &StateDir, args: LogsArgs) -> Result<i32> {
         if !args.follow {
             return Ok(0);
         }
-        let rec = ws.read()?;
-        if !rec.status.is_live() || !supervisor_alive(rec.vmm_pid.unwrap_or(0), &ws) {
+        if !engine.vmm_alive(&args.name)? {
             return Ok(0);
         }
         std::thread::sleep(Duration::from_millis(200));

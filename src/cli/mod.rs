@@ -19,11 +19,10 @@ mod snapshot;
 mod stop;
 mod vmm_run;
 mod vmm_serve;
-mod warm;
 
 use clap::{Parser, Subcommand};
 
-use crate::workspace::store::StateDir;
+use crate::engine::{Code, Engine};
 use output::Out;
 
 #[derive(Parser)]
@@ -108,53 +107,64 @@ pub const EXIT_USAGE: i32 = 2;
 
 pub fn run() -> i32 {
     let cli = Cli::parse();
-    let out = Out {
-        json: cli.json,
-        quiet: cli.quiet,
-    };
-    let state = StateDir::from_env();
+    let out = Out::new(cli.json, cli.quiet);
+    let engine = Engine::from_env();
     let result = match cli.command {
-        Command::Create(a) => create::create(&state, a, &out),
-        Command::Start(a) => lifecycle::start(&state, a, &out),
-        Command::Pause(a) => lifecycle::pause(&state, a, &out),
-        Command::Resume(a) => lifecycle::resume(&state, a, &out),
-        Command::Halt(a) => stop::halt(&state, a, &out),
-        Command::Delete(a) => stop::delete(&state, a, &out),
-        Command::List(a) => inspect::list(&state, a, &out),
-        Command::Status(a) => inspect::status(&state, a, &out),
-        Command::Logs(a) => inspect::logs(&state, a),
-        Command::Exec(a) => exec::exec(&state, a),
-        Command::Shell(a) => exec::shell(&state, a),
-        Command::Cp(a) => cp::cp(&state, a, &out),
-        Command::Image(c) => image::run(&state, c, &out),
-        Command::Snapshot(c) => snapshot::run(&state, c, &out),
-        Command::Secret(c) => secret::run(&state, c, &out),
-        Command::Cache(c) => cache::run(&state, c, &out),
-        Command::Checkpoint(a) => checkpoint::checkpoint(&state, a, &out),
+        Command::Create(a) => create::create(&engine, a, &out),
+        Command::Start(a) => lifecycle::start(&engine, a, &out),
+        Command::Pause(a) => lifecycle::pause(&engine, a, &out),
+        Command::Resume(a) => lifecycle::resume(&engine, a, &out),
+        Command::Halt(a) => stop::halt(&engine, a, &out),
+        Command::Delete(a) => stop::delete(&engine, a, &out),
+        Command::List(a) => inspect::list(&engine, a, &out),
+        Command::Status(a) => inspect::status(&engine, a, &out),
+        Command::Logs(a) => inspect::logs(&engine, a),
+        Command::Exec(a) => exec::exec(&engine, a),
+        Command::Shell(a) => exec::shell(&engine, a),
+        Command::Cp(a) => cp::cp(&engine, a, &out),
+        Command::Image(c) => image::run(&engine, c, &out),
+        Command::Snapshot(c) => snapshot::run(&engine, c, &out),
+        Command::Secret(c) => secret::run(&engine, c, &out),
+        Command::Cache(c) => cache::run(&engine, c, &out),
+        Command::Checkpoint(a) => checkpoint::checkpoint(&engine, a, &out),
         Command::Vmm(VmmCommand::Run(a)) => vmm_run::run(a, cli.json),
         Command::Vmm(VmmCommand::Supervise(a)) => vmm_serve::supervise(a),
         Command::Vmm(VmmCommand::Serve(a)) => vmm_serve::serve(a),
     };
     match result {
         Ok(code) => code,
-        Err(e) => {
-            if cli.json {
-                let mut v = serde_json::json!({ "error": format!("{e:#}") });
-                if let Some(leak) = e
-                    .chain()
-                    .find_map(|c| c.downcast_ref::<snapshot::SecretLeak>())
-                {
-                    v["secret_key"] = leak.key.clone().into();
-                    v["file"] = leak.file.clone().into();
-                }
-                println!("{v}");
+        Err(e) => fail(&e, cli.json),
+    }
+}
+
+/// Prints a failure (as the documented error body with --json) and picks
+/// the exit code: 2 for a missing confirmation, a failed checkpoint
+/// setup's own status, else 1.
+fn fail(e: &anyhow::Error, json: bool) -> i32 {
+    let engine_error = e
+        .chain()
+        .find_map(|c| c.downcast_ref::<crate::engine::Error>());
+    if json {
+        let body = match engine_error {
+            // Context added by the front end stays in the message.
+            Some(err) => {
+                let mut v = err.to_json();
+                v["error"]["message"] = format!("{e:#}").into();
+                v
             }
-            eprintln!("microagent: {e:#}");
-            if e.downcast_ref::<confirm::NeedsConfirmation>().is_some() {
-                EXIT_USAGE
-            } else {
-                EXIT_FAILURE
-            }
+            None => serde_json::json!({"error": {
+                "code": Code::InvalidInput.as_str(),
+                "message": format!("{e:#}"),
+            }}),
+        };
+        println!("{body}");
+    }
+    eprintln!("microagent: {e:#}");
+    match engine_error.map(|err| (err.code(), err.root())) {
+        Some((Code::ConfirmationRequired, _)) => EXIT_USAGE,
+        Some((_, crate::engine::Error::SetupFailed { exit_code, .. })) if *exit_code != 0 => {
+            *exit_code
         }
+        _ => EXIT_FAILURE,
     }
 }

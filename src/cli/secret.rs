@@ -9,12 +9,9 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 use zeroize::Zeroizing;
 
-use super::lifecycle::{deliver_secrets, open};
 use super::output::Out;
-use crate::agent::secrets as agent_secrets;
-use crate::workspace::secrets::{read_value_file, SecretStore, MAX_VALUE};
-use crate::workspace::state::Status;
-use crate::workspace::store::StateDir;
+use crate::engine::Engine;
+use crate::workspace::secrets::{read_value_file, MAX_VALUE};
 
 #[derive(Subcommand)]
 pub enum SecretCommand {
@@ -50,15 +47,15 @@ pub struct RmArgs {
     key: String,
 }
 
-pub fn run(state: &StateDir, cmd: SecretCommand, out: &Out) -> Result<i32> {
+pub fn run(engine: &Engine, cmd: SecretCommand, out: &Out) -> Result<i32> {
     match cmd {
-        SecretCommand::Set(a) => set(state, a, out),
-        SecretCommand::Ls(a) => ls(state, a, out),
-        SecretCommand::Rm(a) => rm(state, a, out),
+        SecretCommand::Set(a) => set(engine, a, out),
+        SecretCommand::Ls(a) => ls(engine, a, out),
+        SecretCommand::Rm(a) => rm(engine, a, out),
     }
 }
 
-fn set(state: &StateDir, args: SetArgs, out: &Out) -> Result<i32> {
+fn set(engine: &Engine, args: SetArgs, out: &Out) -> Result<i32> {
     let value = match (&args.from_file, &args.from_env) {
         (Some(f), _) => read_value_file(&args.key, f)?,
         (None, Some(var)) => {
@@ -85,31 +82,23 @@ fn set(state: &StateDir, args: SetArgs, out: &Out) -> Result<i32> {
             read_value_file(&args.key, std::path::Path::new("-"))?
         }
     };
-    // Under the workspace lock: never in the middle of a snapshot, whose
-    // memory must not see the value.
-    let (ws, _lock, _rec, status) = open(state, &args.name)?;
-    SecretStore::of(&ws).set(&args.key, &value)?;
-    let delivered = status == Status::Running;
-    if delivered {
-        deliver_secrets(&ws, false)?;
-    }
+    let delivered = engine.secret_set(&args.name, &args.key, &value)?;
     out.done(
         &format!(
             "secret {} set in workspace {}{}",
             args.key,
-            ws.name,
+            args.name,
             if delivered { " (delivered)" } else { "" }
         ),
-        json!({"workspace": ws.name, "key": args.key, "delivered": delivered}),
+        json!({"workspace": args.name, "key": args.key, "delivered": delivered}),
     );
     Ok(0)
 }
 
-fn ls(state: &StateDir, args: LsArgs, out: &Out) -> Result<i32> {
-    let ws = state.existing(&args.name)?;
-    let keys = SecretStore::of(&ws).keys()?;
+fn ls(engine: &Engine, args: LsArgs, out: &Out) -> Result<i32> {
+    let keys = engine.secret_keys(&args.name)?;
     if out.json {
-        println!("{}", json!({"workspace": ws.name, "keys": keys}));
+        println!("{}", json!({"workspace": args.name, "keys": keys}));
     } else {
         for k in keys {
             println!("{k}");
@@ -118,16 +107,11 @@ fn ls(state: &StateDir, args: LsArgs, out: &Out) -> Result<i32> {
     Ok(0)
 }
 
-fn rm(state: &StateDir, args: RmArgs, out: &Out) -> Result<i32> {
-    let (ws, _lock, _rec, status) = open(state, &args.name)?;
-    SecretStore::of(&ws).remove(&args.key)?;
-    let scrubbed = status == Status::Running;
-    if scrubbed {
-        agent_secrets::remove(&ws, std::slice::from_ref(&args.key))?;
-    }
+fn rm(engine: &Engine, args: RmArgs, out: &Out) -> Result<i32> {
+    let scrubbed = engine.secret_remove(&args.name, &args.key)?;
     out.done(
-        &format!("secret {} removed from workspace {}", args.key, ws.name),
-        json!({"workspace": ws.name, "key": args.key, "removed": true, "scrubbed_in_guest": scrubbed}),
+        &format!("secret {} removed from workspace {}", args.key, args.name),
+        json!({"workspace": args.name, "key": args.key, "removed": true, "scrubbed_in_guest": scrubbed}),
     );
     Ok(0)
 }

@@ -9,7 +9,7 @@
 
 use crate::devices::virtio::net::NetConfig;
 use crate::workspace::store::NetworkMode;
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -60,6 +60,22 @@ pub fn supervise(args: ServeArgs) -> Result<i32> {
     cmd.args(["vmm", "serve", "--workspace-dir"]).arg(&ws.dir);
     if let Some(snap) = &args.restore_from {
         cmd.arg("--restore-from").arg(snap);
+    }
+    // The VMM dies with its supervisor: a `kill -9` of the supervisor must
+    // never leave a VMM writing the disk with nobody to record its end.
+    let supervisor = nix::unistd::getpid();
+    // SAFETY: prctl and getppid are async-signal-safe; the closure touches
+    // nothing else between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(std::io::Error::from)?;
+            // The supervisor may have died before the line above ran.
+            if nix::unistd::getppid() != supervisor {
+                return Err(std::io::Error::other("the VMM supervisor is gone"));
+            }
+            Ok(())
+        });
     }
     let status = cmd.status().context("starting the VMM")?;
     let (clean, reason) = match (status.code(), status.signal()) {
@@ -143,6 +159,8 @@ pub fn serve(args: ServeArgs) -> Result<i32> {
         cmdline: vm.cmdline.clone(),
         mem_mib: cfg.mem_mib,
         root_disk: cfg.disks.first().map(|d| d.path.clone()),
+        snapshots_dir: ws.snapshots(),
+        tsc_khz: vm.tsc_khz(),
     };
     control::spawn_server(&ws.control_socket(), vm.handle(), info)
         .with_context(|| format!("serving {}", ws.control_socket().display()))?;

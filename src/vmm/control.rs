@@ -1,24 +1,42 @@
 //! The VMM's control socket (`<workspace>/control.sock`): JSON lines, one
 //! request and one response per line, versioned, with a bounded request size.
 //!
-//! Request:  {"v":1,"op":"status"|"pause"|"resume"|"halt"}
-//! Response: {"v":1,"ok":true,"state":"running"|"paused","pid":N}
-//!           {"v":1,"ok":false,"error":"..."}
+//! Request:  {"v":2,"op":"status"|"pause"|"resume"|"halt"|"snapshot"}
+//! Response: {"v":2,"ok":true,"state":"running"|"paused","pid":N,...}
+//!           {"v":2,"ok":false,"error":"..."}
+//!
+//! No request names a path: a snapshot is written into a staging directory
+//! the VMM makes itself under the snapshots directory it was started with
+//! (its own workspace's), with files created `O_EXCL | O_NOFOLLOW`, and the
+//! reply names that directory. Unknown fields are refused, so an old client
+//! asking to write elsewhere gets an error and nothing is written.
+//! Pause, resume and snapshot are serialised: a resume sent while a
+//! snapshot is being written waits for it. Status and halt are answered at
+//! once (halt ends whatever runs).
 
+use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use nix::fcntl::{openat, OFlag};
+use nix::sys::stat::{mkdirat, Mode};
 use serde::{Deserialize, Serialize};
 
 use super::vm::{RunState, VmHandle};
+use crate::snapshot::cpuid::CpuidLeaf;
 use crate::snapshot::manifest::{MEMORY, ROOTFS, VMSTATE};
-use crate::workspace::disk::{copy_disk_with, Sync};
+use crate::workspace::disk::copy_file_into;
 
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Requests are tiny; anything longer is refused without being buffered.
 pub const MAX_LINE_BYTES: usize = 64 * 1024;
+/// Staging directories of snapshots start with this (under the snapshots
+/// directory); a leftover one is removed by the next snapshot.
+pub const STAGING_PREFIX: &str = ".vmm-staging-";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -27,34 +45,30 @@ pub enum Op {
     Pause,
     Resume,
     Halt,
-    /// Save the VM into `dir` (vmstate.bin, memory.bin, and with
-    /// `with_disk` the root disk as rootfs.ext4, copied while memory is
-    /// written) and leave it paused; the client resumes it if it wants,
-    /// then syncs the files. Nothing in `dir` is synced yet.
+    /// Save the VM (vmstate.bin, memory.bin and the root disk as
+    /// rootfs.ext4, copied while memory is written) into a new staging
+    /// directory and leave it paused; the client moves the directory,
+    /// resumes the VM if it wants, then syncs the files. Nothing is synced
+    /// yet.
     Snapshot,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Request {
     pub v: u32,
     pub op: Op,
-    /// Snapshot only: directory to write into (must exist).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dir: Option<String>,
-    /// Snapshot only: copy the root disk too.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub with_disk: bool,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct Response {
     pub v: u32,
     pub ok: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// Snapshot only: the state the VM was in before (running or paused).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -62,6 +76,16 @@ pub struct Response {
     /// Status only, with a NIC: "up", or "down: why" once passt is gone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<String>,
+    /// Snapshot only: the staging directory's name (one path component,
+    /// under the snapshots directory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staging: Option<String>,
+    /// Snapshot only: the guest's TSC rate, which a restore must match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tsc_khz: Option<u32>,
+    /// Snapshot only: vCPU 0's CPUID as the guest saw it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_cpuid: Option<Vec<CpuidLeaf>>,
 }
 
 impl Response {
@@ -77,9 +101,7 @@ impl Response {
                 .into(),
             ),
             pid: Some(std::process::id()),
-            error: None,
-            was: None,
-            network: None,
+            ..Default::default()
         }
     }
 
@@ -87,11 +109,8 @@ impl Response {
         Response {
             v: PROTOCOL_VERSION,
             ok: false,
-            state: None,
-            pid: None,
             error: Some(msg.into()),
-            was: None,
-            network: None,
+            ..Default::default()
         }
     }
 }
@@ -114,40 +133,94 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
 pub struct ServeInfo {
     pub cmdline: String,
     pub mem_mib: u64,
-    /// The disk a snapshot `with_disk` copies (the workspace's root disk).
+    /// The disk a snapshot copies (the workspace's root disk).
     pub root_disk: Option<PathBuf>,
+    /// Where snapshots are staged: fixed when the VMM starts, from its own
+    /// workspace directory, never from a request.
+    pub snapshots_dir: PathBuf,
+    /// The guest's TSC rate (vCPU 0), reported with each snapshot.
+    pub tsc_khz: Option<u32>,
 }
 
-fn snapshot(vm: &VmHandle, info: &ServeInfo, req: &Request) -> Response {
-    let Some(dir) = req
-        .dir
-        .as_deref()
-        .map(std::path::Path::new)
-        .filter(|d| d.is_dir())
-    else {
-        return Response::err("snapshot needs an existing directory");
+/// Serialises the operations that change the VM's run state.
+struct Server {
+    vm: VmHandle,
+    info: ServeInfo,
+    ops: Mutex<()>,
+    staged: AtomicU32,
+}
+
+/// A new file in `dir`: never an existing one, never through a symlink.
+fn create_new(dir: &File, name: &str) -> Result<File, String> {
+    let fd = openat(
+        dir,
+        name,
+        OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_WRONLY | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o600),
+    )
+    .map_err(|e| format!("creating {name}: {e}"))?;
+    Ok(File::from(fd))
+}
+
+/// Makes a new staging directory under the snapshots directory and opens it.
+fn make_staging(server: &Server) -> Result<(String, File), String> {
+    let root = &server.info.snapshots_dir;
+    std::fs::create_dir_all(root).map_err(|e| format!("{}: {e}", root.display()))?;
+    let root_fd = File::open(root).map_err(|e| format!("{}: {e}", root.display()))?;
+    let name = format!(
+        "{STAGING_PREFIX}{}-{}",
+        std::process::id(),
+        server.staged.fetch_add(1, Ordering::Relaxed)
+    );
+    mkdirat(&root_fd, name.as_str(), Mode::from_bits_truncate(0o700))
+        .map_err(|e| format!("creating {name}: {e}"))?;
+    let fd = openat(
+        &root_fd,
+        name.as_str(),
+        OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| format!("opening {name}: {e}"))?;
+    Ok((name, File::from(fd)))
+}
+
+fn write_staged(server: &Server, dir: &File) -> Result<Vec<CpuidLeaf>, String> {
+    let (vm, info) = (&server.vm, &server.info);
+    let memory = create_new(dir, MEMORY)?;
+    let disk = match &info.root_disk {
+        Some(src) => Some((
+            File::open(src).map_err(|e| format!("{}: {e}", src.display()))?,
+            create_new(dir, ROOTFS)?,
+        )),
+        None => None,
     };
-    let disk = match (req.with_disk, &info.root_disk) {
-        (false, _) => None,
-        (true, Some(d)) => Some(d),
-        (true, None) => return Response::err("snapshot with_disk: this VM has no root disk"),
-    };
-    let copy_disk = || match disk {
-        Some(src) => copy_disk_with(src, &dir.join(ROOTFS), Sync::Deferred)
+    let copy_disk = || match &disk {
+        Some((src, dst)) => copy_file_into(src, dst)
             .map(|_| ())
-            .map_err(|e| e.to_string()),
+            .map_err(|e| format!("copying the root disk: {e}")),
         None => Ok(()),
     };
+    let snap = vm.save(memory, &info.cmdline, info.mem_mib, copy_disk)?;
+    let bytes = crate::snapshot::format::encode(&snap).map_err(|e| e.to_string())?;
+    create_new(dir, VMSTATE)?
+        .write_all(&bytes)
+        .map_err(|e| format!("writing {VMSTATE}: {e}"))?;
+    Ok(snap
+        .vcpus
+        .first()
+        .map(|v| v.cpuid.iter().map(CpuidLeaf::from).collect())
+        .unwrap_or_default())
+}
+
+fn save(server: &Server) -> Response {
+    let vm = &server.vm;
     let was = vm.state();
-    let result = vm
-        .save(&dir.join(MEMORY), &info.cmdline, info.mem_mib, copy_disk)
-        .and_then(|snap| crate::snapshot::format::encode(&snap).map_err(|e| e.to_string()))
-        .and_then(|bytes| {
-            crate::workspace::store::write_atomic(&dir.join(VMSTATE), &bytes)
-                .map_err(|e| e.to_string())
-        });
-    match result {
-        Ok(()) => {
+    let (name, dir) = match make_staging(server) {
+        Ok(x) => x,
+        Err(e) => return Response::err(format!("snapshot failed: {e}")),
+    };
+    match write_staged(server, &dir) {
+        Ok(cpuid) => {
             let mut r = Response::ok(RunState::Paused);
             r.was = Some(
                 if was == RunState::Paused {
@@ -157,9 +230,13 @@ fn snapshot(vm: &VmHandle, info: &ServeInfo, req: &Request) -> Response {
                 }
                 .into(),
             );
+            r.staging = Some(name);
+            r.tsc_khz = server.info.tsc_khz;
+            r.guest_cpuid = Some(cpuid);
             r
         }
         Err(e) => {
+            let _ = std::fs::remove_dir_all(server.info.snapshots_dir.join(&name));
             if was == RunState::Running {
                 vm.resume();
             }
@@ -168,9 +245,9 @@ fn snapshot(vm: &VmHandle, info: &ServeInfo, req: &Request) -> Response {
     }
 }
 
-fn handle(vm: &VmHandle, info: &ServeInfo, req: &Request) -> Response {
+fn handle(server: &Server, req: &Request) -> Response {
+    let vm = &server.vm;
     match req.op {
-        Op::Snapshot => snapshot(vm, info, req),
         Op::Status => {
             let mut r = Response::ok(vm.state());
             r.network = vm.network().map(|n| match n {
@@ -179,17 +256,23 @@ fn handle(vm: &VmHandle, info: &ServeInfo, req: &Request) -> Response {
             });
             r
         }
-        Op::Pause => match vm.pause() {
-            Ok(()) => Response::ok(RunState::Paused),
-            Err(e) => Response::err(format!("pause failed: {e}")),
-        },
-        Op::Resume => {
-            vm.resume();
-            Response::ok(RunState::Running)
-        }
         Op::Halt => {
             vm.halt("halted by request");
             Response::ok(vm.state())
+        }
+        Op::Snapshot | Op::Pause | Op::Resume => {
+            let _serial = server.ops.lock().unwrap_or_else(|p| p.into_inner());
+            match req.op {
+                Op::Snapshot => save(server),
+                Op::Pause => match vm.pause() {
+                    Ok(()) => Response::ok(RunState::Paused),
+                    Err(e) => Response::err(format!("pause failed: {e}")),
+                },
+                _ => {
+                    vm.resume();
+                    Response::ok(RunState::Running)
+                }
+            }
         }
     }
 }
@@ -213,7 +296,7 @@ fn read_line(reader: &mut BufReader<UnixStream>) -> std::io::Result<Option<Vec<u
     Ok(Some(line))
 }
 
-fn serve_connection(vm: &VmHandle, info: &ServeInfo, stream: UnixStream) {
+fn serve_connection(server: &Server, stream: UnixStream) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
     let Ok(mut writer) = stream.try_clone() else {
         return;
@@ -223,7 +306,7 @@ fn serve_connection(vm: &VmHandle, info: &ServeInfo, stream: UnixStream) {
         let resp = match read_line(&mut reader) {
             Ok(None) => return,
             Ok(Some(line)) => match parse_request(&line) {
-                Ok(req) => handle(vm, info, &req),
+                Ok(req) => handle(server, &req),
                 Err(e) => Response::err(e),
             },
             Err(e) => {
@@ -240,22 +323,28 @@ fn serve_connection(vm: &VmHandle, info: &ServeInfo, stream: UnixStream) {
 
 fn json_line(resp: &Response) -> String {
     serde_json::to_string(resp)
-        .unwrap_or_else(|_| r#"{"v":1,"ok":false,"error":"encoding"}"#.into())
+        .unwrap_or_else(|_| r#"{"v":2,"ok":false,"error":"encoding"}"#.into())
 }
 
 /// Binds the socket (replacing a stale one) and serves it on a thread.
 pub fn spawn_server(path: &Path, vm: VmHandle, info: ServeInfo) -> std::io::Result<()> {
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path)?;
+    let server = Arc::new(Server {
+        vm,
+        info,
+        ops: Mutex::new(()),
+        staged: AtomicU32::new(0),
+    });
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
             for stream in listener.incoming().flatten() {
-                let (vm, info) = (vm.clone(), info.clone());
+                let server = server.clone();
                 // One thread per client: a slow client cannot block `halt`.
                 let _ = std::thread::Builder::new()
                     .name("control-conn".into())
-                    .spawn(move || serve_connection(&vm, &info, stream));
+                    .spawn(move || serve_connection(&server, stream));
             }
         })?;
     Ok(())
@@ -281,11 +370,37 @@ pub fn request(path: &Path, op: Op, timeout: Duration) -> Result<Response, Clien
         Request {
             v: PROTOCOL_VERSION,
             op,
-            dir: None,
-            with_disk: false,
         },
         timeout,
     )
+}
+
+/// What a snapshot request produced.
+#[derive(Debug, Clone)]
+pub struct SnapshotReply {
+    /// The staging directory's name under the workspace's snapshots directory.
+    pub staging: String,
+    pub was_running: bool,
+    pub tsc_khz: Option<u32>,
+    pub guest_cpuid: Vec<CpuidLeaf>,
+}
+
+/// Asks the VMM to save the VM; it stays paused (see [`Op::Snapshot`]).
+pub fn snapshot(path: &Path, timeout: Duration) -> Result<SnapshotReply, ClientError> {
+    let resp = request(path, Op::Snapshot, timeout)?;
+    let staging = resp
+        .staging
+        .filter(|s| s.starts_with(STAGING_PREFIX) && !s.contains('/') && !s.contains(".."))
+        .ok_or_else(|| ClientError::Protocol {
+            path: path.display().to_string(),
+            reason: "snapshot reply names no valid staging directory".into(),
+        })?;
+    Ok(SnapshotReply {
+        staging,
+        was_running: resp.was.as_deref() == Some("running"),
+        tsc_khz: resp.tsc_khz,
+        guest_cpuid: resp.guest_cpuid.unwrap_or_default(),
+    })
 }
 
 pub fn request_with(path: &Path, req: Request, timeout: Duration) -> Result<Response, ClientError> {
@@ -322,13 +437,16 @@ mod tests {
     #[test]
     fn requests_are_versioned_and_validated() {
         assert_eq!(
-            parse_request(br#"{"v":1,"op":"pause"}"#).unwrap().op,
+            parse_request(br#"{"v":2,"op":"pause"}"#).unwrap().op,
             Op::Pause
         );
-        assert!(parse_request(br#"{"v":2,"op":"pause"}"#)
+        assert!(parse_request(br#"{"v":1,"op":"pause"}"#)
             .unwrap_err()
-            .contains("version 2"));
-        assert!(parse_request(br#"{"v":1,"op":"explode"}"#)
+            .contains("version 1"));
+        // No request names a path: such a field is refused outright.
+        let e = parse_request(br#"{"v":2,"op":"snapshot","dir":"/tmp/x"}"#).unwrap_err();
+        assert!(e.contains("unknown field") && e.contains("dir"), "{e}");
+        assert!(parse_request(br#"{"v":2,"op":"explode"}"#)
             .unwrap_err()
             .contains("malformed"));
         assert!(parse_request(b"\xff\xfe")

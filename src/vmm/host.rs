@@ -55,3 +55,51 @@ pub fn guest_cpuid(template: CpuTemplate, vcpus: u8) -> Option<Vec<CpuidLeaf>> {
     let seen = vcpu.get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES).ok()?;
     Some(seen.as_slice().iter().map(CpuidLeaf::from).collect())
 }
+
+/// What saving and restoring a VM's memory and state needs from KVM, by
+/// the name errors and the test switch use.
+const SNAPSHOT_CAPS: [(&str, kvm_ioctls::Cap); 8] = [
+    ("XSAVE", kvm_ioctls::Cap::Xsave),
+    ("XCRS", kvm_ioctls::Cap::Xcrs),
+    ("VCPU_EVENTS", kvm_ioctls::Cap::VcpuEvents),
+    ("DEBUGREGS", kvm_ioctls::Cap::Debugregs),
+    ("IRQCHIP", kvm_ioctls::Cap::Irqchip),
+    ("PIT2", kvm_ioctls::Cap::Pit2),
+    ("ADJUST_CLOCK", kvm_ioctls::Cap::AdjustClock),
+    ("KVMCLOCK_CTRL", kvm_ioctls::Cap::KvmclockCtrl),
+];
+
+/// Test switch (documented in the README): capability names, comma
+/// separated, that [`snapshot_support`] treats as absent, so a test can
+/// stand in a host that lacks them. It only removes; it never adds.
+pub const HIDE_CAPS_ENV: &str = "MICROAGENT_TEST_HIDE_KVM_CAPS";
+
+/// Asks this host's KVM whether it can save and restore a VM: the
+/// capabilities above and a readable MSR list. Err names what is missing
+/// (`KVM_CAP_XSAVE`, `KVM_GET_MSR_INDEX_LIST`, or /dev/kvm itself).
+pub fn snapshot_support() -> Result<(), Vec<String>> {
+    let hidden: Vec<String> = std::env::var(HIDE_CAPS_ENV)
+        .unwrap_or_default()
+        .split(',')
+        .map(|s| s.trim().to_ascii_uppercase())
+        .filter(|s| !s.is_empty())
+        .collect();
+    let kvm = kvm_ioctls::Kvm::new().map_err(|e| vec![format!("/dev/kvm ({e})")])?;
+    let mut missing: Vec<String> = SNAPSHOT_CAPS
+        .iter()
+        .filter(|(name, cap)| hidden.iter().any(|h| h == name) || !kvm.check_extension(*cap))
+        .map(|(name, _)| format!("KVM_CAP_{name}"))
+        .collect();
+    let msrs_ok = !hidden.iter().any(|h| h == "MSR_INDEX_LIST")
+        && kvm
+            .get_msr_index_list()
+            .is_ok_and(|l| !l.as_slice().is_empty());
+    if !msrs_ok {
+        missing.push("KVM_GET_MSR_INDEX_LIST".into());
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(missing)
+    }
+}

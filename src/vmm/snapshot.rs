@@ -121,13 +121,13 @@ fn write_memory(mem: &GuestMemoryMmap, file: &mut File) -> Result<Vec<RegionSnap
 
 impl VmHandle {
     /// Saves the whole VM: its state is returned, guest memory goes to
-    /// `memory_file` (not yet synced). `alongside` runs on another thread
+    /// `memory_file`, a new empty file the caller opened (not synced here). `alongside` runs on another thread
     /// while memory is written, once devices are quiesced and disks
     /// flushed: the moment a disk copy is consistent with memory. Leaves
     /// the VM paused; the caller resumes it.
     pub fn save(
         &self,
-        memory_file: &Path,
+        mut memory_file: File,
         cmdline: &str,
         mem_mib: u64,
         alongside: impl FnOnce() -> Result<(), String> + Send,
@@ -166,11 +166,10 @@ impl VmHandle {
             vm.get_pit2().map_err(|e| format!("reading PIT: {e}"))?,
             vm.get_clock().map_err(|e| format!("reading clock: {e}"))?,
         );
-        let mut file =
-            File::create(memory_file).map_err(|e| format!("{}: {e}", memory_file.display()))?;
+        let file = &mut memory_file;
         let (memory, beside) = std::thread::scope(|scope| {
             let beside = scope.spawn(alongside);
-            let memory = write_memory(&self.mem, &mut file);
+            let memory = write_memory(&self.mem, file);
             let beside = beside
                 .join()
                 .unwrap_or_else(|_| Err("the work alongside the memory write panicked".into()));

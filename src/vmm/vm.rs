@@ -353,6 +353,11 @@ impl Vm {
         Ok(this)
     }
 
+    /// The TSC rate KVM gives the guest (vCPU 0), before the vCPUs run.
+    pub fn tsc_khz(&self) -> Option<u32> {
+        self.vcpus.first().and_then(|v| v.tsc_khz())
+    }
+
     pub fn handle(&self) -> VmHandle {
         VmHandle {
             stop: self.stop.clone(),

@@ -162,6 +162,20 @@ pub enum Sync {
     Deferred,
 }
 
+/// Copies open file `s` into empty open file `d`: a reflink where the
+/// filesystem has them, else only the data extents (holes stay holes).
+/// Not synced.
+pub fn copy_file_into(s: &File, d: &File) -> std::io::Result<CopyMethod> {
+    let len = s.metadata()?.len();
+    match reflink(s, d) {
+        Ok(()) => Ok(CopyMethod::Reflink),
+        Err(_) => {
+            sparse_copy(s, d, len)?;
+            Ok(CopyMethod::Sparse)
+        }
+    }
+}
+
 pub fn copy_disk_with(src: &Path, dst: &Path, sync: Sync) -> Result<CopyMethod, DiskError> {
     let err = |source| DiskError::Copy {
         src: src.display().to_string(),
@@ -171,15 +185,8 @@ pub fn copy_disk_with(src: &Path, dst: &Path, sync: Sync) -> Result<CopyMethod, 
     let tmp = dst.with_extension("copying");
     let result = (|| {
         let s = File::open(src)?;
-        let len = s.metadata()?.len();
         let d = File::create(&tmp)?;
-        let method = match reflink(&s, &d) {
-            Ok(()) => CopyMethod::Reflink,
-            Err(_) => {
-                sparse_copy(&s, &d, len)?;
-                CopyMethod::Sparse
-            }
-        };
+        let method = copy_file_into(&s, &d)?;
         if sync == Sync::Now {
             d.sync_all()?;
         }

@@ -105,19 +105,59 @@ pub fn read_exit_record(ws: &WorkspaceDir) -> Option<ExitRecord> {
     serde_json::from_slice(&bytes).ok()
 }
 
+/// The role of one of a workspace's VMM processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmmRole {
+    /// `vmm supervise`: spawned by start, parent of the VMM.
+    Supervisor,
+    /// `vmm serve`: owns the KVM fds.
+    Vmm,
+}
+
+/// What `pid` is to this workspace, read from /proc: it must run our binary
+/// (/proc/PID/exe is named `microagent`) with `vmm supervise|serve
+/// --workspace-dir DIR` for exactly this DIR. A recycled pid, a zombie (no
+/// cmdline) or another program is None.
+pub fn vmm_role(pid: i32, ws: &WorkspaceDir) -> Option<VmmRole> {
+    if pid <= 0 {
+        return None;
+    }
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+    let exe_name = exe.file_name()?.to_string_lossy().into_owned();
+    // A rebuilt binary shows as "microagent (deleted)".
+    if exe_name.trim_end_matches(" (deleted)") != "microagent" {
+        return None;
+    }
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let dir = ws.dir.as_os_str().as_encoded_bytes();
+    let names_dir = args
+        .windows(2)
+        .any(|w| w[0] == b"--workspace-dir" && w[1] == dir);
+    let is_vmm = args.windows(2).position(|w| w[0] == b"vmm");
+    match (names_dir, is_vmm.map(|i| args[i + 1])) {
+        (true, Some(b"supervise")) => Some(VmmRole::Supervisor),
+        (true, Some(b"serve")) => Some(VmmRole::Vmm),
+        _ => None,
+    }
+}
+
 /// True if `pid` is alive and is this workspace's VMM supervisor (not a
 /// recycled pid).
 pub fn supervisor_alive(pid: i32, ws: &WorkspaceDir) -> bool {
-    if pid <= 0 {
-        return false;
-    }
-    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-        return false;
+    vmm_role(pid, ws) == Some(VmmRole::Supervisor)
+}
+
+/// Every live process that is this workspace's supervisor or VMM.
+pub fn vmm_processes(ws: &WorkspaceDir) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
     };
-    // A zombie has an empty cmdline: it is gone for our purposes.
-    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-    let dir = ws.dir.as_os_str().as_encoded_bytes();
-    args.iter().any(|a| *a == b"supervise") && args.contains(&dir)
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| vmm_role(*pid, ws).is_some())
+        .collect()
 }
 
 /// The status as it really is: a record saying "running" whose VMM is gone

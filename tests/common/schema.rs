@@ -72,6 +72,14 @@ pub fn assert_schema(id: &str, v: &Value) {
         undocumented.is_empty() && missing.is_empty(),
         "{id}: undocumented fields {undocumented:?}, missing fields {missing:?} in {v}"
     );
+    if id == "error" {
+        assert_schema("error-body", &v["error"]);
+        let code = v["error"]["code"].as_str().unwrap_or_default();
+        assert!(
+            all["error-codes"].contains_key(code),
+            "error code {code:?} is not in docs/json.md's error-codes"
+        );
+    }
 }
 
 /// Every element of the array `v` matches schema `id`; the array must not

@@ -11,13 +11,9 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
-
-use super::lifecycle::{
-    check_snapshot, deliver_secrets, has_secrets, launch, AfterReady, Launched,
-};
-use super::output::Out;
-use super::snapshot::capture;
+use super::launch::{deliver_secrets, has_secrets, launch, AfterReady, Launched};
+use super::snapshot::{capture, check_snapshot};
+use super::{Error, IoContext, Reporter, Result};
 use crate::snapshot::manifest::ROOTFS;
 use crate::workspace::bootcache::{valid_key, BootCache};
 use crate::workspace::disk::copy_disk;
@@ -54,12 +50,6 @@ pub struct FirstStart {
     pub cached: bool,
 }
 
-fn warn(out: &Out, msg: &str) {
-    if !out.quiet {
-        eprintln!("warning: {msg}");
-    }
-}
-
 /// The first start of a workspace (status `created`). Without `wait` the
 /// agent is never awaited, so there is nothing to snapshot or restore into:
 /// such starts, and `cold`, boot without the cache.
@@ -69,11 +59,11 @@ pub fn first_start(
     rec: &mut WorkspaceRecord,
     wait: Option<Duration>,
     cold: bool,
-    out: &Out,
+    report: &dyn Reporter,
 ) -> Result<FirstStart> {
     let key = rec.boot_key.clone().filter(|k| valid_key(k));
     let (Some(key), Some(_), false) = (key, wait, cold) else {
-        let launched = launch(ws, rec, None, wait, AfterReady::DeliverSecrets, out)?;
+        let launched = launch(ws, rec, None, wait, AfterReady::DeliverSecrets, report)?;
         return Ok(FirstStart {
             launched,
             boot: Boot::Cold,
@@ -83,7 +73,7 @@ pub fn first_start(
     };
     let cache = BootCache::new(&state.root);
     if let Some(dir) = cache.lookup(&key) {
-        match warm_start(&cache, &dir, ws, rec, wait, out) {
+        match warm_start(&cache, &dir, ws, rec, wait, report) {
             Ok(launched) => {
                 return Ok(FirstStart {
                     launched,
@@ -97,31 +87,25 @@ pub fn first_start(
                     Ok(()) => "removed it".to_string(),
                     Err(r) => format!("could not remove it: {r}"),
                 };
-                warn(
-                    out,
-                    &format!(
-                        "boot snapshot {} ({}) is unusable: {e:#}; {removed}; cold-booting workspace {} instead",
+                report.warn(&format!(
+                        "boot snapshot {} ({}) is unusable: {e}; {removed}; cold-booting workspace {} instead",
                         &key[..12],
                         dir.display(),
                         ws.name
-                    ),
-                );
+                    ));
             }
         }
     }
-    let launched = launch(ws, rec, None, wait, AfterReady::NoSecrets, out)?;
+    let launched = launch(ws, rec, None, wait, AfterReady::NoSecrets, report)?;
     let cached = match cache_boot(&cache, &key, ws, rec) {
         Ok(stored) => stored,
         Err(e) => {
             // The workspace runs (capture resumes it on every path after
             // the pause); only the next start loses the shortcut.
-            warn(
-                out,
-                &format!(
-                    "workspace {} booted, but its boot snapshot was not cached: {e:#}",
-                    ws.name
-                ),
-            );
+            report.warn(&format!(
+                "workspace {} booted, but its boot snapshot was not cached: {e}",
+                ws.name
+            ));
             false
         }
     };
@@ -144,17 +128,17 @@ fn warm_start(
     ws: &WorkspaceDir,
     rec: &mut WorkspaceRecord,
     wait: Option<Duration>,
-    out: &Out,
+    report: &dyn Reporter,
 ) -> Result<Launched> {
     let _use = cache.use_lock()?;
     check_snapshot(dir, rec)?;
     // Keep the workspace's own disk until the restore has worked.
     let own_disk = ws.dir.join("rootfs.cold.ext4");
     std::fs::rename(ws.rootfs(), &own_disk)
-        .with_context(|| format!("moving {} aside", ws.rootfs().display()))?;
+        .io_ctx(|| format!("moving {} aside", ws.rootfs().display()))?;
     let result = copy_disk(&dir.join(ROOTFS), &ws.rootfs())
-        .map_err(anyhow::Error::from)
-        .and_then(|_| launch(ws, rec, Some(dir), wait, AfterReady::DeliverSecrets, out));
+        .map_err(Error::from)
+        .and_then(|_| launch(ws, rec, Some(dir), wait, AfterReady::DeliverSecrets, report));
     match result {
         Ok(launched) => {
             let _ = std::fs::remove_file(&own_disk);
@@ -189,10 +173,12 @@ fn cache_boot(
     }
     let tmp = cache
         .temp_dir(key)
-        .with_context(|| format!("creating a temp directory in {}", cache.root.display()))?;
+        .io_ctx(|| format!("creating a temp directory in {}", cache.root.display()))?;
     let tag = format!("boot-{}", &key[..12]);
     match capture(ws, rec, &tmp, &tag, &[], false, Instant::now()) {
-        Ok(_) => Ok(cache.commit(&tmp, key)?),
+        Ok(_) => cache
+            .commit(&tmp, key)
+            .io_ctx(|| format!("storing boot snapshot {}", &key[..12])),
         Err(e) => {
             let _ = std::fs::remove_dir_all(&tmp);
             Err(e)

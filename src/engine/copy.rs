@@ -1,0 +1,162 @@
+//! Copying files and directories between the host and a running
+//! workspace, as tar streams over the guest agent. Modes are preserved.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use guest_agent::{read_frame, write_frame, Kind, Request, CHUNK};
+
+use super::{conflict, invalid, Context, Engine, IoContext, Result};
+use crate::agent::{error_text, AgentConn, AgentError};
+use crate::workspace::state::{reconcile, Status};
+use crate::workspace::store::StateDir;
+
+fn connect(state: &StateDir, name: &str) -> Result<AgentConn> {
+    let ws = state.existing(name)?;
+    let rec = ws.read()?;
+    match reconcile(&ws, &rec).0 {
+        Status::Running => {}
+        s => {
+            return Err(conflict(
+                name,
+                format!("workspace {name} is {s}; it must be running"),
+            ))
+        }
+    }
+    let conn = AgentConn::connect(&ws.vsock_socket(), Duration::from_secs(30))
+        .ctx(|| format!("workspace {name}"))?;
+    conn.stream
+        .set_read_timeout(None)
+        .io_ctx(|| "agent connection".into())?;
+    Ok(conn)
+}
+
+/// Reads the agent's answer after a copy: EXIT 0 or an ERROR.
+fn outcome(conn: &mut AgentConn) -> Result<()> {
+    loop {
+        let f = read_frame(&mut conn.stream)
+            .map_err(|e| AgentError::Protocol(format!("reading the guest agent's answer: {e}")))?;
+        match f.kind {
+            Kind::Exit => return Ok(()),
+            Kind::Error => return Err(AgentError::Remote(error_text(&f)).into()),
+            _ => {}
+        }
+    }
+}
+
+struct FrameStream<'a> {
+    conn: &'a mut AgentConn,
+    buf: Vec<u8>,
+    pos: usize,
+    done: Option<Result<(), String>>,
+}
+
+impl Read for FrameStream<'_> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos == self.buf.len() {
+            if self.done.is_some() {
+                return Ok(0);
+            }
+            let f = read_frame(&mut self.conn.stream).map_err(|e| {
+                std::io::Error::new(std::io::ErrorKind::UnexpectedEof, e.to_string())
+            })?;
+            match f.kind {
+                Kind::Stdout => {
+                    self.buf = f.payload;
+                    self.pos = 0;
+                }
+                Kind::Exit => self.done = Some(Ok(())),
+                Kind::Error => self.done = Some(Err(error_text(&f))),
+                _ => {}
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+struct FrameSink<'a>(&'a mut AgentConn);
+
+impl std::io::Write for FrameSink<'_> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let n = data.len().min(CHUNK);
+        write_frame(&mut self.0.stream, Kind::Stdin, &data[..n])?;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+pub(crate) fn copy_in(state: &StateDir, src: &Path, name: &str, dest: &str) -> Result<()> {
+    let meta = std::fs::symlink_metadata(src).io_ctx(|| format!("{}", src.display()))?;
+    let entry = src
+        .canonicalize()
+        .ok()
+        .and_then(|p| p.file_name().map(PathBuf::from))
+        .ok_or_else(|| invalid(format!("{} has no name to copy under", src.display())))?;
+    let mut conn = connect(state, name)?;
+    conn.send(&Request::CopyIn {
+        dest: dest.to_string(),
+    })?;
+    {
+        let mut builder = tar::Builder::new(FrameSink(&mut conn));
+        builder.follow_symlinks(false);
+        if meta.is_dir() {
+            builder.append_dir_all(&entry, src)
+        } else {
+            builder.append_path_with_name(src, &entry)
+        }
+        .io_ctx(|| format!("archiving {}", src.display()))?;
+        builder.finish().io_ctx(|| "sending the archive".into())?;
+    }
+    write_frame(&mut conn.stream, Kind::Stdin, &[]).io_ctx(|| "ending the archive".into())?;
+    outcome(&mut conn).ctx(|| format!("copying into {name}:{dest}"))
+}
+
+pub(crate) fn copy_out(state: &StateDir, name: &str, path: &str, dest: &Path) -> Result<()> {
+    std::fs::create_dir_all(dest).io_ctx(|| format!("creating {}", dest.display()))?;
+    let mut conn = connect(state, name)?;
+    conn.send(&Request::CopyOut {
+        path: path.to_string(),
+    })?;
+    let mut stream = FrameStream {
+        conn: &mut conn,
+        buf: Vec::new(),
+        pos: 0,
+        done: None,
+    };
+    let unpacked = {
+        let mut archive = tar::Archive::new(&mut stream);
+        archive.set_preserve_permissions(true);
+        archive.set_overwrite(true);
+        // The guest's archive is untrusted: unpack refuses entries that
+        // would escape `dest`.
+        archive.unpack(dest)
+    };
+    // Drain to the final EXIT/ERROR.
+    let mut rest = Vec::new();
+    let _ = stream.read_to_end(&mut rest);
+    if let Some(Err(e)) = stream.done.take() {
+        return Err(AgentError::Remote(e)).ctx(|| format!("copying {name}:{path}"));
+    }
+    unpacked.io_ctx(|| format!("unpacking {name}:{path} into {}", dest.display()))?;
+    Ok(())
+}
+
+impl Engine {
+    /// Puts host file or directory `src` inside guest directory `dest`
+    /// (created if missing).
+    pub fn copy_in(&self, src: &Path, name: &str, dest: &str) -> Result<()> {
+        copy_in(&self.state, src, name, dest)
+    }
+
+    /// Puts guest `path` inside host directory `dest`. The guest's archive
+    /// is untrusted: entries that would escape `dest` are refused.
+    pub fn copy_out(&self, name: &str, path: &str, dest: &Path) -> Result<()> {
+        copy_out(&self.state, name, path, dest)
+    }
+}

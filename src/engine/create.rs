@@ -1,0 +1,368 @@
+//! create: a workspace from an image or a root disk, with its boot cache key.
+
+use std::path::{Path, PathBuf};
+
+use super::{invalid, written, Engine, Error, IoContext, Reporter, Result, WorkspaceView};
+use crate::agent::{agent_binary, AGENT_GUEST_PATH};
+use crate::devices::virtio::net::config::{check_unique, PortMap};
+use crate::digest::sha256_file;
+use crate::image::ops as image_ops;
+use crate::image::pull::PullOptions;
+use crate::image::store::{ImageRecord, ImageStore};
+use crate::vmm::arch::x86_64::cpuid::CpuTemplate;
+use crate::vmm::host;
+use crate::vmm::vm::{VmConfig, VmError};
+use crate::workspace::bootcache::BootInputs;
+use crate::workspace::disk::{content_sha256, copy_disk, grow_ext4};
+use crate::workspace::inject::{inject_agent, inject_file};
+use crate::workspace::lock::WorkspaceLock;
+use crate::workspace::secrets::{SecretStore, Value};
+use crate::workspace::state::Status;
+use crate::workspace::store::{
+    now_rfc3339, NetworkMode, StoreError, WorkspaceDir, WorkspaceRecord, RECORD_VERSION,
+};
+
+/// Registry access for pulls: credentials and plain-HTTP registries.
+#[derive(Debug, Clone, Default)]
+pub struct RegistryOptions {
+    /// USER:PASSWORD (default: ~/.docker/config.json).
+    pub creds: Option<String>,
+    /// Registries reached over plain HTTP (loopback ones always are).
+    pub insecure_registries: Vec<String>,
+}
+
+impl RegistryOptions {
+    pub fn pull_options(&self) -> PullOptions<'_> {
+        PullOptions {
+            creds: self.creds.as_deref(),
+            insecure_registries: &self.insecure_registries,
+        }
+    }
+}
+
+/// Where a new workspace's root disk comes from.
+#[derive(Debug, Clone)]
+pub enum RootSource {
+    /// An OCI image (reference, digest or ID), pulled when not stored.
+    Image(String),
+    /// A local ext4 image; the workspace gets its own copy.
+    Rootfs(PathBuf),
+}
+
+/// Everything `create` takes (the CLI's defaults are the engine's).
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    pub source: RootSource,
+    pub registry: RegistryOptions,
+    pub vcpus: u64,
+    pub memory: u64,
+    /// Grow the root disk to this many bytes.
+    pub disk_size: Option<u64>,
+    /// With an image: free bytes on the root disk beyond its content.
+    pub disk_free: u64,
+    /// Guest kernel (default: [`default_kernel`]).
+    pub kernel: Option<PathBuf>,
+    pub cmdline: String,
+    /// Default: pvm-safe on PVM hosts, else host.
+    pub cpu_template: Option<CpuTemplate>,
+    /// A program in the root disk that the agent starts at boot.
+    pub init: Option<String>,
+    /// With an image: the agent starts its Entrypoint + Cmd at boot.
+    pub run_entrypoint: bool,
+    pub network: NetworkMode,
+    pub publish: Vec<PortMap>,
+    pub secrets: Vec<(String, Value)>,
+}
+
+impl CreateOptions {
+    pub fn new(source: RootSource) -> CreateOptions {
+        CreateOptions {
+            source,
+            registry: RegistryOptions::default(),
+            vcpus: 1,
+            memory: 512,
+            disk_size: None,
+            disk_free: 1 << 30,
+            kernel: None,
+            cmdline: "quiet root=/dev/vda rw".into(),
+            cpu_template: None,
+            init: None,
+            run_entrypoint: false,
+            network: NetworkMode::User,
+            publish: Vec::new(),
+            secrets: Vec::new(),
+        }
+    }
+}
+
+/// `$MICROAGENT_KERNEL`, else the kernel scripts/build-kernel.sh built last.
+pub fn default_kernel() -> Result<PathBuf> {
+    if let Some(k) = std::env::var_os("MICROAGENT_KERNEL").filter(|k| !k.is_empty()) {
+        return Ok(k.into());
+    }
+    let k = crate::paths::cache_root().join("kernels/current/vmlinux");
+    if !k.is_file() {
+        return Err(invalid(format!(
+            "no guest kernel at {}: pass --kernel, set MICROAGENT_KERNEL, or run scripts/build-kernel.sh",
+            k.display()
+        )));
+    }
+    Ok(k)
+}
+
+impl Engine {
+    /// Creates workspace `name` (not started). A failure leaves nothing.
+    pub fn create(
+        &self,
+        name: &str,
+        opts: &CreateOptions,
+        report: &dyn Reporter,
+    ) -> Result<WorkspaceView> {
+        let ws = self.state.workspace(name)?;
+        check_unique(&opts.publish).map_err(invalid)?;
+        if opts.network == NetworkMode::None && !opts.publish.is_empty() {
+            return Err(invalid("--publish needs a network: drop --network none"));
+        }
+        if let RootSource::Rootfs(r) = &opts.source {
+            if !r.is_file() {
+                return Err(Error::NotFound {
+                    kind: "rootfs",
+                    name: r.display().to_string(),
+                });
+            }
+        }
+        let kernel = match opts.kernel.clone() {
+            Some(k) => k,
+            None => default_kernel()?,
+        };
+        let cpu_template = opts.cpu_template.unwrap_or_else(host::default_cpu_template);
+        let vcpus = u8::try_from(opts.vcpus).unwrap_or(0);
+        // Validate what a boot would, before anything is written.
+        VmConfig {
+            kernel: kernel.clone(),
+            disks: vec![],
+            vcpus,
+            mem_mib: opts.memory,
+            cmdline: opts.cmdline.clone(),
+            cpu_template,
+            pvm: false,
+            console_log: None,
+            console_stdout: false,
+            vsock: None,
+            net: None,
+        }
+        .validate()
+        .map_err(|e| match e {
+            VmError::Vcpus(_) => VmError::Vcpus(opts.vcpus),
+            e => e,
+        })?;
+
+        if ws.dir.exists() {
+            return Err(StoreError::Exists(name.into()).into());
+        }
+        // Fetch the image before the workspace exists: a failed pull leaves nothing.
+        let (source, disk_size) = match &opts.source {
+            RootSource::Image(image) => {
+                let store = ImageStore::new(&self.state.root);
+                let ready = image_ops::ensure(
+                    &store,
+                    image,
+                    &opts.registry.pull_options(),
+                    report.image_progress(),
+                )?;
+                let size = opts
+                    .disk_size
+                    .unwrap_or(ready.record.disk_bytes + opts.disk_free);
+                let disk = store.disk(&ready.record.digest);
+                (DiskSource::Image(Box::new(ready.record), disk), Some(size))
+            }
+            RootSource::Rootfs(p) => (DiskSource::File(p.clone()), opts.disk_size),
+        };
+
+        std::fs::create_dir_all(self.state.workspaces())
+            .io_ctx(|| format!("creating {}", self.state.workspaces().display()))?;
+        match std::fs::create_dir(&ws.dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(StoreError::Exists(name.into()).into())
+            }
+            Err(e) => return Err(e).io_ctx(|| format!("creating {}", ws.dir.display())),
+        }
+        // From here on a failure removes the half-made workspace.
+        let result = populate(&ws, opts, &source, &kernel, vcpus, cpu_template, disk_size)
+            .and_then(|rec| {
+                let store = SecretStore::of(&ws);
+                for (k, v) in &opts.secrets {
+                    store.set(k, v)?;
+                }
+                Ok(rec)
+            });
+        match result {
+            Ok(rec) => Ok(written(&ws, &rec, None)),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&ws.dir);
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Puts the image's Entrypoint + Cmd where the agent looks at boot.
+fn inject_entrypoint(ws: &WorkspaceDir, image: &ImageRecord) -> Result<()> {
+    let run = &image.run;
+    let argv: Vec<String> = run.entrypoint.iter().chain(&run.cmd).cloned().collect();
+    if argv.is_empty() {
+        return Err(invalid(format!(
+            "image {} has no Entrypoint or Cmd to run",
+            image.digest
+        )));
+    }
+    let spec = guest_agent::EntrypointSpec {
+        argv,
+        env: run.env.clone(),
+        cwd: run.working_dir.clone(),
+        user: run.user.clone(),
+    };
+    let host = ws.dir.join("entrypoint.json");
+    let json = serde_json::to_vec(&spec).map_err(std::io::Error::other);
+    json.and_then(|j| std::fs::write(&host, j))
+        .io_ctx(|| format!("writing {}", host.display()))?;
+    inject_file(&ws.rootfs(), &host, guest_agent::ENTRYPOINT_PATH, 0o644)?;
+    Ok(())
+}
+
+/// Where a new workspace's root disk is copied from.
+enum DiskSource {
+    File(PathBuf),
+    Image(Box<ImageRecord>, PathBuf),
+}
+
+fn populate(
+    ws: &WorkspaceDir,
+    opts: &CreateOptions,
+    source: &DiskSource,
+    kernel: &Path,
+    vcpus: u8,
+    cpu_template: CpuTemplate,
+    disk_size: Option<u64>,
+) -> Result<WorkspaceRecord> {
+    let _lock = WorkspaceLock::acquire(&ws.lock_path())?;
+    let agent = agent_binary()?;
+    let rootfs = match source {
+        DiskSource::File(p) | DiskSource::Image(_, p) => p,
+    };
+    copy_disk(rootfs, &ws.rootfs())?;
+    if let Some(size) = disk_size {
+        grow_ext4(&ws.rootfs(), size)?;
+    }
+    inject_agent(&ws.rootfs(), &agent, AGENT_GUEST_PATH)?;
+    if opts.run_entrypoint {
+        if let DiskSource::Image(image, _) = source {
+            inject_entrypoint(ws, image)?;
+        }
+    }
+    if let Some(init) = &opts.init {
+        if !init.starts_with('/') || init.contains(char::is_whitespace) {
+            return Err(invalid(format!(
+                "--init must be an absolute path without spaces, got {init:?}"
+            )));
+        }
+    }
+    let kernel = std::fs::canonicalize(kernel).io_ctx(|| format!("kernel {}", kernel.display()))?;
+    let kernel_sha256 =
+        sha256_file(&kernel).io_ctx(|| format!("hashing kernel {}", kernel.display()))?;
+    let boot_key = boot_key(
+        ws,
+        opts,
+        source,
+        &kernel_sha256,
+        &agent,
+        vcpus,
+        cpu_template,
+    )?;
+    let rec = WorkspaceRecord {
+        version: RECORD_VERSION,
+        name: ws.name.clone(),
+        image: match source {
+            DiskSource::Image(r, _) => Some(
+                r.refs
+                    .first()
+                    .cloned()
+                    .unwrap_or_else(|| r.digest.to_string()),
+            ),
+            DiskSource::File(_) => None,
+        },
+        image_digest: match source {
+            DiskSource::Image(r, _) => Some(r.digest.to_string()),
+            DiskSource::File(_) => None,
+        },
+        image_config: match source {
+            DiskSource::Image(r, _) => Some(r.run.clone()),
+            DiskSource::File(_) => None,
+        },
+        rootfs_source: match source {
+            DiskSource::File(p) => Some(p.display().to_string()),
+            DiskSource::Image(..) => None,
+        },
+        vcpus,
+        memory_mib: opts.memory,
+        kernel: kernel.display().to_string(),
+        kernel_sha256,
+        cmdline: opts.cmdline.clone(),
+        init: opts.init.clone(),
+        cpu_template: cpu_template.name().to_string(),
+        network: opts.network,
+        ports: opts.publish.clone(),
+        boot_key: Some(boot_key),
+        created: now_rfc3339(),
+        status: Status::Created,
+        vmm_pid: None,
+        crash_reason: None,
+    };
+    ws.write(&rec)?;
+    Ok(rec)
+}
+
+/// The boot cache key of a workspace just populated (see workspace::bootcache).
+fn boot_key(
+    ws: &WorkspaceDir,
+    opts: &CreateOptions,
+    source: &DiskSource,
+    kernel_sha256: &str,
+    agent: &Path,
+    vcpus: u8,
+    cpu_template: CpuTemplate,
+) -> Result<String> {
+    let agent_sha256 =
+        sha256_file(agent).io_ctx(|| format!("hashing agent {}", agent.display()))?;
+    let disk_source = match source {
+        DiskSource::Image(r, _) => r.digest.to_string(),
+        DiskSource::File(p) => format!(
+            "sha256:{}",
+            content_sha256(p).io_ctx(|| format!("hashing rootfs {}", p.display()))?
+        ),
+    };
+    let spec = ws.dir.join("entrypoint.json");
+    let entrypoint_sha256 = if opts.run_entrypoint {
+        Some(sha256_file(&spec).io_ctx(|| format!("hashing {}", spec.display()))?)
+    } else {
+        None
+    };
+    let disk_bytes = std::fs::metadata(ws.rootfs())
+        .io_ctx(|| format!("{}", ws.rootfs().display()))?
+        .len();
+    Ok(BootInputs {
+        kernel_sha256,
+        disk_source: &disk_source,
+        disk_bytes,
+        agent_sha256: &agent_sha256,
+        entrypoint_sha256: entrypoint_sha256.as_deref(),
+        vcpus,
+        memory_mib: opts.memory,
+        cmdline: &opts.cmdline,
+        init: opts.init.as_deref(),
+        cpu_template: cpu_template.name(),
+        network: opts.network.name(),
+    }
+    .key())
+}

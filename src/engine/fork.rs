@@ -1,0 +1,113 @@
+//! Forking: a new workspace resumed from another's snapshot, with a
+//! private copy of its disk and a fresh identity.
+
+use std::time::Duration;
+
+use super::launch::{kill_strays, launch, AfterReady};
+use super::snapshot::{check_snapshot, snapshot_dir};
+use super::{invalid, written, Engine, IoContext, Reporter, Result, WorkspaceView};
+use crate::devices::virtio::net::config::{check_unique, PortMap};
+use crate::snapshot::manifest::ROOTFS;
+use crate::workspace::disk::copy_disk;
+use crate::workspace::lock::WorkspaceLock;
+use crate::workspace::secrets::{SecretStore, Value};
+use crate::workspace::state::Status;
+use crate::workspace::store::{
+    now_rfc3339, NetworkMode, StoreError, WorkspaceRecord, RECORD_VERSION,
+};
+
+/// What a fork asks for.
+pub struct ForkOptions<'a> {
+    /// The snapshot: `WORKSPACE:TAG`.
+    pub from: &'a str,
+    /// Wait this long for the guest agent; None: return once the VMM runs.
+    pub wait: Option<Duration>,
+    /// Secrets that override the source's, key by key.
+    pub secret_overrides: &'a [(String, Value)],
+    /// The fork's own published ports (the source's are never inherited:
+    /// both would want the same host ports).
+    pub ports: &'a [PortMap],
+}
+
+impl Engine {
+    /// Creates workspace `name` from a snapshot and starts it. On failure
+    /// nothing of the new workspace stays behind, its VMM included.
+    pub fn fork(
+        &self,
+        name: &str,
+        opts: &ForkOptions,
+        report: &dyn Reporter,
+    ) -> Result<WorkspaceView> {
+        let (src_name, tag) = opts.from.split_once(':').ok_or_else(|| {
+            invalid(format!(
+                "--from-snapshot takes WORKSPACE:TAG, got {:?}",
+                opts.from
+            ))
+        })?;
+        check_unique(opts.ports).map_err(invalid)?;
+        let ws = self.state.workspace(name)?;
+        let src = self.state.existing(src_name)?;
+        let dir = snapshot_dir(&src, tag)?;
+        let src_rec = src.read()?;
+        check_snapshot(&dir, &src_rec)?;
+        if src_rec.network == NetworkMode::None && !opts.ports.is_empty() {
+            return Err(invalid(format!(
+                "workspace {src_name} has no network (--network none): a fork of it cannot publish ports"
+            )));
+        }
+        std::fs::create_dir_all(self.state.workspaces())
+            .io_ctx(|| format!("creating {}", self.state.workspaces().display()))?;
+        match std::fs::create_dir(&ws.dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(StoreError::Exists(name.into()).into())
+            }
+            Err(e) => return Err(e).io_ctx(|| format!("creating {}", ws.dir.display())),
+        }
+        let result = (|| -> Result<(WorkspaceRecord, Option<u32>)> {
+            let _lock = WorkspaceLock::acquire(&ws.lock_path())?;
+            copy_disk(&dir.join(ROOTFS), &ws.rootfs())?;
+            let mut rec = WorkspaceRecord {
+                version: RECORD_VERSION,
+                name: name.to_string(),
+                created: now_rfc3339(),
+                status: Status::Created,
+                vmm_pid: None,
+                crash_reason: None,
+                rootfs_source: Some(format!("{src_name}:{tag}")),
+                ports: opts.ports.to_vec(),
+                ..src_rec.clone()
+            };
+            ws.write(&rec)?;
+            // The fork gets its source's secrets (current values), then the
+            // overrides given by the caller.
+            let store = SecretStore::of(&ws);
+            SecretStore::of(&src).copy_to(&store)?;
+            for (k, v) in opts.secret_overrides {
+                store.set(k, v)?;
+            }
+            let l = launch(
+                &ws,
+                &mut rec,
+                Some(&dir),
+                opts.wait,
+                AfterReady::DeliverSecrets,
+                report,
+            )?;
+            Ok((rec, l.vmm_pid))
+        })();
+        match result {
+            Ok((rec, pid)) => Ok(written(&ws, &rec, pid)),
+            Err(e) => {
+                // Nothing half-made stays behind; the VMM (if any) goes too.
+                if let Some(pid) = ws.read().ok().and_then(|r| r.vmm_pid) {
+                    // SAFETY: signalling the VMM process group we started.
+                    unsafe { libc::kill(-pid, libc::SIGKILL) };
+                }
+                kill_strays(&ws);
+                let _ = std::fs::remove_dir_all(&ws.dir);
+                Err(e)
+            }
+        }
+    }
+}

@@ -1,0 +1,417 @@
+//! Snapshots of a workspace: create, list, delete, and the checks a
+//! restore or fork makes before it changes anything.
+//!
+//! A snapshot is `workspaces/<name>/snapshots/<tag>/{manifest.json,
+//! vmstate.bin, memory.bin, rootfs.ext4}`. It is assembled in a temp
+//! directory and renamed into place, so a tag either exists whole or not at
+//! all.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::launch::deliver_secrets;
+use super::{
+    conflict, invalid, open, Context, Engine, Error, IoContext, Reporter, Result, CONTROL_TIMEOUT,
+};
+use crate::agent::secrets as agent_secrets;
+use crate::digest::sha256_file;
+use crate::snapshot::manifest::{
+    validate_tag, FileInfo, HostCpu, Manifest, MANIFEST, MEMORY, ROOTFS, VMSTATE,
+};
+use crate::snapshot::scan::{scan, MIN_SCANNABLE};
+use crate::vmm::arch::x86_64::cpuid::CpuTemplate;
+use crate::vmm::control::{self, Op as CtlOp, SnapshotReply};
+use crate::vmm::host;
+use crate::vmm::snapshot::allocated_bytes;
+use crate::workspace::busy::{self, BusyGuard};
+use crate::workspace::secrets::{SecretStore, Value};
+use crate::workspace::state::Status;
+use crate::workspace::store::{now_rfc3339, WorkspaceDir, WorkspaceRecord};
+
+/// Saving guest memory of a large VM can take a while.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// One snapshot, as `snapshot list` and `snapshot create` report it.
+#[derive(Debug, Clone)]
+pub struct SnapshotInfo {
+    pub workspace: String,
+    pub manifest: Manifest,
+    pub dir: PathBuf,
+    /// Allocated bytes of its files (memory.bin and the disk are sparse).
+    pub size_bytes: u64,
+}
+
+/// What `snapshot create` did.
+#[derive(Debug, Clone)]
+pub struct Created {
+    pub snapshot: SnapshotInfo,
+    pub duration_ms: u64,
+    /// How long the guest was paused (None when it stays paused).
+    pub paused_ms: Option<u64>,
+    pub secrets_scrubbed: usize,
+}
+
+/// The default tag: a UTC timestamp.
+pub fn default_tag() -> String {
+    now_rfc3339().replace([':', '-'], "")
+}
+
+fn snapshot_size(dir: &Path) -> u64 {
+    [VMSTATE, MEMORY, ROOTFS, MANIFEST]
+        .iter()
+        .map(|f| allocated_bytes(&dir.join(f)))
+        .sum()
+}
+
+/// Snapshot TAG of a workspace, which must exist.
+pub(crate) fn snapshot_dir(ws: &WorkspaceDir, tag: &str) -> Result<PathBuf> {
+    validate_tag(tag).map_err(invalid)?;
+    let dir = ws.snapshots().join(tag);
+    if !dir.join(MANIFEST).is_file() {
+        return Err(Error::NotFound {
+            kind: "snapshot",
+            name: format!("{}:{tag}", ws.name),
+        });
+    }
+    Ok(dir)
+}
+
+/// Reads a snapshot's manifest and refuses what cannot run here: another
+/// kernel, CPU template, host CPU or TSC rate, or missing files.
+pub(crate) fn check_snapshot(dir: &Path, rec: &WorkspaceRecord) -> Result<Manifest> {
+    let m = Manifest::read(dir).ctx(|| format!("snapshot {}", dir.display()))?;
+    let kernel_now =
+        sha256_file(Path::new(&rec.kernel)).io_ctx(|| format!("hashing kernel {}", rec.kernel))?;
+    let host_cpuid = rec
+        .cpu_template
+        .parse::<CpuTemplate>()
+        .ok()
+        .and_then(|t| host::guest_cpuid(t, m.vcpus));
+    m.check_compatible(
+        &kernel_now,
+        &rec.cpu_template,
+        &HostCpu::current(),
+        host::guest_tsc_khz(),
+        host_cpuid.as_deref(),
+    )?;
+    if m.vcpus != rec.vcpus || m.memory_mib != rec.memory_mib {
+        return Err(invalid(format!(
+            "snapshot has {} vCPUs and {} MiB, workspace {} has {} and {} MiB",
+            m.vcpus, m.memory_mib, rec.name, rec.vcpus, rec.memory_mib
+        )));
+    }
+    for name in [VMSTATE, MEMORY, ROOTFS] {
+        let Some(want) = m.file(name) else {
+            return Err(Error::Format(crate::snapshot::format::FormatError::Body(
+                format!("snapshot manifest in {} lists no {name}", dir.display()),
+            )));
+        };
+        let size = std::fs::metadata(dir.join(name))
+            .map(|md| md.len())
+            .unwrap_or(u64::MAX);
+        if size != want.size {
+            return Err(Error::Format(crate::snapshot::format::FormatError::Body(
+                format!(
+                    "snapshot file {name} in {} is damaged: {size} bytes, manifest says {}",
+                    dir.display(),
+                    want.size
+                ),
+            )));
+        }
+    }
+    // The VM state is small: check it whole (magic, version, checksum,
+    // shape) before anything is changed or started.
+    let bytes = std::fs::read(dir.join(VMSTATE))
+        .io_ctx(|| format!("reading {}", dir.join(VMSTATE).display()))?;
+    crate::snapshot::format::decode::<crate::vmm::snapshot::VmSnapshot>(&bytes)
+        .ctx(|| format!("snapshot {}", dir.display()))?;
+    Ok(m)
+}
+
+/// Syncs a snapshot file (written unsynced while the guest was paused)
+/// and describes it for the manifest.
+fn file_info(dir: &Path, name: &str) -> Result<FileInfo> {
+    let path = dir.join(name);
+    std::fs::File::open(&path)
+        .and_then(|f| f.sync_all())
+        .io_ctx(|| format!("syncing {}", path.display()))?;
+    Ok(FileInfo {
+        name: name.to_string(),
+        size: std::fs::metadata(&path)
+            .io_ctx(|| format!("{}", path.display()))?
+            .len(),
+        sha256: sha256_file(&path).io_ctx(|| format!("hashing {}", path.display()))?,
+    })
+}
+
+/// Puts the secrets back after a snapshot (whether it succeeded or not),
+/// leaving a workspace that was paused paused (its secrets come back on
+/// resume). A failure here does not undo the snapshot; it is reported.
+fn rehydrate_after_snapshot(ws: &WorkspaceDir, orig_paused: bool, report: &dyn Reporter) {
+    let running = control::request(&ws.control_socket(), CtlOp::Status, CONTROL_TIMEOUT)
+        .map(|r| r.state.as_deref() == Some("running"));
+    match running {
+        Ok(true) if orig_paused => {
+            // Woken for the scrub but the snapshot never paused it again.
+            let _ = control::request(&ws.control_socket(), CtlOp::Pause, CONTROL_TIMEOUT);
+        }
+        Ok(true) => {
+            if let Err(e) = deliver_secrets(ws, true) {
+                report.warn(&format!(
+                    "workspace {}: secrets not delivered again after the snapshot: {e} (run `microagent resume` or `secret set` to retry)",
+                    ws.name
+                ));
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Temp directories of snapshot creates or deletes that were killed midway.
+/// Only called under the workspace lock, so none of them is in use.
+fn remove_leftovers(snapshots: &Path) {
+    let Ok(entries) = std::fs::read_dir(snapshots) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(".creating-")
+            || name.starts_with(".deleting-")
+            || name.starts_with(control::STAGING_PREFIX)
+        {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// Saves a running or paused VM (vmstate.bin, memory.bin, the disk copied
+/// while paused), moves what the VMM wrote into `dest_tmp` (which must not
+/// exist yet), resumes the guest unless `leave_paused`, proves no secret's
+/// bytes are in it and writes manifest.json last. The caller renames
+/// `dest_tmp` into place. Returns the manifest and how long the guest was
+/// paused (None when it stays paused).
+pub(crate) fn capture(
+    ws: &WorkspaceDir,
+    rec: &WorkspaceRecord,
+    dest_tmp: &Path,
+    tag: &str,
+    secrets: &[(String, Value)],
+    leave_paused: bool,
+    started: Instant,
+) -> Result<(Manifest, Option<Duration>)> {
+    host::snapshot_support().map_err(|missing| Error::SnapshotUnsupported { missing })?;
+    // The VMM writes only into a staging directory it makes itself under
+    // the workspace's snapshots directory, and names it in its reply.
+    let reply: SnapshotReply = control::snapshot(&ws.control_socket(), SNAPSHOT_TIMEOUT)
+        .ctx(|| format!("saving workspace {}", ws.name))?;
+    let staging = ws.snapshots().join(&reply.staging);
+    let moved = std::fs::rename(&staging, dest_tmp)
+        .io_ctx(|| format!("moving {} to {}", staging.display(), dest_tmp.display()));
+    // The pause began inside the snapshot request; this bounds it from above.
+    let mut paused = None;
+    if reply.was_running && !leave_paused {
+        control::request(&ws.control_socket(), CtlOp::Resume, CONTROL_TIMEOUT)?;
+        paused = Some(started.elapsed());
+    }
+    if let Err(e) = moved {
+        let _ = std::fs::remove_dir_all(&staging);
+        return Err(e);
+    }
+    // Proof of scrub, before the tag exists.
+    let files = [
+        dest_tmp.join(MEMORY),
+        dest_tmp.join(VMSTATE),
+        dest_tmp.join(ROOTFS),
+    ];
+    let paths: Vec<&Path> = files.iter().map(|p| p.as_path()).collect();
+    if let Some(leak) =
+        scan(&paths, secrets).io_ctx(|| "searching the snapshot for secrets".into())?
+    {
+        return Err(Error::SecretLeak {
+            key: leak.key,
+            file: leak.file,
+            encoding: leak.encoding,
+        });
+    }
+    // Synced and hashed after the guest runs again, one thread per file
+    // (memory.bin and the disk are hundreds of MiB), before the manifest
+    // that commits them.
+    let files = std::thread::scope(|scope| {
+        let workers: Vec<_> = [VMSTATE, MEMORY, ROOTFS]
+            .iter()
+            .map(|f| scope.spawn(|| file_info(dest_tmp, f)))
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| {
+                w.join().unwrap_or_else(|_| {
+                    Err(Error::Io {
+                        context: "hashing snapshot files".into(),
+                        source: std::io::Error::other("hashing thread panicked"),
+                    })
+                })
+            })
+            .collect::<Result<Vec<_>>>()
+    })?;
+    let m = Manifest::new(
+        tag,
+        rec,
+        now_rfc3339(),
+        reply.tsc_khz,
+        reply.guest_cpuid,
+        files,
+    );
+    m.write(dest_tmp)?;
+    Ok((m, paused))
+}
+
+impl Engine {
+    /// Checkpoints a running or paused workspace under `tag` (default: a
+    /// UTC timestamp): memory, devices and disk from one paused moment.
+    pub fn snapshot_create(
+        &self,
+        name: &str,
+        tag: Option<&str>,
+        report: &dyn Reporter,
+    ) -> Result<Created> {
+        let tag = tag.map(str::to_string).unwrap_or_else(default_tag);
+        validate_tag(&tag).map_err(invalid)?;
+        let super::Opened {
+            ws,
+            lock: _lock,
+            rec,
+            status,
+        } = open(&self.state, name)?;
+        match status {
+            Status::Running | Status::Paused => {}
+            s => {
+                return Err(conflict(
+                    &ws.name,
+                    format!(
+                        "workspace {} is {s}; only a running or paused workspace can be snapshotted (start it first)",
+                        ws.name
+                    ),
+                ))
+            }
+        }
+        // Refused before anything is written when this host cannot do it.
+        host::snapshot_support().map_err(|missing| Error::SnapshotUnsupported { missing })?;
+        let dest = ws.snapshots().join(&tag);
+        if dest.exists() {
+            return Err(Error::AlreadyExists {
+                kind: "snapshot",
+                name: format!("{}:{tag}", ws.name),
+            });
+        }
+        let _busy = BusyGuard::mark(&ws, "snapshotting", &format!("tag {tag}"))?;
+        std::fs::create_dir_all(ws.snapshots())
+            .io_ctx(|| format!("creating {}", ws.snapshots().display()))?;
+        remove_leftovers(&ws.snapshots());
+        let tmp = ws
+            .snapshots()
+            .join(format!(".creating-{tag}-{}", std::process::id()));
+        let secrets = SecretStore::of(&ws).all()?;
+        let orig_paused = status == Status::Paused;
+        for (key, value) in &secrets {
+            if value.len() < MIN_SCANNABLE {
+                report.warn(&format!(
+                    "secret {key} is shorter than {MIN_SCANNABLE} bytes: it is scrubbed, but too short to prove absent by searching the snapshot"
+                ));
+            }
+        }
+        let started = Instant::now();
+        let result = (|| -> Result<(Manifest, Option<Duration>)> {
+            if !secrets.is_empty() {
+                // The agent must run to scrub; a paused guest is woken for it
+                // and is paused again by the snapshot itself.
+                if orig_paused {
+                    control::request(&ws.control_socket(), CtlOp::Resume, CONTROL_TIMEOUT)?;
+                }
+                agent_secrets::scrub(&ws)
+                    .ctx(|| "scrubbing secrets before guest memory is written".into())?;
+            }
+            let (m, paused) = capture(&ws, &rec, &tmp, &tag, &secrets, orig_paused, started)?;
+            std::fs::rename(&tmp, &dest).io_ctx(|| format!("renaming into {}", dest.display()))?;
+            // The tag exists once its name is on disk too.
+            std::fs::File::open(ws.snapshots())
+                .and_then(|d| d.sync_all())
+                .io_ctx(|| format!("syncing {}", ws.snapshots().display()))?;
+            Ok((m, paused))
+        })();
+        if !secrets.is_empty() {
+            rehydrate_after_snapshot(&ws, orig_paused, report);
+        }
+        let (m, paused) = result.map_err(|e| {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Error::Context {
+                context: format!(
+                    "snapshot {tag} of workspace {} failed; nothing was kept",
+                    ws.name
+                ),
+                source: Box::new(e),
+            }
+        })?;
+        Ok(Created {
+            snapshot: SnapshotInfo {
+                workspace: ws.name.clone(),
+                size_bytes: snapshot_size(&dest),
+                manifest: m,
+                dir: dest,
+            },
+            duration_ms: started.elapsed().as_millis() as u64,
+            paused_ms: paused.map(|d| d.as_millis() as u64),
+            secrets_scrubbed: secrets.len(),
+        })
+    }
+
+    /// A workspace's snapshots, oldest first (tags starting with `prefix`).
+    pub fn snapshot_list(&self, name: &str, prefix: Option<&str>) -> Result<Vec<SnapshotInfo>> {
+        let ws = self.state.existing(name)?;
+        let mut rows = Vec::new();
+        if let Ok(entries) = std::fs::read_dir(ws.snapshots()) {
+            for e in entries.flatten() {
+                let tag = e.file_name().to_string_lossy().into_owned();
+                if validate_tag(&tag).is_err() || prefix.is_some_and(|p| !tag.starts_with(p)) {
+                    continue;
+                }
+                let Ok(m) = Manifest::read(&e.path()) else {
+                    continue;
+                };
+                rows.push(SnapshotInfo {
+                    workspace: ws.name.clone(),
+                    size_bytes: snapshot_size(&e.path()),
+                    manifest: m,
+                    dir: e.path(),
+                });
+            }
+        }
+        rows.sort_by(|a, b| {
+            (a.manifest.created.as_str(), a.manifest.tag.as_str())
+                .cmp(&(b.manifest.created.as_str(), b.manifest.tag.as_str()))
+        });
+        Ok(rows)
+    }
+
+    /// Deletes one snapshot. `confirm` runs under the workspace lock once
+    /// the snapshot is known to exist (a prompt cannot race a change).
+    pub fn snapshot_delete(
+        &self,
+        name: &str,
+        tag: &str,
+        confirm: &dyn Fn() -> Result<()>,
+    ) -> Result<()> {
+        let ws = self.state.existing(name)?;
+        // The lock first: a workspace busy snapshotting is refused naming
+        // what runs (the tag being made does not exist yet).
+        let _lock = busy::lock(&ws)?;
+        let dir = snapshot_dir(&ws, tag)?;
+        confirm()?;
+        let doomed = ws
+            .snapshots()
+            .join(format!(".deleting-{tag}-{}", std::process::id()));
+        std::fs::rename(&dir, &doomed).io_ctx(|| format!("removing {}", dir.display()))?;
+        std::fs::remove_dir_all(&doomed).io_ctx(|| format!("removing {}", doomed.display()))?;
+        Ok(())
+    }
+}

@@ -10,5 +10,6 @@ pub mod engine;
 pub mod image;
 pub mod paths;
 pub mod snapshot;
+pub mod util;
 pub mod vmm;
 pub mod workspace;

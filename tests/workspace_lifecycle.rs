@@ -154,6 +154,73 @@ fn full_lifecycle_with_two_workspaces_crash_and_recovery() {
         "running"
     );
 
+    // No control request names a path: one that tries is refused and
+    // nothing is written anywhere.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let sock = home.workspace_dir("builder").join("control.sock");
+    for line in [
+        format!(
+            r#"{{"v":2,"op":"snapshot","dir":"{}"}}"#,
+            elsewhere.path().display()
+        ),
+        format!(
+            r#"{{"v":1,"op":"snapshot","dir":"{}","with_disk":true}}"#,
+            elsewhere.path().display()
+        ),
+    ] {
+        let answer = control_line(&sock, &line);
+        assert_eq!(answer["ok"], false, "{line} -> {answer}");
+        let why = answer["error"].as_str().unwrap();
+        assert!(
+            why.contains("unknown field") || why.contains("version 1"),
+            "{why}"
+        );
+    }
+    assert_eq!(std::fs::read_dir(elsewhere.path()).unwrap().count(), 0);
+    assert!(!home.workspace_dir("builder").join("snapshots").exists());
+    assert_eq!(status(&home, "builder")["status"], "running");
+
+    // kill -9 of the supervisor: the VMM dies with it (never an orphan
+    // writing the disk), status says crashed and why, and the next start
+    // runs exactly one VMM.
+    let dir = home.workspace_dir("builder");
+    let supervisor = vmm_processes(&dir)
+        .into_iter()
+        .find(|(_, role)| role == "supervise")
+        .expect("a supervisor runs")
+        .0;
+    // SAFETY: sending a signal to the supervisor this test started.
+    unsafe { libc::kill(supervisor, libc::SIGKILL) };
+    let t = std::time::Instant::now();
+    while !vmm_processes(&dir).is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the VMM outlived its supervisor: {:?}",
+            vmm_processes(&dir)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let s = status(&home, "builder");
+    assert_eq!(s["status"], "crashed", "{s}");
+    assert!(
+        s["crash_reason"].as_str().unwrap().contains("supervisor"),
+        "{s}"
+    );
+    assert_eq!(
+        home.json(&["start", "builder", "--no-wait"])["status"],
+        "running"
+    );
+    let procs = vmm_processes(&dir);
+    let roles: Vec<&str> = procs.iter().map(|(_, r)| r.as_str()).collect();
+    assert_eq!(
+        (
+            roles.iter().filter(|r| **r == "serve").count(),
+            roles.iter().filter(|r| **r == "supervise").count()
+        ),
+        (1, 1),
+        "{procs:?}"
+    );
+
     // The other workspace was never disturbed.
     assert_eq!(status(&home, "second")["status"], "running");
 
@@ -174,13 +241,26 @@ fn full_lifecycle_with_two_workspaces_crash_and_recovery() {
     );
     assert_eq!(home.json(&["delete", "builder", "--yes"])["deleted"], true);
     home.ok(&["delete", "second", "--yes"]);
+    assert!(vmm_processes(&dir).is_empty());
     assert!(!home.workspace_dir("builder").exists());
     let (code, _, err) = home.run(&["status", "builder"]);
     assert_eq!(code, 1);
     assert!(err.contains("workspace builder does not exist"), "{err}");
 }
 
-/// Processes serving `dir` (supervisors and VMMs).
+/// Sends one raw line to a control socket and returns the answer.
+fn control_line(sock: &std::path::Path, line: &str) -> serde_json::Value {
+    use std::io::{BufRead, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    writeln!(s, "{line}").unwrap();
+    let mut answer = String::new();
+    std::io::BufReader::new(s).read_line(&mut answer).unwrap();
+    serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer}"))
+}
+
+/// Processes serving `dir` (supervisors and VMMs), found in /proc by their
+/// arguments (`vmm supervise|serve --workspace-dir DIR`), never by pattern.
 fn vmm_processes(dir: &std::path::Path) -> Vec<(i32, String)> {
     let mut found = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
@@ -194,7 +274,10 @@ fn vmm_processes(dir: &std::path::Path) -> Vec<(i32, String)> {
             .split(|b| *b == 0)
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect();
-        if args.iter().any(|a| a == dir.to_str().unwrap()) {
+        let serves_dir = args
+            .windows(2)
+            .any(|w| w[0] == "--workspace-dir" && w[1] == dir.to_str().unwrap());
+        if serves_dir && args.get(1).map(String::as_str) == Some("vmm") {
             found.push((pid, args.get(2).cloned().unwrap_or_default()));
         }
     }
@@ -318,4 +401,33 @@ fn names_unknown_workspaces_and_confirmation() {
     let (code, _, _) = home.run(&["frobnicate"]);
     assert_eq!(code, 2, "usage errors exit 2");
     assert_eq!(home.json(&["list"]).as_array().unwrap().len(), 1);
+
+    // A host whose KVM cannot save VM state: snapshot create fails with
+    // snapshot_unsupported, naming what is missing, before it writes
+    // anything (even before it looks at the workspace's state). The test
+    // switch only hides capabilities from the real probe of /dev/kvm.
+    let before: Vec<_> = std::fs::read_dir(home.workspace_dir("w"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    let out = home
+        .cmd()
+        .env("MICROAGENT_TEST_HIDE_KVM_CAPS", "XSAVE")
+        .args(["snapshot", "create", "w", "--tag", "t", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["error"]["code"], "snapshot_unsupported", "{v}");
+    let missing = v["error"]["missing"].as_array().unwrap();
+    if kvm_available() {
+        assert_eq!(missing, &[serde_json::json!("KVM_CAP_XSAVE")], "{v}");
+    } else {
+        assert!(!missing.is_empty(), "{v}");
+    }
+    let after: Vec<_> = std::fs::read_dir(home.workspace_dir("w"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(before, after, "a refused snapshot wrote something");
 }

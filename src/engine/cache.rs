@@ -1,7 +1,7 @@
 //! The boot cache that warm starts resume: list and prune.
 
 use super::{invalid, Engine, Error, IoContext, Result};
-use crate::workspace::bootcache::{valid_key, BootCache, Entry};
+use crate::snapshot::bootcache::{valid_key, BootCache, Entry};
 
 /// What a prune removed.
 #[derive(Debug, Clone)]

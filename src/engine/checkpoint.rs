@@ -26,7 +26,7 @@ use super::{invalid, Engine, Error, IoContext, Reporter, Result, Silent};
 use crate::digest::{hex, sha256_file};
 use crate::image::ops as image_ops;
 use crate::image::store::ImageStore;
-use crate::workspace::lock::WorkspaceLock;
+use crate::util::lock::FileLock;
 use crate::workspace::store::{
     now_rfc3339, read_bounded, validate_name, write_atomic, NetworkMode, StateDir,
 };
@@ -281,13 +281,13 @@ impl Engine {
         let lock_path = checkpoints.join(format!("{name}.lock"));
         // Shared while we only read and fork; a miss upgrades to exclusive
         // (so two calls with the same inputs build once) and checks again.
-        let mut lock = WorkspaceLock::acquire_shared(&lock_path)?;
+        let mut lock = FileLock::acquire_shared(&lock_path)?;
         let mut hit = read_marker(state, &holder).is_some_and(|m| m.key == key);
         let mut setup_ms = None;
         let mut pruned = Vec::new();
         if !hit {
             drop(lock);
-            lock = WorkspaceLock::acquire(&lock_path)?;
+            lock = FileLock::acquire(&lock_path)?;
             hit = read_marker(state, &holder).is_some_and(|m| m.key == key);
             if !hit {
                 report.step(&format!("cache miss (key {})", &key[..KEY_CHARS]));
@@ -328,7 +328,7 @@ impl Engine {
                 pruned = self.prune_checkpoints(name, &holder, opts.keep, report);
             }
             drop(lock);
-            lock = WorkspaceLock::acquire_shared(&lock_path)?;
+            lock = FileLock::acquire_shared(&lock_path)?;
         }
         let snapshot = format!("{holder}:{TAG}");
         let mut fork_ms = None;

@@ -9,13 +9,13 @@ use crate::digest::sha256_file;
 use crate::image::ops as image_ops;
 use crate::image::pull::PullOptions;
 use crate::image::store::{ImageRecord, ImageStore};
+use crate::snapshot::bootcache::BootInputs;
+use crate::util::lock::FileLock;
 use crate::vmm::arch::x86_64::cpuid::CpuTemplate;
 use crate::vmm::host;
 use crate::vmm::vm::{VmConfig, VmError};
-use crate::workspace::bootcache::BootInputs;
 use crate::workspace::disk::{content_sha256, copy_disk, grow_ext4};
 use crate::workspace::inject::{inject_agent, inject_file};
-use crate::workspace::lock::WorkspaceLock;
 use crate::workspace::secrets::{SecretStore, Value};
 use crate::workspace::state::Status;
 use crate::workspace::store::{
@@ -246,7 +246,7 @@ fn populate(
     cpu_template: CpuTemplate,
     disk_size: Option<u64>,
 ) -> Result<WorkspaceRecord> {
-    let _lock = WorkspaceLock::acquire(&ws.lock_path())?;
+    let _lock = FileLock::acquire(&ws.lock_path())?;
     let agent = agent_binary()?;
     let rootfs = match source {
         DiskSource::File(p) | DiskSource::Image(_, p) => p,

@@ -8,13 +8,13 @@ use crate::agent::secrets::DeliveryError;
 use crate::agent::AgentError;
 use crate::image::ImageError;
 use crate::snapshot::format::FormatError;
-use crate::snapshot::manifest::CompatError;
+use crate::snapshot::manifest::{CompatError, ManifestError};
+use crate::util::lock::LockError;
 use crate::vmm::control::ClientError;
 use crate::vmm::vm::VmError;
 use crate::workspace::busy::BusyError;
 use crate::workspace::disk::DiskError;
 use crate::workspace::inject::InjectError;
-use crate::workspace::lock::LockError;
 use crate::workspace::secrets::SecretError;
 use crate::workspace::state::TransitionError;
 use crate::workspace::store::StoreError;
@@ -98,6 +98,12 @@ pub enum Error {
     NotFound { kind: &'static str, name: String },
     #[error("{kind} {name} already exists")]
     AlreadyExists { kind: &'static str, name: String },
+    #[error("{message}")]
+    SnapshotDamaged { message: String },
+    #[error("snapshot {tag} of workspace {workspace} does not exist")]
+    SnapshotNotFound { workspace: String, tag: String },
+    #[error("snapshot {tag} already exists in workspace {workspace}")]
+    SnapshotExists { workspace: String, tag: String },
     #[error("checkpoint {checkpoint}: the setup exited with status {exit_code}; nothing was kept")]
     SetupFailed { checkpoint: String, exit_code: i32 },
     #[error("{message}")]
@@ -137,6 +143,8 @@ pub enum Error {
     #[error(transparent)]
     Format(#[from] FormatError),
     #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error(transparent)]
     Image(#[from] ImageError),
     #[error(transparent)]
     Agent(#[from] AgentError),
@@ -175,7 +183,9 @@ impl Error {
     pub fn code(&self) -> Code {
         match self {
             Error::NotFound { .. } => Code::NotFound,
-            Error::AlreadyExists { .. } => Code::AlreadyExists,
+            Error::AlreadyExists { .. } | Error::SnapshotExists { .. } => Code::AlreadyExists,
+            Error::SnapshotNotFound { .. } => Code::NotFound,
+            Error::SnapshotDamaged { .. } => Code::SnapshotDamaged,
             Error::SetupFailed { .. } => Code::SetupFailed,
             Error::Invalid { .. } => Code::InvalidInput,
             Error::Conflict { .. } | Error::Transition(_) => Code::StateConflict,
@@ -202,6 +212,8 @@ impl Error {
                 | CompatError::CpuFeatures { .. } => Code::CpuIncompatible,
             },
             Error::Format(_) => Code::SnapshotDamaged,
+            Error::Manifest(ManifestError::Bad { .. }) => Code::SnapshotDamaged,
+            Error::Manifest(ManifestError::Io { .. }) => Code::Internal,
             Error::Image(_) => Code::Image,
             Error::Agent(AgentError::BinaryMissing(_)) => Code::Internal,
             Error::Agent(_) | Error::Delivery(_) | Error::Control(_) => Code::Unavailable,
@@ -234,6 +246,10 @@ impl Error {
         let v = match self.root() {
             Error::NotFound { kind, name } | Error::AlreadyExists { kind, name } => {
                 json!({ "kind": kind, "name": name })
+            }
+            Error::SnapshotNotFound { workspace, tag }
+            | Error::SnapshotExists { workspace, tag } => {
+                json!({ "kind": "snapshot", "name": tag, "workspace": workspace })
             }
             Error::SetupFailed {
                 checkpoint,

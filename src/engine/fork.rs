@@ -8,8 +8,8 @@ use super::snapshot::{check_snapshot, snapshot_dir};
 use super::{invalid, written, Engine, IoContext, Reporter, Result, WorkspaceView};
 use crate::devices::virtio::net::config::{check_unique, PortMap};
 use crate::snapshot::manifest::ROOTFS;
+use crate::util::lock::FileLock;
 use crate::workspace::disk::copy_disk;
-use crate::workspace::lock::WorkspaceLock;
 use crate::workspace::secrets::{SecretStore, Value};
 use crate::workspace::state::Status;
 use crate::workspace::store::{
@@ -65,7 +65,7 @@ impl Engine {
             Err(e) => return Err(e).io_ctx(|| format!("creating {}", ws.dir.display())),
         }
         let result = (|| -> Result<(WorkspaceRecord, Option<u32>)> {
-            let _lock = WorkspaceLock::acquire(&ws.lock_path())?;
+            let _lock = FileLock::acquire(&ws.lock_path())?;
             copy_disk(&dir.join(ROOTFS), &ws.rootfs())?;
             let mut rec = WorkspaceRecord {
                 version: RECORD_VERSION,

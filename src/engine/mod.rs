@@ -25,9 +25,9 @@ pub use error::{conflict, invalid, Code, Context, Error, IoContext, Result};
 pub use warm::Boot;
 
 use crate::image::progress::Progress;
+use crate::util::lock::FileLock;
 use crate::vmm::control::{self, Op as CtlOp};
 use crate::workspace::busy;
-use crate::workspace::lock::WorkspaceLock;
 use crate::workspace::state::{reconcile, Status};
 use crate::workspace::store::{StateDir, WorkspaceDir, WorkspaceRecord};
 
@@ -92,7 +92,7 @@ impl Engine {
 /// A workspace opened for a lifecycle operation: locked and reconciled.
 pub(crate) struct Opened {
     pub ws: WorkspaceDir,
-    pub lock: WorkspaceLock,
+    pub lock: FileLock,
     pub rec: WorkspaceRecord,
     pub status: Status,
 }
@@ -104,7 +104,7 @@ pub(crate) fn open(state: &StateDir, name: &str) -> Result<Opened> {
     reconciled(ws, lock)
 }
 
-pub(crate) fn reconciled(ws: WorkspaceDir, lock: WorkspaceLock) -> Result<Opened> {
+pub(crate) fn reconciled(ws: WorkspaceDir, lock: FileLock) -> Result<Opened> {
     let mut rec = ws.read()?;
     let (status, reason) = reconcile(&ws, &rec);
     if status != rec.status {

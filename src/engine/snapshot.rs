@@ -16,13 +16,13 @@ use super::{
 use crate::agent::secrets as agent_secrets;
 use crate::digest::sha256_file;
 use crate::snapshot::manifest::{
-    validate_tag, FileInfo, HostCpu, Manifest, MANIFEST, MEMORY, ROOTFS, VMSTATE,
+    validate_tag, FileInfo, HostCpu, Manifest, Origin, MANIFEST, MEMORY, ROOTFS, VMSTATE,
 };
 use crate::snapshot::scan::{scan, MIN_SCANNABLE};
+use crate::util::copy::allocated_bytes;
 use crate::vmm::arch::x86_64::cpuid::CpuTemplate;
 use crate::vmm::control::{self, Op as CtlOp, SnapshotReply};
 use crate::vmm::host;
-use crate::vmm::snapshot::allocated_bytes;
 use crate::workspace::busy::{self, BusyGuard};
 use crate::workspace::secrets::{SecretStore, Value};
 use crate::workspace::state::Status;
@@ -68,9 +68,9 @@ pub(crate) fn snapshot_dir(ws: &WorkspaceDir, tag: &str) -> Result<PathBuf> {
     validate_tag(tag).map_err(invalid)?;
     let dir = ws.snapshots().join(tag);
     if !dir.join(MANIFEST).is_file() {
-        return Err(Error::NotFound {
-            kind: "snapshot",
-            name: format!("{}:{tag}", ws.name),
+        return Err(Error::SnapshotNotFound {
+            workspace: ws.name.clone(),
+            tag: tag.to_string(),
         });
     }
     Ok(dir)
@@ -79,7 +79,23 @@ pub(crate) fn snapshot_dir(ws: &WorkspaceDir, tag: &str) -> Result<PathBuf> {
 /// Reads a snapshot's manifest and refuses what cannot run here: another
 /// kernel, CPU template, host CPU or TSC rate, or missing files.
 pub(crate) fn check_snapshot(dir: &Path, rec: &WorkspaceRecord) -> Result<Manifest> {
-    let m = Manifest::read(dir).ctx(|| format!("snapshot {}", dir.display()))?;
+    let tag = dir
+        .file_name()
+        .map(|t| t.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let m = Manifest::read(dir).map_err(|e| match e {
+        crate::snapshot::manifest::ManifestError::Bad { reason, .. } => Error::SnapshotDamaged {
+            message: format!(
+                "snapshot {tag} of workspace {}: its manifest ({}) is damaged: {reason}",
+                rec.name,
+                dir.join(MANIFEST).display()
+            ),
+        },
+        e => Error::Context {
+            context: format!("snapshot {tag} of workspace {}", rec.name),
+            source: Box::new(e.into()),
+        },
+    })?;
     let kernel_now =
         sha256_file(Path::new(&rec.kernel)).io_ctx(|| format!("hashing kernel {}", rec.kernel))?;
     let host_cpuid = rec
@@ -102,21 +118,21 @@ pub(crate) fn check_snapshot(dir: &Path, rec: &WorkspaceRecord) -> Result<Manife
     }
     for name in [VMSTATE, MEMORY, ROOTFS] {
         let Some(want) = m.file(name) else {
-            return Err(Error::Format(crate::snapshot::format::FormatError::Body(
-                format!("snapshot manifest in {} lists no {name}", dir.display()),
-            )));
+            return Err(Error::SnapshotDamaged {
+                message: format!("snapshot manifest in {} lists no {name}", dir.display()),
+            });
         };
         let size = std::fs::metadata(dir.join(name))
             .map(|md| md.len())
             .unwrap_or(u64::MAX);
         if size != want.size {
-            return Err(Error::Format(crate::snapshot::format::FormatError::Body(
-                format!(
-                    "snapshot file {name} in {} is damaged: {size} bytes, manifest says {}",
-                    dir.display(),
-                    want.size
+            return Err(Error::SnapshotDamaged {
+                message: format!(
+                    "snapshot file {name} is damaged: {size} bytes, manifest says {} ({})",
+                    want.size,
+                    dir.display()
                 ),
-            )));
+            });
         }
     }
     // The VM state is small: check it whole (magic, version, checksum,
@@ -254,9 +270,20 @@ pub(crate) fn capture(
             })
             .collect::<Result<Vec<_>>>()
     })?;
+    let origin = Origin {
+        workspace: rec.name.clone(),
+        image: rec.image.clone(),
+        image_digest: rec.image_digest.clone(),
+        vcpus: rec.vcpus,
+        memory_mib: rec.memory_mib,
+        kernel_sha256: rec.kernel_sha256.clone(),
+        kernel_cmdline: rec.cmdline.clone(),
+        init: rec.init.clone(),
+        cpu_template: rec.cpu_template.clone(),
+    };
     let m = Manifest::new(
         tag,
-        rec,
+        origin,
         now_rfc3339(),
         reply.tsc_khz,
         reply.guest_cpuid,
@@ -277,6 +304,9 @@ impl Engine {
     ) -> Result<Created> {
         let tag = tag.map(str::to_string).unwrap_or_else(default_tag);
         validate_tag(&tag).map_err(invalid)?;
+        // Refused before anything is written (the lock file, the busy
+        // marker, the snapshot) when this host cannot do it at all.
+        host::snapshot_support().map_err(|missing| Error::SnapshotUnsupported { missing })?;
         let super::Opened {
             ws,
             lock: _lock,
@@ -295,13 +325,11 @@ impl Engine {
                 ))
             }
         }
-        // Refused before anything is written when this host cannot do it.
-        host::snapshot_support().map_err(|missing| Error::SnapshotUnsupported { missing })?;
         let dest = ws.snapshots().join(&tag);
         if dest.exists() {
-            return Err(Error::AlreadyExists {
-                kind: "snapshot",
-                name: format!("{}:{tag}", ws.name),
+            return Err(Error::SnapshotExists {
+                workspace: ws.name.clone(),
+                tag: tag.clone(),
             });
         }
         let _busy = BusyGuard::mark(&ws, "snapshotting", &format!("tag {tag}"))?;

@@ -57,7 +57,7 @@ pub fn resolve(registry: &str, creds: Option<&str>) -> Result<RegistryAuth> {
     let Some(path) = docker_config_path() else {
         return Ok(RegistryAuth::Anonymous);
     };
-    let Ok(bytes) = crate::workspace::store::read_bounded(&path) else {
+    let Ok(bytes) = crate::util::fs::read_bounded(&path) else {
         return Ok(RegistryAuth::Anonymous);
     };
     let cfg: DockerConfig = serde_json::from_slice(&bytes).map_err(ImageError::json(format!(

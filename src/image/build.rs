@@ -110,11 +110,11 @@ pub fn build(store: &ImageStore, input: BuildInput, progress: &Progress) -> Resu
         run: cfg.run,
         content_bytes,
         disk_bytes,
-        created: crate::workspace::store::now_rfc3339(),
+        created: crate::util::time::now_rfc3339(),
     };
     let bytes = serde_json::to_vec_pretty(&rec).map_err(ImageError::json("image record"))?;
-    crate::workspace::store::write_atomic(&out.join("image.json"), &bytes)
-        .map_err(|e| ImageError::Invalid(e.to_string()))?;
+    let record = out.join("image.json");
+    crate::util::fs::write_atomic(&record, &bytes).map_err(ImageError::io(&record))?;
     // A leftover directory without a disk is an interrupted older build.
     if final_dir.exists() {
         std::fs::remove_dir_all(&final_dir).map_err(ImageError::io(&final_dir))?;

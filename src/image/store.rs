@@ -11,8 +11,8 @@ use super::blob::BlobStore;
 use super::config::{Blob, RunConfig};
 use super::digest::Digest;
 use super::{reference, ImageError, Result};
-use crate::workspace::lock::WorkspaceLock;
-use crate::workspace::store::{read_bounded, write_atomic};
+use crate::util::fs::{read_bounded, write_atomic};
+use crate::util::lock::FileLock;
 
 pub const RECORD_VERSION: u32 = 1;
 pub const DISK_FILE: &str = "rootfs.ext4";
@@ -58,10 +58,9 @@ impl ImageStore {
     }
 
     /// Serialises builds, tagging and removal across processes.
-    pub fn lock(&self) -> Result<WorkspaceLock> {
+    pub fn lock(&self) -> Result<FileLock> {
         std::fs::create_dir_all(&self.root).map_err(ImageError::io(&self.root))?;
-        WorkspaceLock::acquire(&self.root.join(".lock"))
-            .map_err(|e| ImageError::Invalid(e.to_string()))
+        FileLock::acquire(&self.root.join(".lock")).map_err(|e| ImageError::Invalid(e.to_string()))
     }
 
     pub fn image_dir(&self, digest: &Digest) -> PathBuf {
@@ -94,7 +93,7 @@ impl ImageStore {
     pub fn write(&self, rec: &ImageRecord) -> Result<()> {
         let path = self.image_dir(&rec.digest).join(RECORD_FILE);
         let bytes = serde_json::to_vec_pretty(rec).map_err(ImageError::json("image record"))?;
-        write_atomic(&path, &bytes).map_err(|e| ImageError::Invalid(e.to_string()))
+        write_atomic(&path, &bytes).map_err(ImageError::io(&path))
     }
 
     /// Every complete image (those with a record and a disk).

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::cpuid::{missing_features, CpuidLeaf};
 use super::format::{FORMAT_MAJOR, FORMAT_MINOR};
-use crate::workspace::store::{read_bounded, write_atomic, StoreError, WorkspaceRecord};
+use crate::util::fs::{read_bounded, write_atomic};
 
 pub const MANIFEST: &str = "manifest.json";
 pub const VMSTATE: &str = "vmstate.bin";
@@ -67,6 +67,31 @@ pub struct Manifest {
     pub files: Vec<FileInfo>,
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: not a valid snapshot manifest: {reason}")]
+    Bad { path: String, reason: String },
+}
+
+/// What a snapshot records of the workspace it was taken from.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    pub workspace: String,
+    pub image: Option<String>,
+    pub image_digest: Option<String>,
+    pub vcpus: u8,
+    pub memory_mib: u64,
+    pub kernel_sha256: String,
+    pub kernel_cmdline: String,
+    pub init: Option<String>,
+    pub cpu_template: String,
+}
+
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum CompatError {
     #[error("kernel sha256 mismatch: snapshot pins {snapshot}, workspace has {workspace}")]
@@ -90,7 +115,7 @@ pub enum CompatError {
 impl Manifest {
     pub fn new(
         tag: &str,
-        rec: &WorkspaceRecord,
+        origin: Origin,
         created: String,
         tsc_khz: Option<u32>,
         guest_cpuid: Vec<CpuidLeaf>,
@@ -98,16 +123,16 @@ impl Manifest {
     ) -> Self {
         Manifest {
             tag: tag.to_string(),
-            workspace: rec.name.clone(),
+            workspace: origin.workspace,
             created,
-            image: rec.image.clone(),
-            image_digest: rec.image_digest.clone(),
-            vcpus: rec.vcpus,
-            memory_mib: rec.memory_mib,
-            kernel_sha256: rec.kernel_sha256.clone(),
-            kernel_cmdline: rec.cmdline.clone(),
-            init: rec.init.clone(),
-            cpu_template: rec.cpu_template.clone(),
+            image: origin.image,
+            image_digest: origin.image_digest,
+            vcpus: origin.vcpus,
+            memory_mib: origin.memory_mib,
+            kernel_sha256: origin.kernel_sha256,
+            kernel_cmdline: origin.kernel_cmdline,
+            init: origin.init,
+            cpu_template: origin.cpu_template,
             host_cpu: HostCpu::current(),
             tsc_khz,
             guest_cpuid,
@@ -116,24 +141,28 @@ impl Manifest {
         }
     }
 
-    pub fn read(dir: &Path) -> Result<Manifest, StoreError> {
+    pub fn read(dir: &Path) -> Result<Manifest, ManifestError> {
         let path = dir.join(MANIFEST);
-        let bytes = read_bounded(&path).map_err(|source| StoreError::Io {
+        let bytes = read_bounded(&path).map_err(|source| ManifestError::Io {
             path: path.display().to_string(),
             source,
         })?;
-        serde_json::from_slice(&bytes).map_err(|e| StoreError::BadRecord {
+        serde_json::from_slice(&bytes).map_err(|e| ManifestError::Bad {
             path: path.display().to_string(),
             reason: e.to_string(),
         })
     }
 
-    pub fn write(&self, dir: &Path) -> Result<(), StoreError> {
-        let json = serde_json::to_vec_pretty(self).map_err(|e| StoreError::BadRecord {
-            path: dir.join(MANIFEST).display().to_string(),
+    pub fn write(&self, dir: &Path) -> Result<(), ManifestError> {
+        let path = dir.join(MANIFEST);
+        let json = serde_json::to_vec_pretty(self).map_err(|e| ManifestError::Bad {
+            path: path.display().to_string(),
             reason: e.to_string(),
         })?;
-        write_atomic(&dir.join(MANIFEST), &json)
+        write_atomic(&path, &json).map_err(|source| ManifestError::Io {
+            path: path.display().to_string(),
+            source,
+        })
     }
 
     /// Can this snapshot run with `kernel_sha256`/`template` on this host?

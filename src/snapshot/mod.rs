@@ -1,3 +1,4 @@
+pub mod bootcache;
 pub mod cpuid;
 pub mod format;
 pub mod manifest;

@@ -9,7 +9,7 @@ use std::path::Path;
 use base64::Engine;
 use memchr::memmem::Finder;
 
-use crate::workspace::disk::data_extents;
+use crate::util::copy::data_extents;
 
 /// Shorter values match by chance in a large memory image, so they are
 /// scrubbed but not searched for (the caller warns).

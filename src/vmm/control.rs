@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use super::vm::{RunState, VmHandle};
 use crate::snapshot::cpuid::CpuidLeaf;
 use crate::snapshot::manifest::{MEMORY, ROOTFS, VMSTATE};
-use crate::workspace::disk::copy_file_into;
+use crate::util::copy::copy_file_into;
 
 pub const PROTOCOL_VERSION: u32 = 2;
 /// Requests are tiny; anything longer is refused without being buffered.

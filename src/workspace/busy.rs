@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::lock::{LockError, WorkspaceLock};
 use super::store::{now_rfc3339, read_bounded, write_atomic, StoreError, WorkspaceDir};
+use crate::util::lock::{FileLock, LockError};
 
 /// How often a waiting operation re-checks whether the holder is busy.
 const POLL: Duration = Duration::from_millis(25);
@@ -69,9 +69,9 @@ pub fn current(ws: &WorkspaceDir) -> Option<Busy> {
 
 /// Takes the workspace lock, waiting behind short operations but refusing
 /// at once while a long one (a snapshot) holds it.
-pub fn lock(ws: &WorkspaceDir) -> Result<WorkspaceLock, BusyError> {
+pub fn lock(ws: &WorkspaceDir) -> Result<FileLock, BusyError> {
     loop {
-        if let Some(lock) = WorkspaceLock::try_acquire(&ws.lock_path())? {
+        if let Some(lock) = FileLock::try_acquire(&ws.lock_path())? {
             return Ok(lock);
         }
         if let Some(b) = current(ws) {
@@ -102,7 +102,7 @@ fn runs_this_program(pid: u32) -> bool {
 /// it (a snapshot) is killed first, which releases its lock. Whatever it
 /// half-made lives inside the workspace that is about to go. A holder that
 /// is not a microagent process is never killed: that is refused as busy.
-pub fn lock_evicting(ws: &WorkspaceDir) -> Result<WorkspaceLock, BusyError> {
+pub fn lock_evicting(ws: &WorkspaceDir) -> Result<FileLock, BusyError> {
     let deadline = std::time::Instant::now() + EVICT_TIMEOUT;
     loop {
         match lock(ws) {

@@ -1,11 +1,9 @@
 //! Workspaces on disk: the state directory, workspace records, the status
 //! state machine, per-workspace locks and private root disks.
 
-pub mod bootcache;
 pub mod busy;
 pub mod disk;
 pub mod inject;
-pub mod lock;
 pub mod secrets;
 pub mod state;
 pub mod store;

@@ -3,7 +3,6 @@
 //! Layout (DESIGN.md): `<home>/workspaces/<name>/{workspace.json,
 //! rootfs.ext4, console.log, control.sock, vmm.log, vmm-exit.json, lock}`.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -11,7 +10,10 @@ use serde::{Deserialize, Serialize};
 use super::state::Status;
 
 /// Records larger than this are not ours: refuse instead of parsing them.
-const MAX_RECORD_BYTES: u64 = 1 << 20;
+pub use crate::util::fs::read_bounded;
+#[cfg(test)]
+use crate::util::fs::MAX_RECORD_BYTES;
+pub use crate::util::time::{now_rfc3339, rfc3339};
 pub const RECORD_VERSION: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
@@ -259,75 +261,10 @@ impl WorkspaceDir {
     }
 }
 
-/// Reads a small file, refusing anything over MAX_RECORD_BYTES.
-pub fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
-    use std::io::Read;
-    let f = std::fs::File::open(path)?;
-    let mut buf = Vec::new();
-    f.take(MAX_RECORD_BYTES + 1).read_to_end(&mut buf)?;
-    if buf.len() as u64 > MAX_RECORD_BYTES {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("larger than {MAX_RECORD_BYTES} bytes"),
-        ));
-    }
-    Ok(buf)
-}
-
 /// Temp file in the same directory, fsync, rename, fsync the directory:
 /// readers see the old content or the new, never half of it.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StoreError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{file_name}.tmp.{}", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(io_err(path))
-}
-
-/// RFC 3339 UTC timestamp with second precision.
-pub fn now_rfc3339() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    rfc3339(secs)
-}
-
-pub fn rfc3339(unix_secs: u64) -> String {
-    let days = unix_secs / 86_400;
-    let rem = unix_secs % 86_400;
-    let (y, m, d) = civil_from_days(days as i64);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60
-    )
-}
-
-/// Days since 1970-01-01 to (year, month, day), Howard Hinnant's algorithm.
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
+    crate::util::fs::write_atomic(path, data).map_err(io_err(path))
 }
 
 #[cfg(test)]

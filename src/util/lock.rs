@@ -1,5 +1,6 @@
-//! Per-workspace lifecycle lock (flock): one lifecycle operation at a time,
-//! across processes. Released when the guard drops or the process dies.
+//! File locks (flock): one holder at a time (or many sharing), across
+//! processes. Released when the guard drops or the process dies. Workspaces,
+//! the image store, checkpoints and the boot cache each lock their own file.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -12,7 +13,7 @@ pub struct LockError {
     pub source: std::io::Error,
 }
 
-pub struct WorkspaceLock {
+pub struct FileLock {
     _file: File,
 }
 
@@ -49,25 +50,25 @@ fn flock(file: &File, op: libc::c_int) -> std::io::Result<bool> {
     }
 }
 
-impl WorkspaceLock {
+impl FileLock {
     /// Blocks until the lock is ours.
-    pub fn acquire(path: &Path) -> Result<WorkspaceLock, LockError> {
+    pub fn acquire(path: &Path) -> Result<FileLock, LockError> {
         let file = open_lock_file(path)?;
         flock(&file, libc::LOCK_EX).map_err(lock_err(path))?;
-        Ok(WorkspaceLock { _file: file })
+        Ok(FileLock { _file: file })
     }
 
     /// Blocks until no one holds it exclusively; many may share it.
-    pub fn acquire_shared(path: &Path) -> Result<WorkspaceLock, LockError> {
+    pub fn acquire_shared(path: &Path) -> Result<FileLock, LockError> {
         let file = open_lock_file(path)?;
         flock(&file, libc::LOCK_SH).map_err(lock_err(path))?;
-        Ok(WorkspaceLock { _file: file })
+        Ok(FileLock { _file: file })
     }
 
     /// The lock if nobody holds it, None otherwise.
-    pub fn try_acquire(path: &Path) -> Result<Option<WorkspaceLock>, LockError> {
+    pub fn try_acquire(path: &Path) -> Result<Option<FileLock>, LockError> {
         let file = open_lock_file(path)?;
         let got = flock(&file, libc::LOCK_EX | libc::LOCK_NB).map_err(lock_err(path))?;
-        Ok(got.then_some(WorkspaceLock { _file: file }))
+        Ok(got.then_some(FileLock { _file: file }))
     }
 }

@@ -1,6 +1,6 @@
 //! The boot snapshot cache: one snapshot of a freshly booted guest per boot
 //! key, from which later first starts of equal workspaces resume instead of
-//! booting (see cli::warm).
+//! booting (see engine::warm).
 //!
 //! `<state>/cache/boot/<key>/` holds a snapshot in the usual format
 //! (manifest.json, vmstate.bin, memory.bin, rootfs.ext4). Entries are
@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use super::lock::{LockError, WorkspaceLock};
-use crate::snapshot::manifest::{Manifest, MANIFEST, MEMORY, ROOTFS, VMSTATE};
-use crate::vmm::snapshot::allocated_bytes;
+use super::manifest::{Manifest, MANIFEST, MEMORY, ROOTFS, VMSTATE};
+use crate::util::copy::allocated_bytes;
+use crate::util::lock::{FileLock, LockError};
 
 /// Bump when what a boot snapshot holds changes meaning.
 const KEY_VERSION: &str = "microagent boot key 1";
@@ -100,18 +100,18 @@ impl BootCache {
         (valid_key(key) && dir.join(MANIFEST).is_file()).then_some(dir)
     }
 
-    fn lock(&self, exclusive: bool) -> Result<WorkspaceLock, LockError> {
+    fn lock(&self, exclusive: bool) -> Result<FileLock, LockError> {
         let _ = std::fs::create_dir_all(&self.root);
         let path = self.root.join(".lock");
         if exclusive {
-            WorkspaceLock::acquire(&path)
+            FileLock::acquire(&path)
         } else {
-            WorkspaceLock::acquire_shared(&path)
+            FileLock::acquire_shared(&path)
         }
     }
 
     /// Held while an entry is read or written: prune waits for it.
-    pub fn use_lock(&self) -> Result<WorkspaceLock, LockError> {
+    pub fn use_lock(&self) -> Result<FileLock, LockError> {
         self.lock(false)
     }
 

@@ -1,0 +1,44 @@
+//! Small files written whole or not at all, and read with a bound.
+
+use std::io::Write;
+use std::path::Path;
+
+/// Records, manifests and markers are small; anything bigger is not ours.
+pub const MAX_RECORD_BYTES: u64 = 1 << 20;
+
+/// Reads a small file, refusing anything over MAX_RECORD_BYTES.
+pub fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let f = std::fs::File::open(path)?;
+    let mut buf = Vec::new();
+    f.take(MAX_RECORD_BYTES + 1).read_to_end(&mut buf)?;
+    if buf.len() as u64 > MAX_RECORD_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {MAX_RECORD_BYTES} bytes"),
+        ));
+    }
+    Ok(buf)
+}
+
+/// Temp file in the same directory, fsync, rename, fsync the directory:
+/// readers see the old content or the new, never half of it.
+pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{file_name}.tmp.{}", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}

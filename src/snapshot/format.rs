@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 pub const MAGIC: &[u8; 8] = b"MAGTVMST";
 pub const FORMAT_MAJOR: u16 = 1;
 /// 1.1: the manifest records the guest's CPUID.
-pub const FORMAT_MINOR: u16 = 1;
+pub const FORMAT_MINOR: u16 = 2;
 pub const HEADER_LEN: usize = 56;
 /// Bodies are a few hundred KiB at most (per-vCPU state); anything near
 /// this is not ours.

@@ -16,10 +16,13 @@ use super::vm::{eventfd, kvm_err, VmConfig, VmError};
 use crate::devices::bus::{lock, Bus};
 use crate::devices::i8042::{I8042, I8042_LEN, I8042_PORT};
 use crate::devices::serial::{ConsoleSink, SerialDevice, COM1_LEN, COM1_PORT};
-use crate::devices::virtio::block::Block;
+use crate::devices::virtio::block::persist::BlockState;
+use crate::devices::virtio::block::{Block, SECTOR_SIZE};
 use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
 use crate::devices::virtio::net::config as net_config;
 use crate::devices::virtio::net::{LinkState, Net};
+use crate::devices::virtio::persist::{DeviceKindState, PersistError, TransportState};
+use crate::devices::virtio::vsock::persist::VsockState;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::devices::EventFdTrigger;
@@ -77,8 +80,8 @@ impl Devices {
         };
         let sink = ConsoleSink::new(log, cfg.console_stdout);
         let serial = match saved(SERIAL_ID) {
-            Some(DeviceState::Serial(snap)) => {
-                SerialDevice::restore(EventFdTrigger(serial_irq), sink, snap)
+            Some(DeviceState::Serial(st)) => {
+                SerialDevice::restore(EventFdTrigger(serial_irq), sink, st)
                     .map_err(|e| VmError::Restore(format!("{SERIAL_ID}: {e}")))?
             }
             Some(_) => {
@@ -103,38 +106,95 @@ impl Devices {
         let mut virtio = VirtioSet::default();
         for (i, disk) in cfg.disks.iter().enumerate() {
             let id = disk_id(i);
-            let block = Block::open(&disk.path, disk.read_only, &format!("microagent-{id}"))?;
+            let name = format!("microagent-{id}");
             virtio.add(
                 vm,
                 mem,
                 id.clone(),
-                Box::new(block),
-                saved(&id),
-                devices.is_some(),
+                restoring(devices, &id)?,
+                |interrupt, saved| {
+                    Ok(match saved {
+                        None => (
+                            Box::new(Block::open(&disk.path, disk.read_only, &name)?),
+                            vec![],
+                        ),
+                        Some((transport, kind)) => {
+                            let st = match kind {
+                                Some(DeviceKindState::Block(st)) => st.clone(),
+                                Some(_) => return Err(wrong_kind(&id)),
+                                None => legacy_block_state(&disk.path, disk.read_only),
+                            };
+                            let (dev, queues) = Block::restore(
+                                &disk.path,
+                                disk.read_only,
+                                &name,
+                                mem,
+                                interrupt,
+                                transport,
+                                &st,
+                            )?;
+                            (Box::new(dev), queues)
+                        }
+                    })
+                },
             )?;
         }
         if let Some(v) = &cfg.vsock {
-            let dev = Vsock::new(v.guest_cid, &v.socket)?;
+            let id = VSOCK_ID;
             virtio.add(
                 vm,
                 mem,
-                VSOCK_ID.into(),
-                Box::new(dev),
-                saved(VSOCK_ID),
-                devices.is_some(),
+                id.into(),
+                restoring(devices, id)?,
+                |interrupt, saved| {
+                    Ok(match saved {
+                        None => (Box::new(Vsock::new(v.guest_cid, &v.socket)?), vec![]),
+                        Some((transport, kind)) => {
+                            let st = match kind {
+                                Some(DeviceKindState::Vsock(st)) => st.clone(),
+                                Some(_) => return Err(wrong_kind(id)),
+                                None => VsockState {
+                                    guest_cid: v.guest_cid,
+                                },
+                            };
+                            let (dev, queues) = Vsock::restore(
+                                v.guest_cid,
+                                &v.socket,
+                                mem,
+                                interrupt,
+                                transport,
+                                &st,
+                            )?;
+                            (Box::new(dev), queues)
+                        }
+                    })
+                },
             )?;
         }
         let link = match &cfg.net {
             Some(n) => {
                 let link: LinkState = Arc::new(Mutex::new(Ok(())));
-                let dev = Net::new(n, link.clone())?;
+                let id = NET_ID;
                 virtio.add(
                     vm,
                     mem,
-                    NET_ID.into(),
-                    Box::new(dev),
-                    saved(NET_ID),
-                    devices.is_some(),
+                    id.into(),
+                    restoring(devices, id)?,
+                    |interrupt, saved| {
+                        Ok(match saved {
+                            None => (Box::new(Net::new(n, link.clone())?), vec![]),
+                            Some((transport, kind)) => {
+                                let st = match kind {
+                                    Some(DeviceKindState::Net(st)) => st.clone(),
+                                    Some(_) => return Err(wrong_kind(id)),
+                                    None => Net::configured_state(),
+                                };
+                                let (dev, queues) =
+                                    Net::restore(n, link.clone(), mem, interrupt, transport, &st)?;
+                                (Box::new(dev), queues)
+                            }
+                        })
+                    },
                 )?;
                 virtio.cmdline_args.push(net_config::kernel_ip_arg());
                 Some(link)
@@ -162,36 +222,72 @@ pub(super) struct VirtioSet {
     pub(super) cmdline_args: Vec<String>,
 }
 
+/// A saved virtio device: its transport and (format 1.2 on) its own state.
+type Saved<'a> = (&'a TransportState, Option<&'a DeviceKindState>);
+
+/// A device and the queues its transport keeps.
+type Built = (Box<dyn VirtioDevice>, Vec<virtio_queue::Queue>);
+
+/// The saved state of device `id`: None when booting; an error when a
+/// snapshot lacks it or holds something else under its id.
+fn restoring<'a>(
+    devices: Option<&'a [(String, DeviceState)]>,
+    id: &str,
+) -> Result<Option<Saved<'a>>, VmError> {
+    let Some(devices) = devices else {
+        return Ok(None);
+    };
+    match devices.iter().find(|(i, _)| i == id).map(|(_, s)| s) {
+        Some(DeviceState::VirtioDevice { transport, device }) => {
+            Ok(Some((transport, Some(device))))
+        }
+        Some(DeviceState::Virtio(transport)) => Ok(Some((transport, None))),
+        Some(_) => Err(VmError::Restore(format!(
+            "{id}: not a virtio device's state"
+        ))),
+        None => Err(VmError::Restore(format!("no state for device {id}"))),
+    }
+}
+
+fn wrong_kind(id: &str) -> VmError {
+    VmError::Restore(format!("{id}: {}", PersistError::WrongKind))
+}
+
+/// What a format 1.0/1.1 disk's state was: the disk as configured.
+fn legacy_block_state(path: &std::path::Path, read_only: bool) -> BlockState {
+    BlockState {
+        capacity_sectors: std::fs::metadata(path).map_or(0, |m| m.len() / SECTOR_SIZE),
+        read_only,
+    }
+}
+
 impl VirtioSet {
-    fn add(
+    /// Adds a device that `build` makes, new (None) or from its saved state.
+    fn add<'a>(
         &mut self,
         vm: &VmFd,
         mem: &GuestMemoryMmap,
         id: String,
-        device: Box<dyn VirtioDevice>,
-        saved: Option<&DeviceState>,
-        restoring: bool,
+        saved: Option<Saved<'a>>,
+        build: impl FnOnce(Arc<Interrupt>, Option<Saved<'a>>) -> Result<Built, VmError>,
     ) -> Result<(), VmError> {
         let i = self.cmdline_args.len();
         let base = VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE;
         let irq = VIRTIO_IRQ_BASE + i as u32;
-        let has_backend = device.backend_fd().is_some();
         let irqfd = eventfd()?;
         vm.register_irqfd(&irqfd, irq)
             .map_err(kvm_err("registering virtio irqfd"))?;
         let interrupt = Arc::new(Interrupt::new(irqfd));
-        let transport = match (saved, restoring) {
-            (Some(DeviceState::Virtio(st)), _) => {
-                MmioTransport::restore(device, mem.clone(), interrupt, st)
-                    .map_err(|e| VmError::Restore(format!("{id}: {e}")))?
-            }
-            (Some(_), _) => {
-                return Err(VmError::Restore(format!(
-                    "{id}: not a virtio device's state"
-                )))
-            }
-            (None, true) => return Err(VmError::Restore(format!("no state for device {id}"))),
-            (None, false) => MmioTransport::new(device, mem.clone(), interrupt),
+        let transport_state = saved.map(|(t, _)| t);
+        let (device, queues) = build(interrupt.clone(), saved).map_err(|e| match e {
+            VmError::Restore(m) => VmError::Restore(m),
+            e if transport_state.is_some() => VmError::Restore(format!("{id}: {e}")),
+            e => e,
+        })?;
+        let has_backend = device.backend_fd().is_some();
+        let transport = match transport_state {
+            Some(st) => MmioTransport::restore(device, mem.clone(), interrupt, st, queues),
+            None => MmioTransport::new(device, mem.clone(), interrupt),
         };
         let transport = Arc::new(Mutex::new(transport));
         for q in 0..lock(&transport).num_queues() {

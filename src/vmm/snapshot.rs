@@ -25,8 +25,8 @@ use super::vcpu::Vcpu;
 use super::vcpu_state::{self, VcpuState};
 use super::vm::{create_vm, RunState, Vm, VmConfig, VmError, VmHandle};
 use crate::devices::bus::lock;
-use crate::devices::serial::SerialSnap;
-use crate::devices::virtio::mmio::TransportState;
+use crate::devices::serial::persist::SerialState;
+use crate::devices::virtio::persist::{DeviceKindState, TransportState};
 
 const PAGE: usize = 4096;
 static ZERO_PAGE: [u8; PAGE] = [0; PAGE];
@@ -34,10 +34,18 @@ const KVM_IRQCHIP_PIC_MASTER: u32 = 0;
 const KVM_IRQCHIP_PIC_SLAVE: u32 = 1;
 const KVM_IRQCHIP_IOAPIC: u32 = 2;
 
+/// One device's saved state, found again by its id on restore.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum DeviceState {
-    Serial(SerialSnap),
+    Serial(SerialState),
+    /// Formats 1.0 and 1.1: the transport only; the device's own state is
+    /// what the VM configuration gives it (kept so old snapshots restore).
     Virtio(TransportState),
+    /// Format 1.2 on: the transport and the device's own state.
+    VirtioDevice {
+        transport: TransportState,
+        device: DeviceKindState,
+    },
 }
 
 /// Where each guest RAM region lives in memory.bin.
@@ -152,11 +160,13 @@ impl VmHandle {
             super::devices::SERIAL_ID.to_string(),
             DeviceState::Serial(serial.save()),
         )];
-        devices.extend(
-            transports
-                .iter()
-                .map(|(id, t)| (id.clone(), DeviceState::Virtio(t.save()))),
-        );
+        devices.extend(transports.iter().map(|(id, t)| {
+            let state = DeviceState::VirtioDevice {
+                transport: t.save(),
+                device: t.device().save(),
+            };
+            (id.clone(), state)
+        }));
         let vcpus = self.stop.save_parked(self.vcpus, Duration::from_secs(10))?;
         let vm = &self.vm_fd;
         let snap_vm = (

@@ -104,6 +104,8 @@ pub enum VmError {
     #[error(transparent)]
     Net(#[from] crate::devices::virtio::net::PasstError),
     #[error(transparent)]
+    NetRestore(#[from] crate::devices::virtio::net::persist::NetError),
+    #[error(transparent)]
     Mptable(#[from] mptable::MptableError),
     #[error("device layout: {0}")]
     Layout(#[from] crate::devices::bus::OverlapError),

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
+use super::persist::TransportState;
 use super::{Interrupt, QueueSnap, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::devices::bus::BusDevice;
 
@@ -40,20 +41,6 @@ const CONFIG_SPACE: u64 = 0x100;
 const STATUS_DRIVER_OK: u32 = 4;
 const STATUS_FAILED: u32 = 0x80;
 const STATUS_DEVICE_NEEDS_RESET: u32 = 0x40;
-
-/// Everything the transport knows, for snapshots.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct TransportState {
-    pub device_type: u32,
-    pub status: u32,
-    pub acked_features: u64,
-    pub queue_sel: u32,
-    pub device_features_sel: u32,
-    pub driver_features_sel: u32,
-    pub activated: bool,
-    pub interrupt_status: u32,
-    pub queues: Vec<QueueSnap>,
-}
 
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
@@ -116,73 +103,30 @@ impl MmioTransport {
         }
     }
 
-    /// Rebuilds a transport from untrusted snapshot state: device type,
-    /// queue count and sizes must match the device, queue addresses must lie
-    /// in guest memory, features must be ones the device offers.
+    /// Rebuilds a transport around a device restored from the same
+    /// snapshot (see `persist::restore_queues`): the registers come from
+    /// `st`, the queues are the validated ones the device did not take
+    /// (none once it was activated). Nothing is activated or processed.
     pub fn restore(
-        mut device: Box<dyn VirtioDevice>,
+        device: Box<dyn VirtioDevice>,
         mem: GuestMemoryMmap,
         interrupt: Arc<Interrupt>,
         st: &TransportState,
-    ) -> Result<MmioTransport, String> {
-        if st.device_type != device.device_type() {
-            return Err(format!(
-                "device type {} in the snapshot, {} here",
-                st.device_type,
-                device.device_type()
-            ));
-        }
-        if st.acked_features & !device.features() != 0 {
-            return Err(format!(
-                "features {:#x} were never offered",
-                st.acked_features
-            ));
-        }
-        let maxes = device.queue_max_sizes().to_vec();
-        if st.queues.len() != maxes.len() {
-            return Err(format!(
-                "{} queues in the snapshot, device has {}",
-                st.queues.len(),
-                maxes.len()
-            ));
-        }
-        let mut queues = Vec::with_capacity(maxes.len());
-        for (i, (q, max)) in st.queues.iter().zip(maxes).enumerate() {
-            if q.max_size != max {
-                return Err(format!(
-                    "queue {i}: max size {} in the snapshot, {max} here",
-                    q.max_size
-                ));
-            }
-            let queue = Queue::try_from(virtio_queue::QueueState::from(*q))
-                .map_err(|e| format!("queue {i}: {e}"))?;
-            if st.activated && queue.ready() && !queue.is_valid(&mem) {
-                return Err(format!("queue {i}: rings outside guest memory"));
-            }
-            queues.push(queue);
-        }
-        let mut t = MmioTransport {
-            device: Box::new(NoDevice),
-            mem: mem.clone(),
-            interrupt: interrupt.clone(),
-            queues: Vec::new(),
+        queues: Vec<Queue>,
+    ) -> MmioTransport {
+        interrupt.restore(st.interrupt_status);
+        MmioTransport {
+            device,
+            mem,
+            interrupt,
+            queues,
             queue_sel: st.queue_sel,
             device_features_sel: st.device_features_sel,
             driver_features_sel: st.driver_features_sel,
             acked_features: st.acked_features,
             status: st.status,
             activated: st.activated,
-        };
-        if st.activated {
-            device
-                .activate(mem, interrupt.clone(), queues, st.acked_features)
-                .map_err(|e| e.to_string())?;
-        } else {
-            t.queues = queues;
         }
-        t.device = device;
-        interrupt.restore(st.interrupt_status);
-        Ok(t)
     }
 
     pub fn after_restore(&mut self) {
@@ -356,39 +300,6 @@ impl MmioTransport {
         if let Some(q) = self.selected_queue() {
             f(q, v);
         }
-    }
-}
-
-/// Placeholder while a restored transport is assembled.
-struct NoDevice;
-
-impl VirtioDevice for NoDevice {
-    fn device_type(&self) -> u32 {
-        0
-    }
-    fn queue_max_sizes(&self) -> &[u16] {
-        &[]
-    }
-    fn features(&self) -> u64 {
-        0
-    }
-    fn read_config(&self, _offset: u64, data: &mut [u8]) {
-        data.fill(0);
-    }
-    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-    fn activate(
-        &mut self,
-        _mem: GuestMemoryMmap,
-        _interrupt: Arc<Interrupt>,
-        _queues: Vec<Queue>,
-        _acked_features: u64,
-    ) -> Result<(), super::ActivateError> {
-        Ok(())
-    }
-    fn process_queue(&mut self, _index: usize) {}
-    fn reset(&mut self) {}
-    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
-        Vec::new()
     }
 }
 

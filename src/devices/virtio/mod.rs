@@ -3,11 +3,14 @@
 pub mod block;
 pub mod mmio;
 pub mod net;
+pub mod persist;
 pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use virtio_queue::Queue;
+
+pub use persist::QueueSnap;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -129,60 +132,16 @@ pub trait VirtioDevice: Send {
     fn process_backend(&mut self) {}
     /// The live queues' state once activated (for snapshots).
     fn queue_states(&self) -> Vec<virtio_queue::QueueState>;
+    /// The device's own state for a snapshot (the transport saves its own).
+    fn save(&self) -> persist::DeviceKindState;
     /// Make host-side state durable before a snapshot (disks: fdatasync).
-    fn prepare_snapshot(&self) -> Result<(), String> {
+    fn prepare_snapshot(&self) -> std::io::Result<()> {
         Ok(())
     }
-    /// Called after a restore, once the VM runs again (the vsock tells the
-    /// guest its streams are gone).
+    /// Called after a restore once the vCPUs run again, never before: the
+    /// vsock tells the guest its streams are gone, and every device looks
+    /// at its queues once for a kick that came just before the snapshot.
     fn after_restore(&mut self) {}
-}
-
-/// Serde mirror of virtio-queue's QueueState. Restored through
-/// `Queue::try_from`, which validates it.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct QueueSnap {
-    pub max_size: u16,
-    pub next_avail: u16,
-    pub next_used: u16,
-    pub event_idx_enabled: bool,
-    pub size: u16,
-    pub ready: bool,
-    pub desc_table: u64,
-    pub avail_ring: u64,
-    pub used_ring: u64,
-}
-
-impl From<virtio_queue::QueueState> for QueueSnap {
-    fn from(q: virtio_queue::QueueState) -> Self {
-        QueueSnap {
-            max_size: q.max_size,
-            next_avail: q.next_avail,
-            next_used: q.next_used,
-            event_idx_enabled: q.event_idx_enabled,
-            size: q.size,
-            ready: q.ready,
-            desc_table: q.desc_table,
-            avail_ring: q.avail_ring,
-            used_ring: q.used_ring,
-        }
-    }
-}
-
-impl From<QueueSnap> for virtio_queue::QueueState {
-    fn from(q: QueueSnap) -> Self {
-        virtio_queue::QueueState {
-            max_size: q.max_size,
-            next_avail: q.next_avail,
-            next_used: q.next_used,
-            event_idx_enabled: q.event_idx_enabled,
-            size: q.size,
-            ready: q.ready,
-            desc_table: q.desc_table,
-            avail_ring: q.avail_ring,
-            used_ring: q.used_ring,
-        }
-    }
 }
 
 /// One descriptor of a chain, as a device sees it: guest address, length,

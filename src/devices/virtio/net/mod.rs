@@ -13,6 +13,7 @@
 pub mod config;
 mod frame;
 mod passt;
+pub mod persist;
 
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
@@ -58,7 +59,7 @@ type Active = Activated;
 
 pub struct Net {
     /// mac[6], status (unused), max_virtqueue_pairs (unused), mtu.
-    config: [u8; 12],
+    pub(super) config: [u8; 12],
     passt: UnixStream,
     child: Child,
     epoll: Epoll,
@@ -71,7 +72,7 @@ pub struct Net {
     tx_bytes: usize,
     /// Bytes of the front frame already written.
     tx_sent: usize,
-    active: Option<Active>,
+    pub(super) active: Option<Active>,
 }
 
 /// Why a TX chain is dropped rather than sent.
@@ -409,6 +410,10 @@ impl VirtioDevice for Net {
 
     fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
         Activated::states(self.active.as_ref())
+    }
+
+    fn save(&self) -> super::persist::DeviceKindState {
+        super::persist::DeviceKindState::Net(self.save_state())
     }
 
     fn after_restore(&mut self) {

@@ -5,6 +5,7 @@
 
 mod conn;
 pub mod packet;
+pub mod persist;
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
@@ -51,6 +52,8 @@ pub enum VsockError {
     },
     #[error("vsock event loop: {0}")]
     Epoll(std::io::Error),
+    #[error("restoring the vsock: {0}")]
+    State(#[from] super::persist::PersistError),
 }
 
 struct Pending {
@@ -61,7 +64,7 @@ struct Pending {
 type Active = Activated;
 
 pub struct Vsock {
-    guest_cid: u64,
+    pub(super) guest_cid: u64,
     config: [u8; 8],
     listener: UnixListener,
     epoll: Epoll,
@@ -71,7 +74,7 @@ pub struct Vsock {
     next_port: u32,
     /// Packets owed to the guest that belong to no live stream (RSTs, REQUESTs).
     rx_control: VecDeque<Header>,
-    active: Option<Active>,
+    pub(super) active: Option<Active>,
 }
 
 impl Vsock {
@@ -515,6 +518,10 @@ impl VirtioDevice for Vsock {
 
     fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
         Activated::states(self.active.as_ref())
+    }
+
+    fn save(&self) -> super::persist::DeviceKindState {
+        super::persist::DeviceKindState::Vsock(self.save_state())
     }
 
     fn after_restore(&mut self) {

@@ -3,6 +3,8 @@
 //! lengths, sector ranges and guest addresses (through vm-memory, which
 //! refuses anything outside guest RAM).
 
+pub mod persist;
+
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
@@ -46,6 +48,11 @@ pub enum BlockError {
     },
     #[error("disk {path} is empty or smaller than one sector")]
     TooSmall { path: String },
+    #[error("restoring disk {path}: {source}")]
+    State {
+        path: String,
+        source: super::persist::PersistError,
+    },
 }
 
 /// A parsed request, before execution.
@@ -105,7 +112,7 @@ pub struct Block {
     active: Option<Active>,
 }
 
-struct Active {
+pub(super) struct Active {
     mem: GuestMemoryMmap,
     interrupt: Arc<Interrupt>,
     queue: Queue,
@@ -326,8 +333,12 @@ impl VirtioDevice for Block {
         self.active.iter().map(|a| a.queue.state()).collect()
     }
 
-    fn prepare_snapshot(&self) -> Result<(), String> {
-        self.flush().map_err(|e| format!("flushing the disk: {e}"))
+    fn prepare_snapshot(&self) -> std::io::Result<()> {
+        self.flush()
+    }
+
+    fn save(&self) -> super::persist::DeviceKindState {
+        super::persist::DeviceKindState::Block(self.save_state())
     }
 
     fn reset(&mut self) {

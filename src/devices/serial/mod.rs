@@ -1,6 +1,8 @@
 //! COM1: a 16550 UART (vm-superio) whose output goes to the console log and,
 //! optionally, the VMM's stdout; its interrupt is an irqfd on GSI 4.
 
+pub mod persist;
+
 use std::fs::File;
 use std::io::{self, Write};
 
@@ -45,22 +47,7 @@ impl Write for ConsoleSink {
 }
 
 pub struct SerialDevice {
-    uart: Serial<EventFdTrigger, NoEvents, ConsoleSink>,
-}
-
-/// Serde mirror of vm-superio's SerialState.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct SerialSnap {
-    pub baud_divisor_low: u8,
-    pub baud_divisor_high: u8,
-    pub interrupt_enable: u8,
-    pub interrupt_identification: u8,
-    pub line_control: u8,
-    pub line_status: u8,
-    pub modem_control: u8,
-    pub modem_status: u8,
-    pub scratch: u8,
-    pub in_buffer: Vec<u8>,
+    pub(super) uart: Serial<EventFdTrigger, NoEvents, ConsoleSink>,
 }
 
 impl SerialDevice {
@@ -68,45 +55,6 @@ impl SerialDevice {
         SerialDevice {
             uart: Serial::new(irq, sink),
         }
-    }
-
-    pub fn save(&self) -> SerialSnap {
-        let s = self.uart.state();
-        SerialSnap {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer,
-        }
-    }
-
-    /// vm-superio validates the state (e.g. the input FIFO's size).
-    pub fn restore(
-        irq: EventFdTrigger,
-        sink: ConsoleSink,
-        snap: &SerialSnap,
-    ) -> Result<Self, String> {
-        let state = vm_superio::serial::SerialState {
-            baud_divisor_low: snap.baud_divisor_low,
-            baud_divisor_high: snap.baud_divisor_high,
-            interrupt_enable: snap.interrupt_enable,
-            interrupt_identification: snap.interrupt_identification,
-            line_control: snap.line_control,
-            line_status: snap.line_status,
-            modem_control: snap.modem_control,
-            modem_status: snap.modem_status,
-            scratch: snap.scratch,
-            in_buffer: snap.in_buffer.clone(),
-        };
-        let uart = Serial::from_state(&state, irq, vm_superio::serial::NoEvents, sink)
-            .map_err(|e| format!("serial state: {e:?}"))?;
-        Ok(SerialDevice { uart })
     }
 
     /// Feeds host input to the guest; returns how many bytes fit in the FIFO.

@@ -157,6 +157,29 @@ fn seed_transcript_rollback_forks_and_refusals() {
         md.blocks() * 512
     );
 
+    // A resume sent straight to the VMM while a snapshot is being written
+    // waits for it: every answer is clear, and the snapshot is intact (a
+    // fork of it runs, below, with the counter where it was).
+    let sock = home.workspace_dir("builder").join("control.sock");
+    let mut raced = spawn_snapshot(&home, "builder", "raced");
+    let t = Instant::now();
+    let mut resumes = 0;
+    while raced.try_wait().unwrap().is_none() {
+        let answer = control_line(&sock, r#"{"v":2,"op":"resume"}"#);
+        assert_eq!(answer["ok"], true, "{answer}");
+        assert_eq!(answer["state"], "running", "{answer}");
+        resumes += 1;
+        assert!(t.elapsed() < Duration::from_secs(300));
+    }
+    let out = raced.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(resumes > 0);
+    assert_eq!(home.json(&["status", "builder"])["status"], "running");
+
     // A paused workspace is snapshotted in place and stays paused.
     home.ok(&["pause", "builder"]);
     home.ok(&["snapshot", "create", "builder", "--tag", "while-paused"]);
@@ -203,6 +226,12 @@ fn seed_transcript_rollback_forks_and_refusals() {
         "checkpoint-1"
     );
     assert_eq!(sh(&home, "builder-fork", "hostname"), "builder-fork");
+
+    // The snapshot a resume raced restores whole.
+    home.ok(&["create", "raced-fork", "--from-snapshot", "builder:raced"]);
+    assert_eq!(counter(&home, "raced-fork"), 2);
+    assert_eq!(poke(&home, "raced-fork"), 3);
+    home.ok(&["delete", "raced-fork", "--yes", "--force"]);
 
     // Fork of a fork.
     home.ok(&["snapshot", "create", "builder-fork", "--tag", "f1"]);

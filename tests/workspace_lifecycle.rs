@@ -248,17 +248,6 @@ fn full_lifecycle_with_two_workspaces_crash_and_recovery() {
     assert!(err.contains("workspace builder does not exist"), "{err}");
 }
 
-/// Sends one raw line to a control socket and returns the answer.
-fn control_line(sock: &std::path::Path, line: &str) -> serde_json::Value {
-    use std::io::{BufRead, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    writeln!(s, "{line}").unwrap();
-    let mut answer = String::new();
-    std::io::BufReader::new(s).read_line(&mut answer).unwrap();
-    serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer}"))
-}
-
 /// Processes serving `dir` (supervisors and VMMs), found in /proc by their
 /// arguments (`vmm supervise|serve --workspace-dir DIR`), never by pattern.
 fn vmm_processes(dir: &std::path::Path) -> Vec<(i32, String)> {

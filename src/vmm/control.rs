@@ -26,6 +26,7 @@ use nix::fcntl::{openat, OFlag};
 use nix::sys::stat::{mkdirat, Mode};
 use serde::{Deserialize, Serialize};
 
+use super::snapshot::SaveError;
 use super::vm::{RunState, VmHandle};
 use crate::snapshot::cpuid::CpuidLeaf;
 use crate::snapshot::manifest::{MEMORY, ROOTFS, VMSTATE};
@@ -150,46 +151,81 @@ struct Server {
     staged: AtomicU32,
 }
 
+/// Why a snapshot could not be staged.
+#[derive(Debug, thiserror::Error)]
+enum StageError {
+    #[error("{what} {name}: {source}")]
+    Create {
+        what: &'static str,
+        name: String,
+        source: nix::Error,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Save(#[from] SaveError),
+    #[error(transparent)]
+    Encode(#[from] crate::snapshot::format::FormatError),
+}
+
+fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> StageError + '_ {
+    move |source| StageError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
 /// A new file in `dir`: never an existing one, never through a symlink.
-fn create_new(dir: &File, name: &str) -> Result<File, String> {
+fn create_new(dir: &File, name: &str) -> Result<File, StageError> {
     let fd = openat(
         dir,
         name,
         OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_WRONLY | OFlag::O_CLOEXEC,
         Mode::from_bits_truncate(0o600),
     )
-    .map_err(|e| format!("creating {name}: {e}"))?;
+    .map_err(|source| StageError::Create {
+        what: "creating",
+        name: name.into(),
+        source,
+    })?;
     Ok(File::from(fd))
 }
 
 /// Makes a new staging directory under the snapshots directory and opens it.
-fn make_staging(server: &Server) -> Result<(String, File), String> {
+fn make_staging(server: &Server) -> Result<(String, File), StageError> {
     let root = &server.info.snapshots_dir;
-    std::fs::create_dir_all(root).map_err(|e| format!("{}: {e}", root.display()))?;
-    let root_fd = File::open(root).map_err(|e| format!("{}: {e}", root.display()))?;
+    std::fs::create_dir_all(root).map_err(io_at(root))?;
+    let root_fd = File::open(root).map_err(io_at(root))?;
     let name = format!(
         "{STAGING_PREFIX}{}-{}",
         std::process::id(),
         server.staged.fetch_add(1, Ordering::Relaxed)
     );
+    let create = |what| {
+        let name = name.clone();
+        move |source| StageError::Create { what, name, source }
+    };
     mkdirat(&root_fd, name.as_str(), Mode::from_bits_truncate(0o700))
-        .map_err(|e| format!("creating {name}: {e}"))?;
+        .map_err(create("creating"))?;
     let fd = openat(
         &root_fd,
         name.as_str(),
         OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
         Mode::empty(),
     )
-    .map_err(|e| format!("opening {name}: {e}"))?;
+    .map_err(create("opening"))?;
     Ok((name, File::from(fd)))
 }
 
-fn write_staged(server: &Server, dir: &File) -> Result<Vec<CpuidLeaf>, String> {
+fn write_staged(server: &Server, dir: &File) -> Result<Vec<CpuidLeaf>, StageError> {
     let (vm, info) = (&server.vm, &server.info);
     let memory = create_new(dir, MEMORY)?;
     let disk = match &info.root_disk {
         Some(src) => Some((
-            File::open(src).map_err(|e| format!("{}: {e}", src.display()))?,
+            File::open(src).map_err(io_at(src))?,
             create_new(dir, ROOTFS)?,
         )),
         None => None,
@@ -197,14 +233,14 @@ fn write_staged(server: &Server, dir: &File) -> Result<Vec<CpuidLeaf>, String> {
     let copy_disk = || match &disk {
         Some((src, dst)) => copy_file_into(src, dst)
             .map(|_| ())
-            .map_err(|e| format!("copying the root disk: {e}")),
+            .map_err(|e| std::io::Error::new(e.kind(), format!("copying the root disk: {e}"))),
         None => Ok(()),
     };
     let snap = vm.save(memory, &info.cmdline, info.mem_mib, copy_disk)?;
-    let bytes = crate::snapshot::format::encode(&snap).map_err(|e| e.to_string())?;
+    let bytes = crate::snapshot::format::encode(&snap)?;
     create_new(dir, VMSTATE)?
         .write_all(&bytes)
-        .map_err(|e| format!("writing {VMSTATE}: {e}"))?;
+        .map_err(io_at(Path::new(VMSTATE)))?;
     Ok(snap
         .vcpus
         .first()

@@ -21,9 +21,10 @@ use vm_memory::{
 };
 
 use super::arch::x86_64::layout::ram_ranges;
+use super::vcpu::ParkError;
 use super::vcpu::Vcpu;
 use super::vcpu_state::{self, VcpuState};
-use super::vm::{create_vm, RunState, Vm, VmConfig, VmError, VmHandle};
+use super::vm::{create_vm, PauseError, RunState, Vm, VmConfig, VmError, VmHandle};
 use crate::devices::bus::lock;
 use crate::devices::serial::persist::SerialState;
 use crate::devices::virtio::persist::{DeviceKindState, TransportState};
@@ -35,6 +36,28 @@ const KVM_IRQCHIP_PIC_SLAVE: u32 = 1;
 const KVM_IRQCHIP_IOAPIC: u32 = 2;
 
 /// One device's saved state, found again by its id on restore.
+/// Why a VM could not be saved.
+#[derive(Debug, thiserror::Error)]
+pub enum SaveError {
+    #[error("pausing: {0}")]
+    Pause(#[from] PauseError),
+    #[error("device {id}: flushing before the snapshot: {source}")]
+    Device { id: String, source: std::io::Error },
+    #[error("saving vCPUs: {0}")]
+    Vcpus(#[from] ParkError),
+    #[error("reading {what}: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("guest memory: {0}")]
+    GuestMemory(#[from] vm_memory::GuestMemoryError),
+    #[error("writing guest memory: {0}")]
+    Memory(std::io::Error),
+    #[error("{0}")]
+    Alongside(std::io::Error),
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum DeviceState {
     Serial(SerialState),
@@ -72,26 +95,29 @@ pub struct VmSnapshot {
     pub memory: Vec<RegionSnap>,
 }
 
-fn irqchip(vm: &kvm_ioctls::VmFd, id: u32) -> Result<kvm_irqchip, String> {
+fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> SaveError {
+    move |source| SaveError::Kvm { what, source }
+}
+
+fn irqchip(vm: &kvm_ioctls::VmFd, id: u32) -> Result<kvm_irqchip, SaveError> {
     let mut c = kvm_irqchip {
         chip_id: id,
         ..Default::default()
     };
+    let what = ["PIC master", "PIC slave", "IOAPIC"];
     vm.get_irqchip(&mut c)
-        .map_err(|e| format!("reading irqchip {id}: {e}"))?;
+        .map_err(kvm(what.get(id as usize).copied().unwrap_or("irqchip")))?;
     Ok(c)
 }
 
 /// Writes guest memory to `file`, region after region, leaving all-zero
 /// pages as holes. Returns each region's place in the file.
-fn write_memory(mem: &GuestMemoryMmap, file: &mut File) -> Result<Vec<RegionSnap>, String> {
+fn write_memory(mem: &GuestMemoryMmap, file: &mut File) -> Result<Vec<RegionSnap>, SaveError> {
     let mut regions = Vec::new();
     let mut offset = 0u64;
     for region in mem.iter() {
         let size = region.len();
-        let host = region
-            .get_host_address(vm_memory::MemoryRegionAddress(0))
-            .map_err(|e| format!("guest memory: {e}"))?;
+        let host = region.get_host_address(vm_memory::MemoryRegionAddress(0))?;
         // SAFETY: the region maps `size` bytes at `host` for as long as `mem`
         // lives. vCPUs are parked and every device is locked by the caller,
         // so nothing writes guest memory while we read it.
@@ -107,7 +133,7 @@ fn write_memory(mem: &GuestMemoryMmap, file: &mut File) -> Result<Vec<RegionSnap
             }
             if page > start {
                 file.write_all_at(&bytes[start..page], offset + start as u64)
-                    .map_err(|e| format!("writing memory: {e}"))?;
+                    .map_err(SaveError::Memory)?;
             }
             while page < bytes.len() && zero(page) {
                 page += PAGE;
@@ -122,24 +148,24 @@ fn write_memory(mem: &GuestMemoryMmap, file: &mut File) -> Result<Vec<RegionSnap
     }
     // Not synced here: that would hold the guest paused through the
     // writeback. The snapshot is committed only after its files are synced.
-    file.set_len(offset)
-        .map_err(|e| format!("sizing memory file: {e}"))?;
+    file.set_len(offset).map_err(SaveError::Memory)?;
     Ok(regions)
 }
 
 impl VmHandle {
     /// Saves the whole VM: its state is returned, guest memory goes to
-    /// `memory_file`, a new empty file the caller opened (not synced here). `alongside` runs on another thread
-    /// while memory is written, once devices are quiesced and disks
-    /// flushed: the moment a disk copy is consistent with memory. Leaves
-    /// the VM paused; the caller resumes it.
+    /// `memory_file`, a new empty file the caller opened (not synced
+    /// here). `alongside` runs on another thread while memory is written,
+    /// once devices are quiesced and disks flushed: the moment a disk copy
+    /// is consistent with memory. Leaves the VM paused; the caller resumes
+    /// it.
     pub fn save(
         &self,
         mut memory_file: File,
         cmdline: &str,
         mem_mib: u64,
-        alongside: impl FnOnce() -> Result<(), String> + Send,
-    ) -> Result<VmSnapshot, String> {
+        alongside: impl FnOnce() -> std::io::Result<()> + Send,
+    ) -> Result<VmSnapshot, SaveError> {
         if self.state() != RunState::Paused {
             self.pause()?;
         }
@@ -154,7 +180,10 @@ impl VmHandle {
         for (id, t) in &transports {
             t.device()
                 .prepare_snapshot()
-                .map_err(|e| format!("{id}: {e}"))?;
+                .map_err(|source| SaveError::Device {
+                    id: id.clone(),
+                    source,
+                })?;
         }
         let mut devices = vec![(
             super::devices::SERIAL_ID.to_string(),
@@ -173,20 +202,22 @@ impl VmHandle {
             irqchip(vm, KVM_IRQCHIP_PIC_MASTER)?,
             irqchip(vm, KVM_IRQCHIP_PIC_SLAVE)?,
             irqchip(vm, KVM_IRQCHIP_IOAPIC)?,
-            vm.get_pit2().map_err(|e| format!("reading PIT: {e}"))?,
-            vm.get_clock().map_err(|e| format!("reading clock: {e}"))?,
+            vm.get_pit2().map_err(kvm("PIT"))?,
+            vm.get_clock().map_err(kvm("clock"))?,
         );
         let file = &mut memory_file;
         let (memory, beside) = std::thread::scope(|scope| {
             let beside = scope.spawn(alongside);
             let memory = write_memory(&self.mem, file);
-            let beside = beside
-                .join()
-                .unwrap_or_else(|_| Err("the work alongside the memory write panicked".into()));
+            let beside = beside.join().unwrap_or_else(|_| {
+                Err(std::io::Error::other(
+                    "the work alongside the memory write panicked",
+                ))
+            });
             (memory, beside)
         });
         let memory = memory?;
-        beside?;
+        beside.map_err(SaveError::Alongside)?;
         drop(transports);
         drop(serial);
         Ok(VmSnapshot {

@@ -10,7 +10,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::arch::x86_64::cpuid::{self, CpuTemplate};
 use super::arch::x86_64::{msrs, regs};
-use super::vcpu_state::VcpuState;
+use super::vcpu_state::{VcpuState, VcpuStateError};
 use crate::devices::bus::Bus;
 
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +64,20 @@ impl GuestStop {
     }
 }
 
+/// Why parked vCPUs could not hand over their state.
+#[derive(Debug, thiserror::Error)]
+pub enum ParkError {
+    #[error("vCPUs are not paused")]
+    NotPaused,
+    #[error("vCPUs did not save their state within {0:?}")]
+    Timeout(std::time::Duration),
+    #[error("vCPU {index}: {source}")]
+    Vcpu {
+        index: usize,
+        source: VcpuStateError,
+    },
+}
+
 #[derive(Default)]
 struct PauseGate {
     want_pause: bool,
@@ -71,7 +85,7 @@ struct PauseGate {
     /// Bumped to ask parked vCPUs to save their state into `saved`.
     save_gen: u64,
     handled_gen: Vec<u64>,
-    saved: Vec<Option<Result<VcpuState, String>>>,
+    saved: Vec<Option<Result<VcpuState, VcpuStateError>>>,
 }
 
 /// Shared by vCPU threads and devices: the first stop reason wins, and the
@@ -113,7 +127,11 @@ impl StopSignal {
     /// Called by a vCPU thread outside KVM_RUN: parks while a pause is
     /// requested and the VM is not stopping; while parked, saves its state
     /// when asked (`save` runs on the vCPU's own thread).
-    fn checkpoint(&self, index: usize, save: &mut dyn FnMut() -> Result<VcpuState, String>) {
+    fn checkpoint(
+        &self,
+        index: usize,
+        save: &mut dyn FnMut() -> Result<VcpuState, VcpuStateError>,
+    ) {
         let mut g = crate::devices::bus::lock(&self.gate);
         if !g.want_pause {
             return;
@@ -138,11 +156,11 @@ impl StopSignal {
         &self,
         vcpus: usize,
         timeout: std::time::Duration,
-    ) -> Result<Vec<VcpuState>, String> {
+    ) -> Result<Vec<VcpuState>, ParkError> {
         let deadline = std::time::Instant::now() + timeout;
         let mut g = crate::devices::bus::lock(&self.gate);
         if !g.want_pause || g.parked < vcpus {
-            return Err("vCPUs are not paused".into());
+            return Err(ParkError::NotPaused);
         }
         g.save_gen += 1;
         let gen = g.save_gen;
@@ -157,7 +175,7 @@ impl StopSignal {
         while g.saved.iter().any(|s| s.is_none()) {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             if left.is_zero() {
-                return Err("vCPUs did not save their state in time".into());
+                return Err(ParkError::Timeout(timeout));
             }
             g = self
                 .gate_cv
@@ -168,10 +186,10 @@ impl StopSignal {
         g.saved
             .iter_mut()
             .enumerate()
-            .map(|(i, s)| {
-                s.take()
-                    .unwrap_or_else(|| Err("missing".into()))
-                    .map_err(|e| format!("vCPU {i}: {e}"))
+            .map(|(index, s)| match s.take() {
+                Some(Ok(state)) => Ok(state),
+                Some(Err(source)) => Err(ParkError::Vcpu { index, source }),
+                None => Err(ParkError::Timeout(timeout)),
             })
             .collect()
     }

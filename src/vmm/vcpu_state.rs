@@ -25,14 +25,34 @@ pub struct VcpuState {
     pub debugregs: kvm_debugregs,
 }
 
-fn e(what: &str) -> impl FnOnce(kvm_ioctls::Error) -> String + '_ {
-    move |err| format!("{what}: {err}")
+/// Why a vCPU's state could not be saved or loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuStateError {
+    #[error("{what}: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("{0} CPUID entries (1 to {KVM_MAX_CPUID_ENTRIES} allowed)")]
+    CpuidCount(usize),
+    #[error("{what}: {len} entries do not fit KVM's array")]
+    TooMany { what: &'static str, len: usize },
+    #[error("KVM refused MSR {index:#x} ({set} of {total} set)")]
+    MsrRefused {
+        index: u32,
+        set: usize,
+        total: usize,
+    },
+}
+
+fn e(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuStateError {
+    move |source| VcpuStateError::Kvm { what, source }
 }
 
 /// Reads every MSR in `list` that KVM will give us for this vCPU. KVM stops
 /// at the first MSR it refuses, so refused ones are dropped and the rest
 /// read again.
-fn read_msrs(fd: &VcpuFd, list: &[u32]) -> Result<Vec<kvm_msr_entry>, String> {
+fn read_msrs(fd: &VcpuFd, list: &[u32]) -> Result<Vec<kvm_msr_entry>, VcpuStateError> {
     let mut wanted: Vec<u32> = list.to_vec();
     loop {
         let entries: Vec<kvm_msr_entry> = wanted
@@ -42,7 +62,10 @@ fn read_msrs(fd: &VcpuFd, list: &[u32]) -> Result<Vec<kvm_msr_entry>, String> {
                 ..Default::default()
             })
             .collect();
-        let mut msrs = Msrs::from_entries(&entries).map_err(|err| format!("MSR list: {err:?}"))?;
+        let mut msrs = Msrs::from_entries(&entries).map_err(|_| VcpuStateError::TooMany {
+            what: "MSR list",
+            len: entries.len(),
+        })?;
         let n = fd.get_msrs(&mut msrs).map_err(e("reading MSRs"))?;
         if n == wanted.len() {
             let mut out = msrs.as_slice().to_vec();
@@ -54,7 +77,7 @@ fn read_msrs(fd: &VcpuFd, list: &[u32]) -> Result<Vec<kvm_msr_entry>, String> {
     }
 }
 
-pub fn save(fd: &mut VcpuFd, index: u8, msr_list: &[u32]) -> Result<VcpuState, String> {
+pub fn save(fd: &mut VcpuFd, index: u8, msr_list: &[u32]) -> Result<VcpuState, VcpuStateError> {
     // Completes any I/O the last exit left half-done (a pending MMIO or port
     // read lands in the registers), without running guest code.
     fd.set_kvm_immediate_exit(1);
@@ -82,14 +105,17 @@ pub fn save(fd: &mut VcpuFd, index: u8, msr_list: &[u32]) -> Result<VcpuState, S
 /// Creates vCPU `state.index` and loads its state. Validation of the
 /// untrusted state is KVM's own (each ioctl rejects invalid values) plus
 /// the checks here.
-pub fn restore(vm: &VmFd, state: &VcpuState) -> Result<VcpuFd, String> {
+pub fn restore(vm: &VmFd, state: &VcpuState) -> Result<VcpuFd, VcpuStateError> {
     let fd = vm
         .create_vcpu(u64::from(state.index))
         .map_err(e("creating vCPU"))?;
     if state.cpuid.is_empty() || state.cpuid.len() > KVM_MAX_CPUID_ENTRIES {
-        return Err(format!("{} CPUID entries", state.cpuid.len()));
+        return Err(VcpuStateError::CpuidCount(state.cpuid.len()));
     }
-    let cpuid = CpuId::from_entries(&state.cpuid).map_err(|err| format!("CPUID: {err:?}"))?;
+    let cpuid = CpuId::from_entries(&state.cpuid).map_err(|_| VcpuStateError::TooMany {
+        what: "CPUID",
+        len: state.cpuid.len(),
+    })?;
     fd.set_cpuid2(&cpuid).map_err(e("setting CPUID"))?;
     fd.set_mp_state(state.mp_state)
         .map_err(e("setting mp_state"))?;
@@ -102,14 +128,18 @@ pub fn restore(vm: &VmFd, state: &VcpuState) -> Result<VcpuFd, String> {
     fd.set_debug_regs(&state.debugregs)
         .map_err(e("setting debug registers"))?;
     fd.set_lapic(&state.lapic).map_err(e("setting LAPIC"))?;
-    let msrs = Msrs::from_entries(&state.msrs).map_err(|err| format!("MSRs: {err:?}"))?;
+    let msrs = Msrs::from_entries(&state.msrs).map_err(|_| VcpuStateError::TooMany {
+        what: "MSRs",
+        len: state.msrs.len(),
+    })?;
     let n = fd.set_msrs(&msrs).map_err(e("setting MSRs"))?;
     if n != state.msrs.len() {
         let refused = state.msrs.get(n).map_or(0, |m| m.index);
-        return Err(format!(
-            "KVM refused MSR {refused:#x} ({n} of {} set)",
-            state.msrs.len()
-        ));
+        return Err(VcpuStateError::MsrRefused {
+            index: refused,
+            set: n,
+            total: state.msrs.len(),
+        });
     }
     fd.set_vcpu_events(&state.events)
         .map_err(e("setting vcpu events"))?;

@@ -115,6 +115,15 @@ pub enum VmError {
     Restore(String),
 }
 
+/// Why the vCPUs could not all be parked.
+#[derive(Debug, thiserror::Error)]
+pub enum PauseError {
+    #[error("the VM is stopping")]
+    Stopping,
+    #[error("only {parked} of {total} vCPUs paused in time")]
+    Timeout { parked: usize, total: usize },
+}
+
 impl VmConfig {
     /// Checks everything that can be checked without touching KVM, so bad
     /// input fails fast with a message naming the value.
@@ -191,20 +200,19 @@ impl VmHandle {
     }
 
     /// Parks every vCPU outside KVM_RUN; returns once all are parked.
-    pub fn pause(&self) -> Result<(), String> {
+    pub fn pause(&self) -> Result<(), PauseError> {
         self.stop.request_pause(true);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while self.stop.parked() < self.vcpus {
             if self.stop.reason().is_some() {
-                return Err("the VM is stopping".into());
+                return Err(PauseError::Stopping);
             }
             if !self.kick_all() || std::time::Instant::now() > deadline {
                 self.stop.request_pause(false);
-                return Err(format!(
-                    "only {} of {} vCPUs paused in time",
-                    self.stop.parked(),
-                    self.vcpus
-                ));
+                return Err(PauseError::Timeout {
+                    parked: self.stop.parked(),
+                    total: self.vcpus,
+                });
             }
             std::thread::sleep(Duration::from_millis(2));
         }

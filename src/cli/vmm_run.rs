@@ -11,9 +11,6 @@ use crate::vmm::host;
 use crate::vmm::vcpu::GuestStop;
 use crate::vmm::vm::{DiskConfig, Vm, VmConfig, VmError, VsockConfig};
 
-/// Every guest is alone on its vsock, so all can use the first guest CID.
-pub const GUEST_CID: u64 = 3;
-
 #[derive(Args)]
 pub struct RunArgs {
     /// Guest kernel: ELF vmlinux or bzImage.
@@ -88,7 +85,7 @@ pub fn run(args: RunArgs, json: bool) -> Result<i32> {
         console_log: args.console_log,
         console_stdout: !args.no_console_stdout && !json,
         vsock: args.vsock.map(|socket| VsockConfig {
-            guest_cid: GUEST_CID,
+            guest_cid: crate::engine::vmm_process::GUEST_CID,
             socket,
         }),
         net: None,

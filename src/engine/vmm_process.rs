@@ -1,0 +1,171 @@
+//! The detached VMM of a workspace, in two processes of this binary:
+//!
+//! - `vmm supervise --workspace-dir D`: started by `launch` in a new
+//!   session; runs the VMM as its child (which dies with it) and, when the
+//!   child ends for any reason (power-off, halt, error, kill -9), writes
+//!   `vmm-exit.json` so the engine can tell halted from crashed and say why.
+//! - `vmm serve --workspace-dir D`: boots the workspace's VM and serves its
+//!   control socket until the guest powers off or is halted.
+//!
+//! The directory and snapshot path come from the command line `launch`
+//! builds, never from a control request.
+
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::Path;
+
+use super::{invalid, Context, IoContext, Result};
+use crate::devices::virtio::net::NetConfig;
+use crate::snapshot::format;
+use crate::snapshot::manifest::{MEMORY, VMSTATE};
+use crate::vmm::control::{self, ServeInfo};
+use crate::vmm::host;
+use crate::vmm::snapshot::VmSnapshot;
+use crate::vmm::vcpu::GuestStop;
+use crate::vmm::vm::{DiskConfig, Vm, VmConfig, VsockConfig};
+use crate::workspace::state::ExitRecord;
+use crate::workspace::store::{now_rfc3339, write_atomic, NetworkMode, WorkspaceDir};
+
+/// Every guest is alone on its vsock, so all can use the first guest CID.
+pub const GUEST_CID: u64 = 3;
+
+fn workspace_dir(path: &Path) -> Result<WorkspaceDir> {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| invalid(format!("{}: no workspace name", path.display())))?
+        .to_string();
+    Ok(WorkspaceDir {
+        name,
+        dir: path.to_path_buf(),
+    })
+}
+
+/// Last non-empty line the VMM wrote to its log: usually its error.
+fn last_log_line(ws: &WorkspaceDir) -> Option<String> {
+    let text = std::fs::read_to_string(ws.vmm_log()).ok()?;
+    text.lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .map(|l| l.trim().to_string())
+}
+
+/// `vmm supervise`: runs the VMM as a child until it ends for any reason,
+/// then writes the exit record. Returns the exit code.
+pub fn supervise(workspace_dir: &Path, restore_from: Option<&Path>) -> Result<i32> {
+    let ws = self::workspace_dir(workspace_dir)?;
+    let exe = std::env::current_exe().io_ctx(|| "locating the microagent binary".into())?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["vmm", "serve", "--workspace-dir"]).arg(&ws.dir);
+    if let Some(snap) = restore_from {
+        cmd.arg("--restore-from").arg(snap);
+    }
+    // The VMM dies with its supervisor: a `kill -9` of the supervisor must
+    // never leave a VMM writing the disk with nobody to record its end.
+    let supervisor = nix::unistd::getpid();
+    // SAFETY: prctl and getppid are async-signal-safe; the closure touches
+    // nothing else between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(std::io::Error::from)?;
+            // The supervisor may have died before the line above ran.
+            if nix::unistd::getppid() != supervisor {
+                return Err(std::io::Error::other("the VMM supervisor is gone"));
+            }
+            Ok(())
+        });
+    }
+    let status = cmd.status().io_ctx(|| "starting the VMM".into())?;
+    let (clean, reason) = match (status.code(), status.signal()) {
+        (Some(0), _) => (
+            true,
+            last_log_line(&ws).unwrap_or_else(|| "VMM exited".into()),
+        ),
+        (Some(code), _) => (
+            false,
+            format!(
+                "VMM exited with status {code}: {}",
+                last_log_line(&ws).unwrap_or_else(|| "no message".into())
+            ),
+        ),
+        (None, Some(sig)) => (false, format!("VMM killed by signal {sig}")),
+        (None, None) => (false, "VMM ended for an unknown reason".into()),
+    };
+    let _ = std::fs::remove_file(ws.control_socket());
+    let _ = std::fs::remove_file(ws.vsock_socket());
+    let record = ExitRecord {
+        supervisor_pid: std::process::id() as i32,
+        clean,
+        reason,
+        at: now_rfc3339(),
+    };
+    let json = serde_json::to_vec_pretty(&record).map_err(std::io::Error::other);
+    let json = json.io_ctx(|| "encoding the exit record".into())?;
+    write_atomic(&ws.exit_record(), &json)?;
+    Ok(if clean { 0 } else { 1 })
+}
+
+/// The user's arguments, then what makes the agent PID 1 (last, so it wins
+/// over any `init=` before it), the program it starts and the hostname.
+fn guest_cmdline(rec: &crate::workspace::store::WorkspaceRecord) -> String {
+    let mut line = format!(
+        "{} init={}",
+        rec.cmdline.trim(),
+        crate::agent::AGENT_GUEST_PATH
+    );
+    if let Some(init) = &rec.init {
+        line.push_str(&format!(" microagent.init={init}"));
+    }
+    line.push_str(&format!(" microagent.hostname={}", rec.name));
+    line
+}
+
+/// `vmm serve`: boots the workspace's VM (or restores `restore_from`) and
+/// serves its control socket until the guest powers off or is halted, and
+/// says why it stopped.
+pub fn serve(workspace_dir: &Path, restore_from: Option<&Path>) -> Result<GuestStop> {
+    let ws = self::workspace_dir(workspace_dir)?;
+    let rec = ws.read()?;
+    let cfg = VmConfig {
+        kernel: rec.kernel.clone().into(),
+        disks: vec![DiskConfig {
+            path: ws.rootfs(),
+            read_only: false,
+        }],
+        vcpus: rec.vcpus,
+        mem_mib: rec.memory_mib,
+        cmdline: guest_cmdline(&rec),
+        cpu_template: rec.cpu_template.parse().map_err(invalid)?,
+        pvm: host::is_pvm(),
+        console_log: Some(ws.console_log()),
+        console_stdout: false,
+        vsock: Some(VsockConfig {
+            guest_cid: GUEST_CID,
+            socket: ws.vsock_socket(),
+        }),
+        net: (rec.network == NetworkMode::User).then(|| NetConfig {
+            ports: rec.ports.clone(),
+            passt_log: Some(ws.dir.join("passt.log")),
+        }),
+    };
+    let vm = match restore_from {
+        Some(dir) => {
+            let bytes =
+                std::fs::read(dir.join(VMSTATE)).io_ctx(|| format!("reading {}", dir.display()))?;
+            let snap: VmSnapshot =
+                format::decode(&bytes).ctx(|| format!("{}/{VMSTATE}", dir.display()))?;
+            Vm::restore(&cfg, &snap, &dir.join(MEMORY)).ctx(|| "restoring the VM".into())?
+        }
+        None => Vm::boot(&cfg).ctx(|| "booting the VM".into())?,
+    };
+    let info = ServeInfo {
+        cmdline: vm.cmdline.clone(),
+        mem_mib: cfg.mem_mib,
+        root_disk: cfg.disks.first().map(|d| d.path.clone()),
+        snapshots_dir: ws.snapshots(),
+        tsc_khz: vm.tsc_khz(),
+    };
+    control::spawn_server(&ws.control_socket(), vm.handle(), info)
+        .io_ctx(|| format!("serving {}", ws.control_socket().display()))?;
+    vm.run(None).ctx(|| "running the VM".into())
+}

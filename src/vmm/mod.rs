@@ -4,6 +4,7 @@ pub mod arch;
 pub mod boot;
 pub mod control;
 mod devices;
+pub mod handle;
 pub mod host;
 pub mod memory;
 pub mod snapshot;

@@ -27,6 +27,8 @@ use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::net::{LinkState, NetConfig};
 use crate::vmm::snapshot::DeviceState;
 
+pub use super::handle::{PauseError, RunState, VmHandle};
+
 pub const MIN_MEM_MIB: u64 = 32;
 /// Keeps glibc in PVM guests off AVX and XSAVE (see full_cmdline).
 pub const PVM_GLIBC_TUNABLES: &str = "glibc.cpu.hwcaps=-XSAVE,-XSAVEC,-OSXSAVE,-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD,-FMA,-FMA4,-F16C,-AVX_Fast_Unaligned_Load";
@@ -115,15 +117,6 @@ pub enum VmError {
     Restore(String),
 }
 
-/// Why the vCPUs could not all be parked.
-#[derive(Debug, thiserror::Error)]
-pub enum PauseError {
-    #[error("the VM is stopping")]
-    Stopping,
-    #[error("only {parked} of {total} vCPUs paused in time")]
-    Timeout { parked: usize, total: usize },
-}
-
 impl VmConfig {
     /// Checks everything that can be checked without touching KVM, so bad
     /// input fails fast with a message naming the value.
@@ -153,86 +146,6 @@ impl VmConfig {
             return Err(VmError::TooManyDisks(self.disks.len()));
         }
         Ok(())
-    }
-}
-
-/// Pause, resume and halt a running VM from another thread (the control
-/// socket server).
-#[derive(Clone)]
-pub struct VmHandle {
-    pub(crate) stop: Arc<StopSignal>,
-    /// vCPU threads while they run; None before start and once stopping,
-    /// so a kick never targets a joined thread.
-    threads: Arc<Mutex<Option<Vec<libc::pthread_t>>>>,
-    pub(crate) vcpus: usize,
-    pub(crate) vm_fd: Arc<VmFd>,
-    pub(crate) mem: GuestMemoryMmap,
-    pub(crate) serial: Arc<Mutex<SerialDevice>>,
-    pub(crate) devices: Vec<(String, Arc<Mutex<MmioTransport>>)>,
-    link: Option<LinkState>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RunState {
-    Running,
-    Paused,
-}
-
-impl VmHandle {
-    /// None without a NIC; Some(Ok) while passt runs, Some(Err(why)) after.
-    pub fn network(&self) -> Option<Result<(), String>> {
-        self.link
-            .as_ref()
-            .map(|l| l.lock().unwrap_or_else(|e| e.into_inner()).clone())
-    }
-
-    fn kick_all(&self) -> bool {
-        let threads = lock(&self.threads);
-        let Some(tids) = threads.as_ref() else {
-            return false;
-        };
-        for t in tids {
-            // SAFETY: the thread ids are live: the list is cleared under this
-            // lock before any vCPU thread is joined.
-            unsafe { libc::pthread_kill(*t, kick_signal()) };
-        }
-        true
-    }
-
-    /// Parks every vCPU outside KVM_RUN; returns once all are parked.
-    pub fn pause(&self) -> Result<(), PauseError> {
-        self.stop.request_pause(true);
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while self.stop.parked() < self.vcpus {
-            if self.stop.reason().is_some() {
-                return Err(PauseError::Stopping);
-            }
-            if !self.kick_all() || std::time::Instant::now() > deadline {
-                self.stop.request_pause(false);
-                return Err(PauseError::Timeout {
-                    parked: self.stop.parked(),
-                    total: self.vcpus,
-                });
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        Ok(())
-    }
-
-    pub fn resume(&self) {
-        self.stop.request_pause(false);
-    }
-
-    pub fn state(&self) -> RunState {
-        if self.vcpus > 0 && self.stop.parked() == self.vcpus {
-            RunState::Paused
-        } else {
-            RunState::Running
-        }
-    }
-
-    pub fn halt(&self, why: &str) {
-        self.stop.stop(GuestStop::Halted(why.into()));
     }
 }
 
@@ -550,7 +463,7 @@ fn full_cmdline(cfg: &VmConfig, tsc_khz: Option<u32>, device_args: &[String]) ->
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
-fn kick_signal() -> i32 {
+pub(super) fn kick_signal() -> i32 {
     libc::SIGRTMIN()
 }
 

@@ -1,5 +1,5 @@
 //! `cache ls|prune`: the boot snapshots that warm starts resume (see
-//! cli::warm and workspace::bootcache).
+//! engine::warm and snapshot::bootcache).
 
 use anyhow::Result;
 use clap::{Args, Subcommand};

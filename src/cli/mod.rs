@@ -144,27 +144,64 @@ fn fail(e: &anyhow::Error, json: bool) -> i32 {
     let engine_error = e
         .chain()
         .find_map(|c| c.downcast_ref::<crate::engine::Error>());
+    let message = message(e);
     if json {
         let body = match engine_error {
             // Context added by the front end stays in the message.
             Some(err) => {
                 let mut v = err.to_json();
-                v["error"]["message"] = format!("{e:#}").into();
+                v["error"]["message"] = message.clone().into();
                 v
             }
             None => serde_json::json!({"error": {
                 "code": Code::InvalidInput.as_str(),
-                "message": format!("{e:#}"),
+                "message": message,
             }}),
         };
         println!("{body}");
     }
-    eprintln!("microagent: {e:#}");
+    eprintln!("microagent: {message}");
     match engine_error.map(|err| (err.code(), err.root())) {
         Some((Code::ConfirmationRequired, _)) => EXIT_USAGE,
         Some((_, crate::engine::Error::SetupFailed { exit_code, .. })) if *exit_code != 0 => {
             *exit_code
         }
         _ => EXIT_FAILURE,
+    }
+}
+
+/// The error and its causes in one line. Most of our errors already name
+/// their cause in their own message; a cause is added only when it is not
+/// there yet, so nothing is said twice.
+fn message(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if msg.contains(&text) {
+            continue;
+        }
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(&text);
+    }
+    msg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::message;
+    use crate::engine::{Context, Error, IoContext};
+
+    #[test]
+    fn messages_name_each_cause_once() {
+        let io: Result<(), std::io::Error> = Err(std::io::Error::other("disk on fire"));
+        let e: Result<(), Error> = io.io_ctx(|| "copying vda".into());
+        let e = e.ctx(|| "snapshot t of workspace w".into()).unwrap_err();
+        let e = anyhow::Error::from(e).context("front end");
+        assert_eq!(
+            message(&e),
+            "front end: snapshot t of workspace w: copying vda: disk on fire"
+        );
     }
 }

@@ -3,13 +3,14 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
 
+use crate::engine::vmm_process;
 use crate::vmm::arch::x86_64::cpuid::CpuTemplate;
 use crate::vmm::host;
 use crate::vmm::vcpu::GuestStop;
-use crate::vmm::vm::{DiskConfig, Vm, VmConfig, VmError, VsockConfig};
+use crate::vmm::vm::{DiskConfig, VmConfig, VmError, VsockConfig};
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -85,17 +86,16 @@ pub fn run(args: RunArgs, json: bool) -> Result<i32> {
         console_log: args.console_log,
         console_stdout: !args.no_console_stdout && !json,
         vsock: args.vsock.map(|socket| VsockConfig {
-            guest_cid: crate::engine::vmm_process::GUEST_CID,
+            guest_cid: vmm_process::GUEST_CID,
             socket,
         }),
         net: None,
     };
     let started = std::time::Instant::now();
-    let vm = Vm::boot(&cfg).context("booting the VM")?;
-    let cmdline = vm.cmdline.clone();
-    let stop = vm
-        .run(args.dump_state_every.map(std::time::Duration::from_secs))
-        .context("running the VM")?;
+    let (stop, cmdline) = vmm_process::run_foreground(
+        &cfg,
+        args.dump_state_every.map(std::time::Duration::from_secs),
+    )?;
     let (code, kind, reason) = match &stop {
         GuestStop::Reset(why) => (super::EXIT_OK, "poweroff", why.clone()),
         GuestStop::Halted(why) => (super::EXIT_OK, "halted", why.clone()),

@@ -169,3 +169,15 @@ pub fn serve(workspace_dir: &Path, restore_from: Option<&Path>) -> Result<GuestS
         .io_ctx(|| format!("serving {}", ws.control_socket().display()))?;
     vm.run(None).ctx(|| "running the VM".into())
 }
+
+/// `vmm run`: boots `cfg` in this process and runs it until the guest
+/// stops; returns why, and the full kernel command line it booted with.
+pub fn run_foreground(
+    cfg: &VmConfig,
+    dump_state_every: Option<std::time::Duration>,
+) -> Result<(GuestStop, String)> {
+    let vm = Vm::boot(cfg).ctx(|| "booting the VM".into())?;
+    let cmdline = vm.cmdline.clone();
+    let stop = vm.run(dump_state_every).ctx(|| "running the VM".into())?;
+    Ok((stop, cmdline))
+}

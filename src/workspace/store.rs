@@ -86,7 +86,7 @@ pub struct WorkspaceRecord {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<crate::devices::virtio::net::config::PortMap>,
     /// What a boot of this workspace's first start depends on (see
-    /// workspace::bootcache); workspaces with equal keys boot identically.
+    /// snapshot::bootcache); workspaces with equal keys boot identically.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_key: Option<String>,
     pub created: String,

@@ -9,5 +9,4 @@ pub mod host;
 pub mod memory;
 pub mod snapshot;
 pub mod vcpu;
-pub mod vcpu_state;
 pub mod vm;

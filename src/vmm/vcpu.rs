@@ -10,8 +10,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::arch::x86_64::cpuid::{self, CpuTemplate};
 use super::arch::x86_64::{msrs, regs};
-use super::vcpu_state::{VcpuState, VcpuStateError};
 use crate::devices::bus::Bus;
+use crate::vmm::snapshot::vcpu_state::{VcpuState, VcpuStateError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
@@ -340,7 +340,7 @@ impl Vcpu {
         loop {
             let index = self.index;
             stop.checkpoint(usize::from(index), &mut || {
-                super::vcpu_state::save(&mut self.fd, index, &msr_list)
+                crate::vmm::snapshot::vcpu_state::save(&mut self.fd, index, &msr_list)
             });
             if stop.reason().is_some() {
                 return;

@@ -20,14 +20,16 @@ use vm_memory::{
     MmapRegion,
 };
 
-use super::arch::x86_64::layout::ram_ranges;
-use super::vcpu::ParkError;
-use super::vcpu::Vcpu;
-use super::vcpu_state::{self, VcpuState};
-use super::vm::{create_vm, PauseError, RunState, Vm, VmConfig, VmError, VmHandle};
+use crate::vmm::arch::x86_64::layout::ram_ranges;
+use crate::vmm::vcpu::ParkError;
+use crate::vmm::vcpu::Vcpu;
+pub mod vcpu_state;
+
 use crate::devices::bus::lock;
 use crate::devices::serial::persist::SerialState;
 use crate::devices::virtio::persist::{DeviceKindState, TransportState};
+use crate::vmm::vm::{create_vm, PauseError, RunState, Vm, VmConfig, VmError, VmHandle};
+use vcpu_state::VcpuState;
 
 const PAGE: usize = 4096;
 static ZERO_PAGE: [u8; PAGE] = [0; PAGE];
@@ -186,7 +188,7 @@ impl VmHandle {
                 })?;
         }
         let mut devices = vec![(
-            super::devices::SERIAL_ID.to_string(),
+            crate::vmm::devices::SERIAL_ID.to_string(),
             DeviceState::Serial(serial.save()),
         )];
         devices.extend(transports.iter().map(|(id, t)| {

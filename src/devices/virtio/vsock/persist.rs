@@ -51,3 +51,56 @@ impl Vsock {
         Ok((vsock, Vec::new()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::{QueueSnap, VIRTIO_F_VERSION_1};
+    use vm_memory::GuestAddress;
+    use vmm_sys_util::eventfd::EventFd;
+
+    fn transport(activated: bool) -> TransportState {
+        let q = |i: u64| QueueSnap {
+            max_size: 256,
+            next_avail: 0,
+            next_used: 0,
+            event_idx_enabled: false,
+            size: 16,
+            ready: true,
+            desc_table: 0x10000 * (i + 1),
+            avail_ring: 0x10000 * (i + 1) + 0x1000,
+            used_ring: 0x10000 * (i + 1) + 0x2000,
+        };
+        TransportState {
+            device_type: super::super::TYPE_VSOCK,
+            status: 0xf,
+            acked_features: VIRTIO_F_VERSION_1,
+            queue_sel: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            activated,
+            interrupt_status: 0,
+            queues: (0..3).map(q).collect(),
+        }
+    }
+
+    #[test]
+    fn restore_checks_the_cid_and_takes_the_queues() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("v.sock");
+        let irq = || Arc::new(Interrupt::new(EventFd::new(0).unwrap()));
+        let st = VsockState { guest_cid: 3 };
+        let other = VsockState { guest_cid: 4 };
+        let e = Vsock::restore(3, &sock, &mem, irq(), &transport(true), &other)
+            .err()
+            .expect("another CID was accepted")
+            .to_string();
+        assert!(e.contains("guest CID is 4 in the snapshot, 3 here"), "{e}");
+        let (v, kept) = Vsock::restore(3, &sock, &mem, irq(), &transport(true), &st).unwrap();
+        assert!(kept.is_empty() && v.active.is_some());
+        assert_eq!(v.save_state(), st);
+        let (v, kept) = Vsock::restore(3, &sock, &mem, irq(), &transport(false), &st).unwrap();
+        assert_eq!((kept.len(), v.active.is_none()), (3, true));
+    }
+}

@@ -266,3 +266,103 @@ fn user_networking_ports_rollback_forks_and_passt_death() {
         "other forks unaffected"
     );
 }
+
+/// One GET / on a published port, no retry: the body, or why it failed,
+/// and how long it took.
+fn first_get(port: u16, timeout: Duration) -> (Result<String, String>, Duration) {
+    let t = Instant::now();
+    let got = (|| -> std::io::Result<String> {
+        let mut s = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), timeout)?;
+        s.set_read_timeout(Some(timeout))?;
+        s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    })()
+    .map_err(|e| e.to_string());
+    (got, t.elapsed())
+}
+
+/// Issue: a fork (or rollback) of a guest that serves but has sent nothing
+/// since its fresh passt started got no inbound connection until it
+/// happened to transmit. Twenty forks at once, five times over: each one's
+/// first connection is answered; so is a rollback's; and a fork's first
+/// outbound request works.
+#[test]
+fn forks_and_rollbacks_serve_from_their_first_connection() {
+    if !kvm_available() {
+        return;
+    }
+    const FORKS: usize = 20;
+    const ROUNDS: usize = 5;
+    const FIRST_ANSWER: Duration = Duration::from_secs(2);
+    let home = Home::new();
+    let shared = SharedConfig::new(home.dir.path());
+    let host = serve(Arc::new(Vec::new()));
+    // The source publishes nothing (the case that failed); the rollback
+    // case needs a port of its own.
+    let rollback_port = free_port();
+    let publish = format!("{rollback_port}:8080");
+    home.ok(&shared.create_args("srv", &[]));
+    home.ok(&shared.create_args("rb", &["-p", &publish]));
+    std::thread::scope(|s| {
+        s.spawn(|| home.ok(&["start", "rb"]));
+        home.ok(&["start", "srv"]);
+    });
+    let httpd = "mkdir -p /www && echo served-page > /www/index.html && httpd -p 8080 -h /www && wget -q -O - http://127.0.0.1:8080/";
+    assert_eq!(sh(&home, "srv", httpd), "served-page");
+    assert_eq!(sh(&home, "rb", httpd), "served-page");
+    home.ok(&["snapshot", "create", "srv", "--tag", "serving"]);
+    home.ok(&["snapshot", "create", "rb", "--tag", "serving"]);
+
+    let mut slowest = Duration::ZERO;
+    for round in 0..ROUNDS {
+        let ports: Vec<u16> = (0..FORKS).map(|_| free_port()).collect();
+        std::thread::scope(|s| {
+            for (i, port) in ports.iter().enumerate() {
+                let home = &home;
+                s.spawn(move || {
+                    let name = format!("f{round}-{i}");
+                    let publish = format!("{port}:8080");
+                    home.ok(&[
+                        "create",
+                        &name,
+                        "--from-snapshot",
+                        "srv:serving",
+                        "-p",
+                        &publish,
+                    ]);
+                });
+            }
+        });
+        for (i, port) in ports.iter().enumerate() {
+            let (got, took) = first_get(*port, FIRST_ANSWER);
+            let got = got.unwrap_or_else(|e| {
+                panic!("round {round}: fork f{round}-{i}'s first connection: {e} after {took:?}")
+            });
+            assert!(got.contains("served-page"), "f{round}-{i}: {got}");
+            slowest = slowest.max(took);
+        }
+        // Outbound from a fork that has not sent anything yet.
+        let out = format!("wget -q -T 10 -O - http://10.0.2.2:{}/hello", host.port);
+        assert_eq!(
+            sh(&home, &format!("f{round}-0"), &out),
+            "hello from the host"
+        );
+        // A rollback of the serving workspace answers at once too.
+        home.ok(&["halt", "rb"]);
+        home.ok(&["start", "rb", "--from-snapshot", "serving"]);
+        let (got, took) = first_get(rollback_port, FIRST_ANSWER);
+        let got = got.unwrap_or_else(|e| {
+            panic!("round {round}: the rollback's first connection: {e} after {took:?}")
+        });
+        assert!(got.contains("served-page"), "rollback: {got}");
+        std::thread::scope(|s| {
+            for i in 0..FORKS {
+                let home = &home;
+                s.spawn(move || home.ok(&["delete", &format!("f{round}-{i}"), "--yes", "--force"]));
+            }
+        });
+    }
+    eprintln!("slowest first answer over {ROUNDS} rounds of {FORKS} forks: {slowest:?}");
+}

@@ -91,9 +91,42 @@ pub fn kernel_ip_arg() -> String {
     format!("ip={GUEST_IP}::{GATEWAY}:255.255.255.0::eth0:off microagent.dns={DNS}")
 }
 
+/// A gratuitous ARP from the guest's MAC and address: the frame the VMM
+/// sends a new passt on the guest's behalf. passt starts out sending to the
+/// broadcast MAC until it has seen a frame from the guest, and Linux drops
+/// TCP segments that arrive link-layer broadcast (`PACKET_BROADCAST`): a
+/// guest that has sent nothing since its passt started (a fork, a rollback,
+/// a guest that only serves) would never see an inbound connection's SYN.
+pub fn guest_announcement() -> Vec<u8> {
+    let mut f = Vec::with_capacity(42);
+    f.extend_from_slice(&[0xff; 6]); // to everyone
+    f.extend_from_slice(&GUEST_MAC);
+    f.extend_from_slice(&0x0806u16.to_be_bytes()); // ARP
+    f.extend_from_slice(&1u16.to_be_bytes()); // Ethernet
+    f.extend_from_slice(&0x0800u16.to_be_bytes()); // IPv4
+    f.extend_from_slice(&[6, 4]);
+    f.extend_from_slice(&1u16.to_be_bytes()); // request
+    f.extend_from_slice(&GUEST_MAC);
+    f.extend_from_slice(&GUEST_IP.octets());
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&GUEST_IP.octets()); // target = sender: gratuitous
+    f
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_announcement_is_a_gratuitous_arp_from_the_guest() {
+        let f = guest_announcement();
+        assert_eq!(f.len(), 42);
+        assert_eq!(&f[6..12], &GUEST_MAC, "source MAC: what passt learns");
+        assert_eq!(&f[12..14], &[0x08, 0x06]);
+        assert_eq!(&f[22..28], &GUEST_MAC);
+        assert_eq!(&f[28..32], &GUEST_IP.octets());
+        assert_eq!(&f[38..42], &GUEST_IP.octets());
+    }
 
     #[test]
     fn port_specs_parse_and_refuse_junk() {

@@ -146,7 +146,12 @@ impl Net {
         let mut cfg_space = [0u8; 12];
         cfg_space[..6].copy_from_slice(&config::GUEST_MAC);
         cfg_space[10..].copy_from_slice(&GUEST_MTU.to_le_bytes());
-        Ok(Net {
+        // passt learns where the guest is from the first frame it gets:
+        // give it one now, so inbound connections reach a guest that has
+        // not transmitted since this passt started (see guest_announcement).
+        let mut hello = Vec::new();
+        encode(&config::guest_announcement(), &mut hello);
+        let mut net = Net {
             config: cfg_space,
             passt,
             child,
@@ -158,7 +163,11 @@ impl Net {
             tx_bytes: 0,
             tx_sent: 0,
             active: None,
-        })
+        };
+        net.tx_bytes = hello.len();
+        net.tx_backlog.push_back(hello);
+        net.flush_tx();
+        Ok(net)
     }
 
     fn is_up(&self) -> bool {

@@ -201,6 +201,25 @@ fn remove_leftovers(snapshots: &Path) {
     }
 }
 
+/// Renames directory `from` to `to` (which may be an empty directory); on
+/// another filesystem (a boot cache set elsewhere), copies its files
+/// (sparse, unsynced: the caller syncs them) and removes `from`.
+fn move_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    match std::fs::rename(from, to) {
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+            std::fs::create_dir_all(to)?;
+            for entry in std::fs::read_dir(from)? {
+                let entry = entry?;
+                let src = std::fs::File::open(entry.path())?;
+                let dst = std::fs::File::create(to.join(entry.file_name()))?;
+                crate::util::copy::copy_file_into(&src, &dst)?;
+            }
+            std::fs::remove_dir_all(from)
+        }
+        other => other,
+    }
+}
+
 /// Saves a running or paused VM (vmstate.bin, memory.bin, the disk copied
 /// while paused), moves what the VMM wrote into `dest_tmp` (which must not
 /// exist yet), resumes the guest unless `leave_paused`, proves no secret's
@@ -222,7 +241,7 @@ pub(crate) fn capture(
     let reply: SnapshotReply = control::snapshot(&ws.control_socket(), SNAPSHOT_TIMEOUT)
         .ctx(|| format!("saving workspace {}", ws.name))?;
     let staging = ws.snapshots().join(&reply.staging);
-    let moved = std::fs::rename(&staging, dest_tmp)
+    let moved = move_dir(&staging, dest_tmp)
         .io_ctx(|| format!("moving {} to {}", staging.display(), dest_tmp.display()));
     // The pause began inside the snapshot request; this bounds it from above.
     let mut paused = None;

@@ -141,12 +141,23 @@ pub fn launch(
     ws.write(rec)?;
     if let Some(timeout) = wait {
         let t = Instant::now();
-        wait_ready(&ws.vsock_socket(), timeout, || supervisor_alive(pid, ws)).ctx(|| {
-            format!(
-                "workspace {} is running but its guest agent is not answering",
-                ws.name
-            )
-        })?;
+        if let Err(e) = wait_ready(&ws.vsock_socket(), timeout, || supervisor_alive(pid, ws)) {
+            // A VMM that died says why in its exit record.
+            if !supervisor_alive(pid, ws) {
+                if let Some(exit) = read_exit_record(ws).filter(|r| r.supervisor_pid == pid) {
+                    return Err(Error::StartFailed {
+                        workspace: ws.name.clone(),
+                        reason: exit.reason,
+                    });
+                }
+            }
+            return Err(e).ctx(|| {
+                format!(
+                    "workspace {} is running but its guest agent is not answering",
+                    ws.name
+                )
+            });
+        }
         // Every guest gets its machine-id and host entropy here, so a
         // cold-booted and a warm-started workspace look alike.
         refresh_identity(ws, &rec.name)?;

@@ -183,22 +183,33 @@ fn rehydrate_after_snapshot(ws: &WorkspaceDir, orig_paused: bool, report: &dyn R
     }
 }
 
-/// Temp directories of snapshot creates or deletes that were killed midway.
-/// Only called under the workspace lock, so none of them is in use.
-fn remove_leftovers(snapshots: &Path) {
+/// Removes the entries of `snapshots` whose names start with one of
+/// `prefixes`.
+fn remove_prefixed(snapshots: &Path, prefixes: &[&str]) {
     let Ok(entries) = std::fs::read_dir(snapshots) else {
         return;
     };
     for e in entries.flatten() {
         let name = e.file_name();
         let name = name.to_string_lossy();
-        if name.starts_with(".creating-")
-            || name.starts_with(".deleting-")
-            || name.starts_with(control::STAGING_PREFIX)
-        {
+        if prefixes.iter().any(|p| name.starts_with(p)) {
             let _ = std::fs::remove_dir_all(e.path());
         }
     }
+}
+
+/// Temp directories of snapshot creates or deletes that were killed midway.
+/// Only called under the workspace lock, so none of them is in use.
+fn remove_leftovers(snapshots: &Path) {
+    remove_prefixed(
+        snapshots,
+        &[".creating-", ".deleting-", control::STAGING_PREFIX],
+    );
+}
+
+/// Staging directories the VMM made; under the workspace lock.
+fn remove_staging(snapshots: &Path) {
+    remove_prefixed(snapshots, &[control::STAGING_PREFIX]);
 }
 
 /// Renames directory `from` to `to` (which may be an empty directory); on
@@ -238,8 +249,16 @@ pub(crate) fn capture(
     host::snapshot_support().map_err(|missing| Error::SnapshotUnsupported { missing })?;
     // The VMM writes only into a staging directory it makes itself under
     // the workspace's snapshots directory, and names it in its reply.
-    let reply: SnapshotReply = control::snapshot(&ws.control_socket(), SNAPSHOT_TIMEOUT)
-        .ctx(|| format!("saving workspace {}", ws.name))?;
+    let reply: SnapshotReply = match control::snapshot(&ws.control_socket(), SNAPSHOT_TIMEOUT) {
+        Ok(reply) => reply,
+        Err(e) => {
+            // The VMM may have died mid-save and left its staging directory
+            // (its name never reached us); under the workspace lock no other
+            // snapshot of this workspace is being made, so any is ours.
+            remove_staging(&ws.snapshots());
+            return Err(e).ctx(|| format!("saving workspace {}", ws.name));
+        }
+    };
     let staging = ws.snapshots().join(&reply.staging);
     let moved = move_dir(&staging, dest_tmp)
         .io_ctx(|| format!("moving {} to {}", staging.display(), dest_tmp.display()));

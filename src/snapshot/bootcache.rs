@@ -16,7 +16,7 @@ use crate::util::copy::allocated_bytes;
 use crate::util::lock::{FileLock, LockError};
 
 /// Bump when what a boot snapshot holds changes meaning.
-const KEY_VERSION: &str = "microagent boot key 1";
+const KEY_VERSION: &str = "microagent boot key 2";
 
 /// Everything a first boot depends on. Two workspaces with equal inputs
 /// boot to the same state, except for their identity (hostname,

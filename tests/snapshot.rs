@@ -308,6 +308,26 @@ fn seed_transcript_rollback_forks_and_refusals() {
         "{err}"
     );
 
+    // A damaged manifest is named as the snapshot's, with a stable code.
+    let man = clone_snapshot(&home, "builder-fork", "f1", "truncman");
+    let text = std::fs::read(man.join("manifest.json")).unwrap();
+    std::fs::write(man.join("manifest.json"), &text[..text.len() / 2]).unwrap();
+    let (code, out, err) = home.run(&[
+        "create",
+        "bad6",
+        "--from-snapshot",
+        "builder-fork:truncman",
+        "--json",
+    ]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("snapshot truncman of workspace builder-fork: its manifest"),
+        "{err}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["error"]["code"], "snapshot_damaged", "{v}");
+    assert!(!home.workspace_dir("bad6").exists());
+
     // A guest that saw a CPU feature this host cannot give it is refused.
     let feat = clone_snapshot(&home, "builder-fork", "f1", "otherfeatures");
     let template: microagent::vmm::arch::x86_64::cpuid::CpuTemplate =

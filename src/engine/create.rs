@@ -2,7 +2,10 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{invalid, written, Engine, Error, IoContext, Reporter, Result, WorkspaceView};
+use super::{
+    claim_workspace_dir, invalid, written, Engine, Error, IoContext, Reporter, Result,
+    WorkspaceView,
+};
 use crate::agent::{agent_binary, AGENT_GUEST_PATH};
 use crate::devices::virtio::net::config::{check_unique, PortMap};
 use crate::digest::sha256_file;
@@ -179,15 +182,7 @@ impl Engine {
             RootSource::Rootfs(p) => (DiskSource::File(p.clone()), opts.disk_size),
         };
 
-        std::fs::create_dir_all(self.state.workspaces())
-            .io_ctx(|| format!("creating {}", self.state.workspaces().display()))?;
-        match std::fs::create_dir(&ws.dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                return Err(StoreError::Exists(name.into()).into())
-            }
-            Err(e) => return Err(e).io_ctx(|| format!("creating {}", ws.dir.display())),
-        }
+        claim_workspace_dir(&self.state, &ws)?;
         // From here on a failure removes the half-made workspace.
         let result = populate(&ws, opts, &source, &kernel, vcpus, cpu_template, disk_size)
             .and_then(|rec| {

@@ -5,16 +5,14 @@ use std::time::Duration;
 
 use super::launch::{kill_strays, launch, AfterReady};
 use super::snapshot::{check_snapshot, snapshot_dir};
-use super::{invalid, written, Engine, IoContext, Reporter, Result, WorkspaceView};
+use super::{claim_workspace_dir, invalid, written, Engine, Reporter, Result, WorkspaceView};
 use crate::devices::virtio::net::config::{check_unique, PortMap};
 use crate::snapshot::manifest::ROOTFS;
 use crate::util::lock::FileLock;
 use crate::workspace::disk::copy_disk;
 use crate::workspace::secrets::{SecretStore, Value};
 use crate::workspace::state::Status;
-use crate::workspace::store::{
-    now_rfc3339, NetworkMode, StoreError, WorkspaceRecord, RECORD_VERSION,
-};
+use crate::workspace::store::{now_rfc3339, NetworkMode, WorkspaceRecord, RECORD_VERSION};
 
 /// What a fork asks for.
 pub struct ForkOptions<'a> {
@@ -55,15 +53,7 @@ impl Engine {
                 "workspace {src_name} has no network (--network none): a fork of it cannot publish ports"
             )));
         }
-        std::fs::create_dir_all(self.state.workspaces())
-            .io_ctx(|| format!("creating {}", self.state.workspaces().display()))?;
-        match std::fs::create_dir(&ws.dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                return Err(StoreError::Exists(name.into()).into())
-            }
-            Err(e) => return Err(e).io_ctx(|| format!("creating {}", ws.dir.display())),
-        }
+        claim_workspace_dir(&self.state, &ws)?;
         let result = (|| -> Result<(WorkspaceRecord, Option<u32>)> {
             let _lock = FileLock::acquire(&ws.lock_path())?;
             copy_disk(&dir.join(ROOTFS), &ws.rootfs())?;

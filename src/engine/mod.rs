@@ -90,6 +90,20 @@ impl Engine {
     }
 }
 
+/// Creates a new workspace's directory; `already_exists` if the name is
+/// taken (also when another create or fork wins the race for it).
+pub(crate) fn claim_workspace_dir(state: &StateDir, ws: &WorkspaceDir) -> Result<()> {
+    std::fs::create_dir_all(state.workspaces())
+        .io_ctx(|| format!("creating {}", state.workspaces().display()))?;
+    match std::fs::create_dir(&ws.dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            Err(crate::workspace::store::StoreError::Exists(ws.name.clone()).into())
+        }
+        Err(e) => Err(e).io_ctx(|| format!("creating {}", ws.dir.display())),
+    }
+}
+
 /// A workspace opened for a lifecycle operation: locked and reconciled.
 pub(crate) struct Opened {
     pub ws: WorkspaceDir,

@@ -6,6 +6,7 @@ pub mod agent;
 pub mod cli;
 pub mod devices;
 pub mod digest;
+pub mod disk;
 pub mod engine;
 pub mod image;
 pub mod paths;

@@ -10,6 +10,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("digest", 0),
     ("paths", 0),
     ("util", 0),
+    ("disk", 1),
     ("snapshot", 1),
     ("devices", 2),
     ("vmm", 3),

@@ -1,0 +1,284 @@
+//! An open disk chain: reads fall through from the top delta to the first
+//! file that holds the block (the base last, zeros past its end); writes go
+//! to the top delta, copying a block up from below when a write covers only
+//! part of it.
+//!
+//! Why this is crash-safe without a map of our own: a delta holds exactly
+//! the blocks allocated in its file, and the filesystem's journal keeps
+//! allocation and data consistent. A block is only ever written whole the
+//! first time (copy-up), so after a crash a block is either absent (reads
+//! fall through to the old data) or present with what was written;
+//! `flush` (fdatasync) makes every completed write durable.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use super::blockset::BlockSet;
+use super::spec::{ChainSpec, SpecError};
+use super::{create_delta, link_files, new_delta_name};
+use crate::util::copy::data_extents;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChainError {
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {reason}")]
+    Damaged { path: String, reason: String },
+    #[error("disk chain in {dir} has no writable top: it is a snapshot's")]
+    Frozen { dir: String },
+}
+
+fn io_at(path: &Path) -> impl Fn(std::io::Error) -> ChainError + '_ {
+    move |source| ChainError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+struct Layer {
+    file: File,
+    blocks: BlockSet,
+}
+
+/// The blocks `file` holds: its data extents, widened to whole blocks.
+pub(crate) fn blocks_of(file: &File, size: u64, block_size: u64) -> std::io::Result<BlockSet> {
+    let mut set = BlockSet::default();
+    for (start, end) in data_extents(file, size)? {
+        set.insert(start / block_size, end.div_ceil(block_size));
+    }
+    Ok(set)
+}
+
+pub struct Chain {
+    dir: PathBuf,
+    spec: ChainSpec,
+    base: File,
+    base_len: u64,
+    /// Frozen deltas, oldest first.
+    lower: Vec<Layer>,
+    top: Option<Layer>,
+}
+
+impl Chain {
+    /// Opens the chain described by `dir/chain.json`, its top writable.
+    pub fn open(dir: &Path) -> Result<Chain, ChainError> {
+        let spec = ChainSpec::read(dir)?;
+        let bs = u64::from(spec.block_size);
+        let open_layer = |name: &str, write: bool| -> Result<Layer, ChainError> {
+            let path = dir.join(name);
+            let file = File::options()
+                .read(true)
+                .write(write)
+                .open(&path)
+                .map_err(io_at(&path))?;
+            let len = file.metadata().map_err(io_at(&path))?.len();
+            if len != spec.size {
+                return Err(ChainError::Damaged {
+                    path: path.display().to_string(),
+                    reason: format!("delta is {len} bytes, the disk is {}", spec.size),
+                });
+            }
+            let blocks = blocks_of(&file, spec.size, bs).map_err(io_at(&path))?;
+            Ok(Layer { file, blocks })
+        };
+        let base_path = dir.join(&spec.base);
+        let base = File::open(&base_path).map_err(io_at(&base_path))?;
+        let base_len = base.metadata().map_err(io_at(&base_path))?.len();
+        let lower = spec
+            .deltas
+            .iter()
+            .map(|d| open_layer(d, false))
+            .collect::<Result<Vec<_>, _>>()?;
+        let top = spec.top.as_deref().map(|t| open_layer(t, true)).transpose()?;
+        Ok(Chain {
+            dir: dir.to_path_buf(),
+            spec,
+            base,
+            base_len,
+            lower,
+            top,
+        })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.spec.size
+    }
+
+    pub fn spec(&self) -> &ChainSpec {
+        &self.spec
+    }
+
+    pub fn writable(&self) -> bool {
+        self.top.is_some()
+    }
+
+    fn bs(&self) -> u64 {
+        u64::from(self.spec.block_size)
+    }
+
+    /// Layer `level` counted from the newest (0 is the top when there is one).
+    fn layer(&self, level: usize) -> Option<&Layer> {
+        match &self.top {
+            Some(top) if level == 0 => Some(top),
+            Some(_) => self.lower.iter().rev().nth(level - 1),
+            None => self.lower.iter().rev().nth(level),
+        }
+    }
+
+    /// Fills `buf` from `off`, looking from layer `level` downwards.
+    fn read_from(&self, level: usize, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        let Some(layer) = self.layer(level) else {
+            let avail = self.base_len.saturating_sub(off).min(buf.len() as u64) as usize;
+            self.base.read_exact_at(&mut buf[..avail], off)?;
+            buf[avail..].fill(0);
+            return Ok(());
+        };
+        let bs = self.bs();
+        let end = off + buf.len() as u64;
+        let mut pos = off;
+        while pos < end {
+            let (present, until) = layer.blocks.run_at(pos / bs, end.div_ceil(bs));
+            let run_end = (until * bs).min(end);
+            let part = &mut buf[(pos - off) as usize..(run_end - off) as usize];
+            if present {
+                layer.file.read_exact_at(part, pos)?;
+            } else {
+                self.read_from(level + 1, part, pos)?;
+            }
+            pos = run_end;
+        }
+        Ok(())
+    }
+
+    /// Reads `buf.len()` bytes at `off`; the caller keeps them inside the disk.
+    pub fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        self.check_range(off, buf.len())?;
+        self.read_from(0, buf, off)
+    }
+
+    fn check_range(&self, off: u64, len: usize) -> std::io::Result<()> {
+        match off.checked_add(len as u64) {
+            Some(end) if end <= self.spec.size => Ok(()),
+            _ => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{len} bytes at {off} are past the disk's end"),
+            )),
+        }
+    }
+
+    /// Writes `data` at `off` into the top delta.
+    pub fn write_at(&mut self, data: &[u8], off: u64) -> std::io::Result<()> {
+        self.check_range(off, data.len())?;
+        if self.top.is_none() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                "the disk chain is read-only",
+            ));
+        }
+        let (bs, size) = (self.bs(), self.spec.size);
+        let block_end = |b: u64| ((b + 1) * bs).min(size);
+        let end = off + data.len() as u64;
+        let mut pos = off;
+        while pos < end {
+            let b = pos / bs;
+            let top = self.top.as_ref().ok_or_else(|| std::io::Error::other("no top"))?;
+            let (present, until) = top.blocks.run_at(b, end.div_ceil(bs));
+            if present {
+                let run_end = (until * bs).min(end);
+                top.file
+                    .write_all_at(&data[(pos - off) as usize..(run_end - off) as usize], pos)?;
+                pos = run_end;
+            } else if pos == b * bs && end >= block_end(b) {
+                // Whole absent blocks go straight to the top.
+                let mut last = b;
+                while last + 1 < until && end >= block_end(last + 1) {
+                    last += 1;
+                }
+                let run_end = block_end(last);
+                top.file
+                    .write_all_at(&data[(pos - off) as usize..(run_end - off) as usize], pos)?;
+                self.mark(b, last + 1);
+                pos = run_end;
+            } else {
+                // Part of an absent block: copy it up whole, then patch.
+                let start = b * bs;
+                let mut block = vec![0u8; (block_end(b) - start) as usize];
+                self.read_from(0, &mut block, start)?;
+                let upto = end.min(block_end(b));
+                block[(pos - start) as usize..(upto - start) as usize]
+                    .copy_from_slice(&data[(pos - off) as usize..(upto - off) as usize]);
+                let top = self.top.as_ref().ok_or_else(|| std::io::Error::other("no top"))?;
+                top.file.write_all_at(&block, start)?;
+                self.mark(b, b + 1);
+                pos = upto;
+            }
+        }
+        Ok(())
+    }
+
+    fn mark(&mut self, start: u64, end: u64) {
+        if let Some(top) = self.top.as_mut() {
+            top.blocks.insert(start, end);
+        }
+    }
+
+    /// Makes every completed write durable.
+    pub fn flush(&self) -> std::io::Result<()> {
+        match &self.top {
+            Some(top) => top.file.sync_data(),
+            None => Ok(()),
+        }
+    }
+
+    /// Freezes the top delta (it joins the read-only deltas) and continues
+    /// on a new empty one; `chain.json` says so before this returns. With
+    /// `link_into`, the frozen chain's files and its `chain.json` are also
+    /// hard-linked into that directory, which must be empty: that is a
+    /// snapshot's disk, made without copying a byte. The caller must
+    /// have stopped all I/O (the guest is paused).
+    pub fn freeze(&mut self, link_into: Option<&Path>) -> Result<ChainSpec, ChainError> {
+        let Some(old_top) = self.spec.top.clone() else {
+            return Err(ChainError::Frozen {
+                dir: self.dir.display().to_string(),
+            });
+        };
+        let old_path = self.dir.join(&old_top);
+        if let Some(top) = &self.top {
+            top.file.sync_data().map_err(io_at(&old_path))?;
+        }
+        let name = new_delta_name();
+        let new_path = self.dir.join(&name);
+        let new_file = create_delta(&self.dir, &name, self.spec.size).map_err(io_at(&new_path))?;
+        let mut next = self.spec.clone();
+        next.deltas.push(old_top);
+        next.top = Some(name);
+        if let Err(e) = next.write(&self.dir) {
+            let _ = std::fs::remove_file(&new_path);
+            return Err(e.into());
+        }
+        // chain.json names the new top: the running chain must agree.
+        if let Some(top) = self.top.take() {
+            self.lower.push(top);
+        }
+        self.top = Some(Layer {
+            file: new_file,
+            blocks: BlockSet::default(),
+        });
+        self.spec = next;
+        let frozen = ChainSpec {
+            top: None,
+            ..self.spec.clone()
+        };
+        if let Some(dst) = link_into {
+            link_files(&self.dir, &frozen, dst)?;
+            frozen.write(dst)?;
+        }
+        Ok(frozen)
+    }
+}

@@ -11,7 +11,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("paths", 0),
     ("util", 0),
     ("disk", 1),
-    ("snapshot", 1),
+    ("snapshot", 2),
     ("devices", 2),
     ("vmm", 3),
     ("image", 4),

@@ -7,7 +7,7 @@
 mod common;
 
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use common::*;
 
@@ -112,10 +112,24 @@ fn secrets_delivered_scrubbed_proven_and_rehydrated() {
     // no trace in any snapshot file; the running guest gets it back.
     json(&["snapshot", "create", "sec", "--tag", "s1"]);
     let snap = ws_dir.join("snapshots/s1");
-    for f in ["memory.bin", "vmstate.bin", "rootfs.ext4", "manifest.json"] {
+    let mut files: Vec<PathBuf> = ["memory.bin", "vmstate.bin", "manifest.json"]
+        .iter()
+        .map(|f| snap.join(f))
+        .collect();
+    files.extend(
+        std::fs::read_dir(snap.join("disk"))
+            .unwrap()
+            .map(|e| e.unwrap().path()),
+    );
+    assert!(
+        files.len() >= 6,
+        "memory, state, manifest, chain, base, delta"
+    );
+    for f in files {
         assert!(
-            !file_contains(&snap.join(f), v1.as_bytes()),
-            "the secret is in the snapshot's {f}"
+            !file_contains(&f, v1.as_bytes()),
+            "the secret is in the snapshot's {}",
+            f.display()
         );
     }
     assert_eq!(sh(&home, "sec", "cat /run/secrets/API_TOKEN"), v1);
@@ -212,5 +226,5 @@ fn secrets_delivered_scrubbed_proven_and_rehydrated() {
         v2.as_bytes()
     ));
     // Never written to the root disk.
-    assert!(!file_contains(&ws_dir.join("rootfs.ext4"), v2.as_bytes()));
+    assert!(!contains(&workspace_disk(&ws_dir), v2.as_bytes()));
 }

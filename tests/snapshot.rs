@@ -66,18 +66,8 @@ fn snapshot_dir(home: &Home, ws: &str, tag: &str) -> std::path::PathBuf {
 
 /// Copies a snapshot to a new tag so it can be damaged on purpose.
 fn clone_snapshot(home: &Home, ws: &str, from: &str, to: &str) -> std::path::PathBuf {
-    let src = snapshot_dir(home, ws, from);
     let dst = snapshot_dir(home, ws, to);
-    std::fs::create_dir_all(&dst).unwrap();
-    for f in ["manifest.json", "vmstate.bin", "memory.bin", "rootfs.ext4"] {
-        let st = std::process::Command::new("cp")
-            .arg("--sparse=always")
-            .arg(src.join(f))
-            .arg(dst.join(f))
-            .status()
-            .unwrap();
-        assert!(st.success());
-    }
+    copy_snapshot(&snapshot_dir(home, ws, from), &dst);
     dst
 }
 
@@ -361,7 +351,7 @@ fn seed_transcript_rollback_forks_and_refusals() {
     );
 
     // Rollback with a damaged snapshot leaves the halted workspace as it was.
-    let disk_before = std::fs::read(home.workspace_dir("fork2").join("rootfs.ext4")).unwrap();
+    let disk_before = workspace_disk(&home.workspace_dir("fork2"));
     let flipped = clone_snapshot(&home, "fork2", "x", "y");
     let mut v = std::fs::read(flipped.join("vmstate.bin")).unwrap();
     v[60] ^= 0xff;
@@ -369,7 +359,7 @@ fn seed_transcript_rollback_forks_and_refusals() {
     let (code, _, _) = home.run(&["start", "fork2", "--from-snapshot", "y"]);
     assert_eq!(code, 1);
     assert_eq!(home.json(&["status", "fork2"])["status"], "halted");
-    assert!(std::fs::read(home.workspace_dir("fork2").join("rootfs.ext4")).unwrap() == disk_before);
+    assert!(workspace_disk(&home.workspace_dir("fork2")) == disk_before);
 
     // 6. Ten forks of one tag at once, each diverging.
     let children: Vec<_> = (0..10)

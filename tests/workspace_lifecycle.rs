@@ -67,8 +67,10 @@ fn full_lifecycle_with_two_workspaces_crash_and_recovery() {
         assert!(!s[field].is_null(), "status --json lacks {field}: {s}");
     }
     assert_eq!(s["memory_mib"], 128);
-    // Each workspace owns a private copy of the disk.
-    assert!(home.workspace_dir("builder").join("rootfs.ext4").is_file());
+    // Each workspace has its own copy-on-write chain over a shared base.
+    let chain =
+        microagent::disk::ChainSpec::read(&home.workspace_dir("builder").join("disk")).unwrap();
+    assert!(chain.deltas.is_empty() && chain.top.is_some(), "{chain:?}");
 
     // Two workspaces running at once, both guests reaching userspace.
     // --no-wait: these checks are about the VMM, not the guest agent.

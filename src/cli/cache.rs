@@ -87,11 +87,12 @@ fn prune(engine: &Engine, args: PruneArgs, out: &Out) -> Result<i32> {
     let p = engine.cache_prune(&keys)?;
     out.done(
         &format!(
-            "removed {} boot snapshot(s), freed {}",
+            "removed {} boot snapshot(s) and {} unused base disk(s), freed {}",
             p.removed.len(),
+            p.bases_removed,
             human_size(p.freed_bytes)
         ),
-        json!({"removed": p.removed, "freed_bytes": p.freed_bytes}),
+        json!({"removed": p.removed, "bases_removed": p.bases_removed, "freed_bytes": p.freed_bytes}),
     );
     Ok(0)
 }

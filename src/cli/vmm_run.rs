@@ -10,7 +10,7 @@ use crate::engine::vmm_process;
 use crate::vmm::arch::x86_64::cpuid::CpuTemplate;
 use crate::vmm::host;
 use crate::vmm::vcpu::GuestStop;
-use crate::vmm::vm::{DiskConfig, VmConfig, VmError, VsockConfig};
+use crate::vmm::vm::{DiskConfig, DiskFormat, VmConfig, VmError, VsockConfig};
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -48,26 +48,32 @@ pub struct RunArgs {
     dump_state_every: Option<u64>,
 }
 
+/// `PATH[:ro]`; a directory is a disk chain (its top decides writability).
 fn parse_disk(spec: &str) -> DiskConfig {
-    match spec.strip_suffix(":ro") {
-        Some(path) => DiskConfig {
-            path: path.into(),
-            read_only: true,
-        },
-        None => DiskConfig {
-            path: spec.into(),
-            read_only: false,
-        },
+    let (path, read_only) = match spec.strip_suffix(":ro") {
+        Some(path) => (path, true),
+        None => (spec, false),
+    };
+    disk(path.into(), read_only)
+}
+
+fn disk(path: PathBuf, read_only: bool) -> DiskConfig {
+    let format = if path.is_dir() {
+        DiskFormat::Chain
+    } else {
+        DiskFormat::File
+    };
+    DiskConfig {
+        path,
+        read_only,
+        format,
     }
 }
 
 pub fn run(args: RunArgs, json: bool) -> Result<i32> {
     let mut disks = Vec::new();
     if let Some(root) = &args.rootfs {
-        disks.push(DiskConfig {
-            path: root.clone(),
-            read_only: false,
-        });
+        disks.push(disk(root.clone(), false));
     }
     disks.extend(args.disks.iter().map(|d| parse_disk(d)));
     let default_cmdline = if args.rootfs.is_some() {

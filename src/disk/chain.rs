@@ -95,7 +95,11 @@ impl Chain {
             .iter()
             .map(|d| open_layer(d, false))
             .collect::<Result<Vec<_>, _>>()?;
-        let top = spec.top.as_deref().map(|t| open_layer(t, true)).transpose()?;
+        let top = spec
+            .top
+            .as_deref()
+            .map(|t| open_layer(t, true))
+            .transpose()?;
         Ok(Chain {
             dir: dir.to_path_buf(),
             spec,
@@ -187,7 +191,10 @@ impl Chain {
         let mut pos = off;
         while pos < end {
             let b = pos / bs;
-            let top = self.top.as_ref().ok_or_else(|| std::io::Error::other("no top"))?;
+            let top = self
+                .top
+                .as_ref()
+                .ok_or_else(|| std::io::Error::other("no top"))?;
             let (present, until) = top.blocks.run_at(b, end.div_ceil(bs));
             if present {
                 let run_end = (until * bs).min(end);
@@ -213,7 +220,10 @@ impl Chain {
                 let upto = end.min(block_end(b));
                 block[(pos - start) as usize..(upto - start) as usize]
                     .copy_from_slice(&data[(pos - off) as usize..(upto - off) as usize]);
-                let top = self.top.as_ref().ok_or_else(|| std::io::Error::other("no top"))?;
+                let top = self
+                    .top
+                    .as_ref()
+                    .ok_or_else(|| std::io::Error::other("no top"))?;
                 top.file.write_all_at(&block, start)?;
                 self.mark(b, b + 1);
                 pos = upto;

@@ -135,10 +135,9 @@ fn build_dir(
 }
 
 fn sibling(dir: &Path, what: &str) -> PathBuf {
-    let name = dir.file_name().map_or_else(
-        || "disk".to_string(),
-        |n| n.to_string_lossy().into_owned(),
-    );
+    let name = dir
+        .file_name()
+        .map_or_else(|| "disk".to_string(), |n| n.to_string_lossy().into_owned());
     dir.with_file_name(format!(".{name}.{what}"))
 }
 
@@ -252,12 +251,21 @@ fn merge(from: &Path, spec: &ChainSpec, into: &Path) -> Result<String, ChainErro
 }
 
 /// Replaces the chain in `dir` by a new one over the frozen chain in
-/// `from` (a rollback): the new chain is built beside it and swapped in
-/// by renames; [`recover`] finishes a swap a crash interrupted.
+/// `from` (a rollback). See [`replace_with`].
 pub fn replace(from: &Path, dir: &Path) -> Result<ChainSpec, ChainError> {
+    replace_with(dir, |fresh| instantiate(from, fresh))
+}
+
+/// Replaces the chain in `dir` by the one `build` makes in a directory
+/// that does not exist yet: the new chain is built beside the old and
+/// swapped in by renames; [`recover`] finishes a swap a crash interrupted.
+pub fn replace_with(
+    dir: &Path,
+    build: impl FnOnce(&Path) -> Result<ChainSpec, ChainError>,
+) -> Result<ChainSpec, ChainError> {
     let fresh = sibling(dir, "next");
     let _ = std::fs::remove_dir_all(&fresh);
-    let spec = instantiate(from, &fresh)?;
+    let spec = build(&fresh)?;
     let old = sibling(dir, "old");
     let _ = std::fs::remove_dir_all(&old);
     std::fs::rename(dir, &old).map_err(io_at(dir))?;

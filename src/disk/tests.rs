@@ -35,7 +35,10 @@ fn check(chain: &Chain, model: &[u8]) {
     for (off, len) in [(1, 4095), (4000, 9000), (SIZE - 513, 513)] {
         let mut part = vec![0u8; len];
         chain.read_at(&mut part, off).unwrap();
-        assert!(part == model[off as usize..off as usize + len], "read {off}+{len}");
+        assert!(
+            part == model[off as usize..off as usize + len],
+            "read {off}+{len}"
+        );
     }
 }
 

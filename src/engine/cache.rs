@@ -1,12 +1,16 @@
-//! The boot cache that warm starts resume: list and prune.
+//! The boot cache that warm starts resume, and the shared base disks:
+//! list and prune.
 
 use super::{invalid, Engine, Error, IoContext, Result};
 use crate::snapshot::bootcache::{valid_key, BootCache, Entry};
+use crate::workspace::base::BaseCache;
 
 /// What a prune removed.
 #[derive(Debug, Clone)]
 pub struct Pruned {
     pub removed: Vec<String>,
+    /// Base disks no workspace, snapshot or boot snapshot links any more.
+    pub bases_removed: u64,
     pub freed_bytes: u64,
 }
 
@@ -47,14 +51,25 @@ impl Engine {
             .collect()
     }
 
-    /// Removes the given entries (full keys; all when empty) and leftovers.
+    /// Removes the given entries (full keys; all when empty) and leftovers;
+    /// a full prune also removes the base disks nothing uses any more.
     pub fn cache_prune(&self, keys: &[String]) -> Result<Pruned> {
         let cache = self.boot_cache();
-        let (removed, freed_bytes) = cache
+        let (removed, mut freed_bytes) = cache
             .prune(keys)
             .io_ctx(|| format!("pruning {}", cache.root.display()))?;
+        let mut bases_removed = 0;
+        if keys.is_empty() {
+            let bases = BaseCache::new(&self.state.root);
+            let p = bases
+                .prune()
+                .io_ctx(|| format!("pruning {}", bases.dir.display()))?;
+            bases_removed = p.bases;
+            freed_bytes += p.bytes;
+        }
         Ok(Pruned {
             removed,
+            bases_removed,
             freed_bytes,
         })
     }

@@ -17,6 +17,7 @@ use crate::util::lock::FileLock;
 use crate::vmm::arch::x86_64::cpuid::CpuTemplate;
 use crate::vmm::host;
 use crate::vmm::vm::{VmConfig, VmError};
+use crate::workspace::base::{BaseCache, BaseInputs};
 use crate::workspace::disk::{content_sha256, copy_disk, grow_ext4};
 use crate::workspace::inject::{inject_agent, inject_file};
 use crate::workspace::secrets::{SecretStore, Value};
@@ -184,14 +185,23 @@ impl Engine {
 
         claim_workspace_dir(&self.state, &ws)?;
         // From here on a failure removes the half-made workspace.
-        let result = populate(&ws, opts, &source, &kernel, vcpus, cpu_template, disk_size)
-            .and_then(|rec| {
-                let store = SecretStore::of(&ws);
-                for (k, v) in &opts.secrets {
-                    store.set(k, v)?;
-                }
-                Ok(rec)
-            });
+        let result = populate(
+            &self.state.root,
+            &ws,
+            opts,
+            &source,
+            &kernel,
+            vcpus,
+            cpu_template,
+            disk_size,
+        )
+        .and_then(|rec| {
+            let store = SecretStore::of(&ws);
+            for (k, v) in &opts.secrets {
+                store.set(k, v)?;
+            }
+            Ok(rec)
+        });
         match result {
             Ok(rec) => Ok(written(&ws, &rec, None)),
             Err(e) => {
@@ -202,8 +212,9 @@ impl Engine {
     }
 }
 
-/// Puts the image's Entrypoint + Cmd where the agent looks at boot.
-fn inject_entrypoint(ws: &WorkspaceDir, image: &ImageRecord) -> Result<()> {
+/// Writes the image's Entrypoint + Cmd as the agent reads it at boot, to
+/// `<workspace>/entrypoint.json` (it is put into the base disk from there).
+fn write_entrypoint(ws: &WorkspaceDir, image: &ImageRecord) -> Result<PathBuf> {
     let run = &image.run;
     let argv: Vec<String> = run.entrypoint.iter().chain(&run.cmd).cloned().collect();
     if argv.is_empty() {
@@ -222,8 +233,7 @@ fn inject_entrypoint(ws: &WorkspaceDir, image: &ImageRecord) -> Result<()> {
     let json = serde_json::to_vec(&spec).map_err(std::io::Error::other);
     json.and_then(|j| std::fs::write(&host, j))
         .io_ctx(|| format!("writing {}", host.display()))?;
-    inject_file(&ws.rootfs(), &host, guest_agent::ENTRYPOINT_PATH, 0o644)?;
-    Ok(())
+    Ok(host)
 }
 
 /// Where a new workspace's root disk is copied from.
@@ -232,7 +242,9 @@ enum DiskSource {
     Image(Box<ImageRecord>, PathBuf),
 }
 
+#[allow(clippy::too_many_arguments)]
 fn populate(
+    state_root: &Path,
     ws: &WorkspaceDir,
     opts: &CreateOptions,
     source: &DiskSource,
@@ -243,19 +255,8 @@ fn populate(
 ) -> Result<WorkspaceRecord> {
     let _lock = FileLock::acquire(&ws.lock_path())?;
     let agent = agent_binary()?;
-    let rootfs = match source {
-        DiskSource::File(p) | DiskSource::Image(_, p) => p,
-    };
-    copy_disk(rootfs, &ws.rootfs())?;
-    if let Some(size) = disk_size {
-        grow_ext4(&ws.rootfs(), size)?;
-    }
-    inject_agent(&ws.rootfs(), &agent, AGENT_GUEST_PATH)?;
-    if opts.run_entrypoint {
-        if let DiskSource::Image(image, _) = source {
-            inject_entrypoint(ws, image)?;
-        }
-    }
+    let agent_sha256 =
+        sha256_file(&agent).io_ctx(|| format!("hashing agent {}", agent.display()))?;
     if let Some(init) = &opts.init {
         if !init.starts_with('/') || init.contains(char::is_whitespace) {
             return Err(invalid(format!(
@@ -263,18 +264,63 @@ fn populate(
             )));
         }
     }
+    let entrypoint = match source {
+        DiskSource::Image(image, _) if opts.run_entrypoint => Some(write_entrypoint(ws, image)?),
+        _ => None,
+    };
+    let entrypoint_sha256 = entrypoint
+        .as_deref()
+        .map(|p| sha256_file(p).io_ctx(|| format!("hashing {}", p.display())))
+        .transpose()?;
+    let (rootfs, disk_source) = match source {
+        DiskSource::Image(r, p) => (p, r.digest.to_string()),
+        DiskSource::File(p) => (
+            p,
+            format!(
+                "sha256:{}",
+                content_sha256(p).io_ctx(|| format!("hashing rootfs {}", p.display()))?
+            ),
+        ),
+    };
+    // The disk is built once per distinct inputs and shared; this
+    // workspace gets an empty copy-on-write top over it.
+    let key = BaseInputs {
+        source: &disk_source,
+        agent_sha256: &agent_sha256,
+        entrypoint_sha256: entrypoint_sha256.as_deref(),
+        size: disk_size,
+    }
+    .key();
+    let (base, base_sha256) = BaseCache::new(state_root).get_or_build(&key, |tmp| {
+        copy_disk(rootfs, tmp)?;
+        if let Some(size) = disk_size {
+            grow_ext4(tmp, size)?;
+        }
+        inject_agent(tmp, &agent, AGENT_GUEST_PATH)?;
+        if let Some(host) = &entrypoint {
+            inject_file(tmp, host, guest_agent::ENTRYPOINT_PATH, 0o644)?;
+        }
+        Ok::<(), Error>(())
+    })?;
+    let chain = crate::disk::create(&ws.disk_dir(), &base, Some(base_sha256))
+        .map_err(crate::workspace::disk::DiskError::from)?;
     let kernel = std::fs::canonicalize(kernel).io_ctx(|| format!("kernel {}", kernel.display()))?;
     let kernel_sha256 =
         sha256_file(&kernel).io_ctx(|| format!("hashing kernel {}", kernel.display()))?;
-    let boot_key = boot_key(
-        ws,
-        opts,
-        source,
-        &kernel_sha256,
-        &agent,
+    let boot_key = BootInputs {
+        kernel_sha256: &kernel_sha256,
+        disk_source: &disk_source,
+        disk_bytes: chain.size,
+        agent_sha256: &agent_sha256,
+        entrypoint_sha256: entrypoint_sha256.as_deref(),
         vcpus,
-        cpu_template,
-    )?;
+        memory_mib: opts.memory,
+        cmdline: &opts.cmdline,
+        init: opts.init.as_deref(),
+        cpu_template: cpu_template.name(),
+        network: opts.network.name(),
+    }
+    .key();
     let rec = WorkspaceRecord {
         version: RECORD_VERSION,
         name: ws.name.clone(),
@@ -316,48 +362,4 @@ fn populate(
     };
     ws.write(&rec)?;
     Ok(rec)
-}
-
-/// The boot cache key of a workspace just populated (see workspace::bootcache).
-fn boot_key(
-    ws: &WorkspaceDir,
-    opts: &CreateOptions,
-    source: &DiskSource,
-    kernel_sha256: &str,
-    agent: &Path,
-    vcpus: u8,
-    cpu_template: CpuTemplate,
-) -> Result<String> {
-    let agent_sha256 =
-        sha256_file(agent).io_ctx(|| format!("hashing agent {}", agent.display()))?;
-    let disk_source = match source {
-        DiskSource::Image(r, _) => r.digest.to_string(),
-        DiskSource::File(p) => format!(
-            "sha256:{}",
-            content_sha256(p).io_ctx(|| format!("hashing rootfs {}", p.display()))?
-        ),
-    };
-    let spec = ws.dir.join("entrypoint.json");
-    let entrypoint_sha256 = if opts.run_entrypoint {
-        Some(sha256_file(&spec).io_ctx(|| format!("hashing {}", spec.display()))?)
-    } else {
-        None
-    };
-    let disk_bytes = std::fs::metadata(ws.rootfs())
-        .io_ctx(|| format!("{}", ws.rootfs().display()))?
-        .len();
-    Ok(BootInputs {
-        kernel_sha256,
-        disk_source: &disk_source,
-        disk_bytes,
-        agent_sha256: &agent_sha256,
-        entrypoint_sha256: entrypoint_sha256.as_deref(),
-        vcpus,
-        memory_mib: opts.memory,
-        cmdline: &opts.cmdline,
-        init: opts.init.as_deref(),
-        cpu_template: cpu_template.name(),
-        network: opts.network.name(),
-    }
-    .key())
 }

@@ -155,6 +155,8 @@ pub enum Error {
     #[error(transparent)]
     Disk(#[from] DiskError),
     #[error(transparent)]
+    Base(#[from] crate::workspace::base::BaseError),
+    #[error(transparent)]
     Inject(#[from] InjectError),
     #[error(transparent)]
     Secret(#[from] SecretError),
@@ -200,7 +202,11 @@ impl Error {
                 StoreError::Io { .. } | StoreError::BadRecord { .. } => Code::Internal,
             },
             Error::Busy(BusyError::Busy { .. }) => Code::StateConflict,
-            Error::Busy(_) | Error::Lock(_) | Error::Io { .. } | Error::Disk(_) => Code::Internal,
+            Error::Busy(_)
+            | Error::Lock(_)
+            | Error::Io { .. }
+            | Error::Disk(_)
+            | Error::Base(_) => Code::Internal,
             Error::StartFailed { .. } => Code::Internal,
             Error::Inject(_) => Code::Internal,
             Error::Compat(e) => match e {

@@ -7,9 +7,8 @@ use super::launch::{kill_strays, launch, AfterReady};
 use super::snapshot::{check_snapshot, snapshot_dir};
 use super::{claim_workspace_dir, invalid, written, Engine, Reporter, Result, WorkspaceView};
 use crate::devices::virtio::net::config::{check_unique, PortMap};
-use crate::snapshot::manifest::ROOTFS;
 use crate::util::lock::FileLock;
-use crate::workspace::disk::copy_disk;
+use crate::workspace::disk::restore_from;
 use crate::workspace::secrets::{SecretStore, Value};
 use crate::workspace::state::Status;
 use crate::workspace::store::{now_rfc3339, NetworkMode, WorkspaceRecord, RECORD_VERSION};
@@ -56,7 +55,7 @@ impl Engine {
         claim_workspace_dir(&self.state, &ws)?;
         let result = (|| -> Result<(WorkspaceRecord, Option<u32>)> {
             let _lock = FileLock::acquire(&ws.lock_path())?;
-            copy_disk(&dir.join(ROOTFS), &ws.rootfs())?;
+            restore_from(&dir, &ws)?;
             let mut rec = WorkspaceRecord {
                 version: RECORD_VERSION,
                 name: name.to_string(),

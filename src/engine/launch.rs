@@ -66,6 +66,9 @@ pub fn launch(
     // Never two VMMs on one disk: a VMM that outlived its supervisor (it
     // should not: it dies with it) is ended before another starts.
     kill_strays(ws);
+    // Finishes a rollback a crash cut short; turns a pre-chain flat disk
+    // into a chain's base.
+    crate::workspace::disk::ensure_chain(ws)?;
     let _ = std::fs::remove_file(ws.exit_record());
     let _ = std::fs::remove_file(ws.control_socket());
     let log = std::fs::OpenOptions::new()

@@ -10,10 +10,9 @@ use super::{
     CONTROL_TIMEOUT,
 };
 use crate::agent::AgentConn;
-use crate::snapshot::manifest::ROOTFS;
 use crate::vmm::control::{self, Op as CtlOp};
 use crate::workspace::busy;
-use crate::workspace::disk::copy_disk;
+use crate::workspace::disk::restore_from;
 use crate::workspace::state::{check, supervisor_alive, Op, Status};
 use crate::workspace::store::WorkspaceDir;
 
@@ -105,7 +104,7 @@ impl Engine {
                 let dir = snapshot_dir(&ws, tag)?;
                 check_snapshot(&dir, &rec)?;
                 // Roll the disk back with the memory: both are from that moment.
-                copy_disk(&dir.join(ROOTFS), &ws.rootfs())?;
+                restore_from(&dir, &ws)?;
                 let l = launch(
                     &ws,
                     &mut rec,

@@ -2,7 +2,9 @@
 //! restore or fork makes before it changes anything.
 //!
 //! A snapshot is `workspaces/<name>/snapshots/<tag>/{manifest.json,
-//! vmstate.bin, memory.bin, rootfs.ext4}`. It is assembled in a temp
+//! vmstate.bin, memory.bin, disk/}`, where `disk/` is the root disk's
+//! frozen copy-on-write chain (hard links, shared with the workspace and
+//! other snapshots: see `crate::disk`). It is assembled in a temp
 //! directory and renamed into place, so a tag either exists whole or not at
 //! all.
 
@@ -14,7 +16,9 @@ use super::{
     conflict, invalid, open, Context, Engine, Error, IoContext, Reporter, Result, CONTROL_TIMEOUT,
 };
 use crate::agent::secrets as agent_secrets;
+use crate::devices::virtio::block::SNAPSHOT_DISK_DIR;
 use crate::digest::sha256_file;
+use crate::disk::{ChainSpec, CHAIN_FILE};
 use crate::snapshot::manifest::{
     validate_tag, FileInfo, HostCpu, Manifest, Origin, MANIFEST, MEMORY, ROOTFS, VMSTATE,
 };
@@ -56,11 +60,49 @@ pub fn default_tag() -> String {
     now_rfc3339().replace([':', '-'], "")
 }
 
+/// Allocated bytes of what the snapshot added: memory, state, and its
+/// deltas; not the base disk, which every workspace of the image shares.
 fn snapshot_size(dir: &Path) -> u64 {
-    [VMSTATE, MEMORY, ROOTFS, MANIFEST]
+    let own: u64 = [VMSTATE, MEMORY, ROOTFS, MANIFEST]
         .iter()
         .map(|f| allocated_bytes(&dir.join(f)))
-        .sum()
+        .sum();
+    let disk = dir.join(SNAPSHOT_DISK_DIR);
+    let deltas = ChainSpec::read(&disk).map_or(0, |spec| {
+        spec.deltas
+            .iter()
+            .map(|d| allocated_bytes(&disk.join(d)))
+            .sum()
+    });
+    own + deltas
+}
+
+fn join<T>(r: std::thread::Result<Result<T>>) -> Result<T> {
+    r.unwrap_or_else(|_| {
+        Err(Error::Io {
+            context: "hashing snapshot files".into(),
+            source: std::io::Error::other("hashing thread panicked"),
+        })
+    })
+}
+
+/// The manifest's name for a file of the snapshot's disk chain.
+fn disk_entry(name: &str) -> String {
+    format!("{SNAPSHOT_DISK_DIR}/{name}")
+}
+
+/// Content digests of chain files that earlier snapshots of this
+/// workspace already hashed (file names are unique, files immutable).
+fn known_digests(ws: &WorkspaceDir) -> std::collections::BTreeMap<String, String> {
+    let mut known = std::collections::BTreeMap::new();
+    if let Ok(entries) = std::fs::read_dir(ws.snapshots()) {
+        for e in entries.flatten() {
+            if let Ok(spec) = ChainSpec::read(&e.path().join(SNAPSHOT_DISK_DIR)) {
+                known.extend(spec.digests);
+            }
+        }
+    }
+    known
 }
 
 /// Snapshot TAG of a workspace, which must exist.
@@ -116,7 +158,25 @@ pub(crate) fn check_snapshot(dir: &Path, rec: &WorkspaceRecord) -> Result<Manife
             m.vcpus, m.memory_mib, rec.name, rec.vcpus, rec.memory_mib
         )));
     }
-    for name in [VMSTATE, MEMORY, ROOTFS] {
+    let chain_entry = disk_entry(CHAIN_FILE);
+    let mut names = vec![VMSTATE.to_string(), MEMORY.to_string()];
+    if m.file(&chain_entry).is_some() {
+        let disk = dir.join(SNAPSHOT_DISK_DIR);
+        let spec = ChainSpec::read(&disk).map_err(|e| Error::SnapshotDamaged {
+            message: format!("snapshot {tag} of workspace {}: {e}", rec.name),
+        })?;
+        if spec.top.is_some() {
+            return Err(Error::SnapshotDamaged {
+                message: format!("snapshot disk chain in {} is not frozen", disk.display()),
+            });
+        }
+        names.push(chain_entry);
+        names.extend(spec.files().map(disk_entry));
+    } else {
+        names.push(ROOTFS.to_string());
+    }
+    for name in &names {
+        let name = name.as_str();
         let Some(want) = m.file(name) else {
             return Err(Error::SnapshotDamaged {
                 message: format!("snapshot manifest in {} lists no {name}", dir.display()),
@@ -272,12 +332,14 @@ pub(crate) fn capture(
         let _ = std::fs::remove_dir_all(&staging);
         return Err(e);
     }
-    // Proof of scrub, before the tag exists.
-    let files = [
-        dest_tmp.join(MEMORY),
-        dest_tmp.join(VMSTATE),
-        dest_tmp.join(ROOTFS),
-    ];
+    let disk = dest_tmp.join(SNAPSHOT_DISK_DIR);
+    let mut spec = ChainSpec::read(&disk).map_err(|e| Error::SnapshotDamaged {
+        message: format!("the VMM's snapshot of workspace {}: {e}", ws.name),
+    })?;
+    // Proof of scrub, before the tag exists: memory, state, and everything
+    // the guest wrote since its base (the base is the image and the agent).
+    let mut files = vec![dest_tmp.join(MEMORY), dest_tmp.join(VMSTATE)];
+    files.extend(spec.deltas.iter().map(|d| disk.join(d)));
     let paths: Vec<&Path> = files.iter().map(|p| p.as_path()).collect();
     if let Some(leak) =
         scan(&paths, secrets).io_ctx(|| "searching the snapshot for secrets".into())?
@@ -288,26 +350,68 @@ pub(crate) fn capture(
             encoding: leak.encoding,
         });
     }
-    // Synced and hashed after the guest runs again, one thread per file
-    // (memory.bin and the disk are hundreds of MiB), before the manifest
-    // that commits them.
-    let files = std::thread::scope(|scope| {
-        let workers: Vec<_> = [VMSTATE, MEMORY, ROOTFS]
+    // Synced and hashed after the guest runs again, one thread per file,
+    // before the manifest that commits them. Chain files are immutable and
+    // uniquely named: each is hashed once, by the first snapshot that has it.
+    let known = known_digests(ws);
+    let unhashed: Vec<String> = spec
+        .files()
+        .filter(|f| !spec.digests.contains_key(*f) && !known.contains_key(*f))
+        .map(str::to_string)
+        .collect();
+    let bs = spec.block_size;
+    let (infos, digests) = std::thread::scope(|scope| {
+        let workers: Vec<_> = [VMSTATE, MEMORY]
             .iter()
             .map(|f| scope.spawn(|| file_info(dest_tmp, f)))
             .collect();
-        workers
-            .into_iter()
-            .map(|w| {
-                w.join().unwrap_or_else(|_| {
-                    Err(Error::Io {
-                        context: "hashing snapshot files".into(),
-                        source: std::io::Error::other("hashing thread panicked"),
-                    })
+        let hashers: Vec<_> = unhashed
+            .iter()
+            .map(|f| {
+                let path = disk.join(f);
+                scope.spawn(move || {
+                    crate::disk::file_sha256(&path, bs)
+                        .io_ctx(|| format!("hashing {}", path.display()))
                 })
             })
-            .collect::<Result<Vec<_>>>()
-    })?;
+            .collect();
+        let infos = workers
+            .into_iter()
+            .map(|w| join(w.join()))
+            .collect::<Result<Vec<FileInfo>>>();
+        let digests = hashers
+            .into_iter()
+            .map(|h| join(h.join()))
+            .collect::<Result<Vec<String>>>();
+        (infos, digests)
+    });
+    let mut infos = infos?;
+    for (name, digest) in unhashed.iter().zip(digests?) {
+        spec.digests.insert(name.clone(), digest);
+    }
+    for name in spec.files().map(str::to_string).collect::<Vec<_>>() {
+        if let Some(d) = known.get(&name) {
+            spec.digests.entry(name).or_insert_with(|| d.clone());
+        }
+    }
+    spec.write(&disk)
+        .map_err(crate::disk::ChainError::from)
+        .map_err(crate::workspace::disk::DiskError::from)?;
+    infos.push(file_info(&disk, CHAIN_FILE).map(|mut i| {
+        i.name = disk_entry(CHAIN_FILE);
+        i
+    })?);
+    for name in spec.files() {
+        let path = disk.join(name);
+        infos.push(FileInfo {
+            name: disk_entry(name),
+            size: std::fs::metadata(&path)
+                .io_ctx(|| format!("{}", path.display()))?
+                .len(),
+            sha256: spec.digests.get(name).cloned().unwrap_or_default(),
+        });
+    }
+    let files = infos;
     let origin = Origin {
         workspace: rec.name.clone(),
         image: rec.image.clone(),

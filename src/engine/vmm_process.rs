@@ -21,7 +21,7 @@ use crate::vmm::control::{self, ServeInfo};
 use crate::vmm::host;
 use crate::vmm::snapshot::VmSnapshot;
 use crate::vmm::vcpu::GuestStop;
-use crate::vmm::vm::{DiskConfig, Vm, VmConfig, VsockConfig};
+use crate::vmm::vm::{DiskConfig, DiskFormat, Vm, VmConfig, VsockConfig};
 use crate::workspace::state::ExitRecord;
 use crate::workspace::store::{now_rfc3339, write_atomic, NetworkMode, WorkspaceDir};
 
@@ -129,8 +129,9 @@ pub fn serve(workspace_dir: &Path, restore_from: Option<&Path>) -> Result<GuestS
     let cfg = VmConfig {
         kernel: rec.kernel.clone().into(),
         disks: vec![DiskConfig {
-            path: ws.rootfs(),
+            path: ws.disk_dir(),
             read_only: false,
+            format: DiskFormat::Chain,
         }],
         vcpus: rec.vcpus,
         mem_mib: rec.memory_mib,
@@ -161,7 +162,6 @@ pub fn serve(workspace_dir: &Path, restore_from: Option<&Path>) -> Result<GuestS
     let info = ServeInfo {
         cmdline: vm.cmdline.clone(),
         mem_mib: cfg.mem_mib,
-        root_disk: cfg.disks.first().map(|d| d.path.clone()),
         snapshots_dir: ws.snapshots(),
         tsc_khz: vm.tsc_khz(),
     };

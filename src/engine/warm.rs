@@ -15,8 +15,7 @@ use super::launch::{deliver_secrets, has_secrets, launch, AfterReady, Launched};
 use super::snapshot::{capture, check_snapshot};
 use super::{Error, IoContext, Reporter, Result};
 use crate::snapshot::bootcache::{valid_key, BootCache};
-use crate::snapshot::manifest::ROOTFS;
-use crate::workspace::disk::copy_disk;
+use crate::workspace::disk::restore_from;
 use crate::workspace::state::Status;
 use crate::workspace::store::{StateDir, WorkspaceDir, WorkspaceRecord};
 
@@ -133,15 +132,16 @@ fn warm_start(
     let _use = cache.use_lock()?;
     check_snapshot(dir, rec)?;
     // Keep the workspace's own disk until the restore has worked.
-    let own_disk = ws.dir.join("rootfs.cold.ext4");
-    std::fs::rename(ws.rootfs(), &own_disk)
-        .io_ctx(|| format!("moving {} aside", ws.rootfs().display()))?;
-    let result = copy_disk(&dir.join(ROOTFS), &ws.rootfs())
+    let own_disk = ws.dir.join("disk.cold");
+    let _ = std::fs::remove_dir_all(&own_disk);
+    std::fs::rename(ws.disk_dir(), &own_disk)
+        .io_ctx(|| format!("moving {} aside", ws.disk_dir().display()))?;
+    let result = restore_from(dir, ws)
         .map_err(Error::from)
         .and_then(|_| launch(ws, rec, Some(dir), wait, AfterReady::DeliverSecrets, report));
     match result {
         Ok(launched) => {
-            let _ = std::fs::remove_file(&own_disk);
+            let _ = std::fs::remove_dir_all(&own_disk);
             Ok(launched)
         }
         Err(e) => {
@@ -149,7 +149,8 @@ fn warm_start(
                 // SAFETY: signalling the VMM process group we started.
                 unsafe { libc::kill(-pid, libc::SIGKILL) };
             }
-            let _ = std::fs::rename(&own_disk, ws.rootfs());
+            let _ = std::fs::remove_dir_all(ws.disk_dir());
+            let _ = std::fs::rename(&own_disk, ws.disk_dir());
             rec.status = Status::Created;
             rec.vmm_pid = None;
             rec.crash_reason = None;

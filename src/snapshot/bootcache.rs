@@ -3,7 +3,7 @@
 //! booting (see engine::warm).
 //!
 //! `<state>/cache/boot/<key>/` holds a snapshot in the usual format
-//! (manifest.json, vmstate.bin, memory.bin, rootfs.ext4). Entries are
+//! (manifest.json, vmstate.bin, memory.bin, disk/). Entries are
 //! assembled under a temp name and renamed into place, like snapshots.
 //! Users of an entry hold `.lock` shared; `cache prune` holds it exclusive.
 
@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use super::manifest::{Manifest, MANIFEST, MEMORY, ROOTFS, VMSTATE};
+use crate::disk::ChainSpec;
 use crate::util::copy::allocated_bytes;
 use crate::util::lock::{FileLock, LockError};
 
@@ -206,12 +207,22 @@ impl BootCache {
     }
 }
 
-/// Allocated bytes of an entry's files (memory.bin and rootfs.ext4 are sparse).
+/// Allocated bytes of an entry's own files: memory, state and its disk
+/// deltas (memory.bin and deltas are sparse; the base disk is shared with
+/// the workspaces, so it is not counted).
 fn entry_size(dir: &Path) -> u64 {
-    [VMSTATE, MEMORY, ROOTFS, MANIFEST]
+    let own: u64 = [VMSTATE, MEMORY, ROOTFS, MANIFEST]
         .iter()
         .map(|f| allocated_bytes(&dir.join(f)))
-        .sum()
+        .sum();
+    let disk = dir.join("disk");
+    let deltas = ChainSpec::read(&disk).map_or(0, |spec| {
+        spec.deltas
+            .iter()
+            .map(|d| allocated_bytes(&disk.join(d)))
+            .sum()
+    });
+    own + deltas
 }
 
 #[cfg(test)]

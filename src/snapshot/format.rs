@@ -9,8 +9,10 @@ use sha2::{Digest, Sha256};
 
 pub const MAGIC: &[u8; 8] = b"MAGTVMST";
 pub const FORMAT_MAJOR: u16 = 1;
-/// 1.1: the manifest records the guest's CPUID.
-pub const FORMAT_MINOR: u16 = 2;
+/// 1.1: the manifest records the guest's CPUID. 1.2: devices save their
+/// own state. 1.3: the root disk is a frozen copy-on-write chain in
+/// `disk/`, not a flat `rootfs.ext4` (1.x snapshots with one still restore).
+pub const FORMAT_MINOR: u16 = 3;
 pub const HEADER_LEN: usize = 56;
 /// Bodies are a few hundred KiB at most (per-vCPU state); anything near
 /// this is not ours.

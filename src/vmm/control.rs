@@ -29,8 +29,7 @@ use serde::{Deserialize, Serialize};
 use super::snapshot::SaveError;
 use super::vm::{RunState, VmHandle};
 use crate::snapshot::cpuid::CpuidLeaf;
-use crate::snapshot::manifest::{MEMORY, ROOTFS, VMSTATE};
-use crate::util::copy::copy_file_into;
+use crate::snapshot::manifest::{MEMORY, VMSTATE};
 
 pub const PROTOCOL_VERSION: u32 = 2;
 /// Requests are tiny; anything longer is refused without being buffered.
@@ -134,8 +133,6 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
 pub struct ServeInfo {
     pub cmdline: String,
     pub mem_mib: u64,
-    /// The disk a snapshot copies (the workspace's root disk).
-    pub root_disk: Option<PathBuf>,
     /// Where snapshots are staged: fixed when the VMM starts, from its own
     /// workspace directory, never from a request.
     pub snapshots_dir: PathBuf,
@@ -220,23 +217,11 @@ fn make_staging(server: &Server) -> Result<(String, File), StageError> {
     Ok((name, File::from(fd)))
 }
 
-fn write_staged(server: &Server, dir: &File) -> Result<Vec<CpuidLeaf>, StageError> {
+fn write_staged(server: &Server, dir: &File, name: &str) -> Result<Vec<CpuidLeaf>, StageError> {
     let (vm, info) = (&server.vm, &server.info);
     let memory = create_new(dir, MEMORY)?;
-    let disk = match &info.root_disk {
-        Some(src) => Some((
-            File::open(src).map_err(io_at(src))?,
-            create_new(dir, ROOTFS)?,
-        )),
-        None => None,
-    };
-    let copy_disk = || match &disk {
-        Some((src, dst)) => copy_file_into(src, dst)
-            .map(|_| ())
-            .map_err(|e| std::io::Error::new(e.kind(), format!("copying the root disk: {e}"))),
-        None => Ok(()),
-    };
-    let snap = vm.save(memory, &info.cmdline, info.mem_mib, copy_disk)?;
+    let staging = info.snapshots_dir.join(name);
+    let snap = vm.save(memory, &staging, &info.cmdline, info.mem_mib)?;
     let bytes = crate::snapshot::format::encode(&snap)?;
     create_new(dir, VMSTATE)?
         .write_all(&bytes)
@@ -255,7 +240,7 @@ fn save(server: &Server) -> Response {
         Ok(x) => x,
         Err(e) => return Response::err(format!("snapshot failed: {e}")),
     };
-    match write_staged(server, &dir) {
+    match write_staged(server, &dir, &name) {
         Ok(cpuid) => {
             let mut r = Response::ok(RunState::Paused);
             r.was = Some(

@@ -12,12 +12,11 @@ use vmm_sys_util::eventfd::EventFd;
 use super::arch::x86_64::layout::{
     SERIAL_IRQ, VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
 };
-use super::vm::{eventfd, kvm_err, VmConfig, VmError};
+use super::vm::{eventfd, kvm_err, DiskConfig, DiskFormat, VmConfig, VmError};
 use crate::devices::bus::{lock, Bus};
 use crate::devices::i8042::{I8042, I8042_LEN, I8042_PORT};
 use crate::devices::serial::{ConsoleSink, SerialDevice, COM1_LEN, COM1_PORT};
-use crate::devices::virtio::block::persist::BlockState;
-use crate::devices::virtio::block::{Block, SECTOR_SIZE};
+use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
 use crate::devices::virtio::net::config as net_config;
 use crate::devices::virtio::net::{LinkState, Net};
@@ -114,25 +113,17 @@ impl Devices {
                 restoring(devices, &id)?,
                 |interrupt, saved| {
                     Ok(match saved {
-                        None => (
-                            Box::new(Block::open(&disk.path, disk.read_only, &name)?),
-                            vec![],
-                        ),
+                        None => (Box::new(open_disk(disk, &name)?), vec![]),
                         Some((transport, kind)) => {
+                            let block = open_disk(disk, &name)?;
                             let st = match kind {
                                 Some(DeviceKindState::Block(st)) => st.clone(),
                                 Some(_) => return Err(wrong_kind(&id)),
-                                None => legacy_block_state(&disk.path, disk.read_only),
+                                // Format 1.0/1.1: the disk as configured.
+                                None => block.save_state(),
                             };
-                            let (dev, queues) = Block::restore(
-                                &disk.path,
-                                disk.read_only,
-                                &name,
-                                mem,
-                                interrupt,
-                                transport,
-                                &st,
-                            )?;
+                            let (dev, queues) =
+                                Block::restore(block, &disk.path, mem, interrupt, transport, &st)?;
                             (Box::new(dev), queues)
                         }
                     })
@@ -253,11 +244,10 @@ fn wrong_kind(id: &str) -> VmError {
     VmError::Restore(format!("{id}: {}", PersistError::WrongKind))
 }
 
-/// What a format 1.0/1.1 disk's state was: the disk as configured.
-fn legacy_block_state(path: &std::path::Path, read_only: bool) -> BlockState {
-    BlockState {
-        capacity_sectors: std::fs::metadata(path).map_or(0, |m| m.len() / SECTOR_SIZE),
-        read_only,
+fn open_disk(disk: &DiskConfig, name: &str) -> Result<Block, BlockError> {
+    match disk.format {
+        DiskFormat::File => Block::open(&disk.path, disk.read_only, name),
+        DiskFormat::Chain => Block::open_chain(&disk.path, name),
     }
 }
 

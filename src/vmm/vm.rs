@@ -39,6 +39,17 @@ const GUEST_HZ: u64 = 100;
 pub struct DiskConfig {
     pub path: PathBuf,
     pub read_only: bool,
+    pub format: DiskFormat,
+}
+
+/// How a disk's bytes are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskFormat {
+    /// One file, read and written in place.
+    File,
+    /// A copy-on-write chain: `path` is the directory with `chain.json`
+    /// (see `crate::disk`); snapshots freeze it instead of copying it.
+    Chain,
 }
 
 /// The guest's vsock: its CID and the host Unix socket that fronts it.
@@ -135,7 +146,11 @@ impl VmConfig {
             return Err(VmError::KernelMissing(self.kernel.display().to_string()));
         }
         for d in &self.disks {
-            if !d.path.is_file() {
+            let present = match d.format {
+                DiskFormat::File => d.path.is_file(),
+                DiskFormat::Chain => d.path.join(crate::disk::CHAIN_FILE).is_file(),
+            };
+            if !present {
                 return Err(VmError::DiskMissing(d.path.display().to_string()));
             }
         }

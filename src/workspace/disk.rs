@@ -1,12 +1,20 @@
-//! Private copies of root disks: reflink (FICLONE) where the filesystem
-//! shares extents, otherwise a sparse copy that only moves data extents
-//! (SEEK_DATA/SEEK_HOLE) and leaves holes as holes.
+//! A workspace's root disk: a copy-on-write chain in `<workspace>/disk`
+//! (see `crate::disk`), made over a shared base, or over a snapshot's
+//! frozen chain for forks, rollbacks and warm starts. Whole-disk copies
+//! remain only where a base is built (reflink where the filesystem shares
+//! extents, otherwise a sparse copy of the data extents).
 
 use std::fs::File;
 use std::path::Path;
 
+use super::store::WorkspaceDir;
+use crate::devices::virtio::block::SNAPSHOT_DISK_DIR;
+use crate::disk::{self, ChainError, ChainSpec, CHAIN_FILE};
 pub use crate::util::copy::CopyMethod;
 use crate::util::copy::{copy_file_into, data_extents};
+
+/// A snapshot's or a pre-chain workspace's flat root disk (format 1.x).
+pub const LEGACY_ROOTFS: &str = "rootfs.ext4";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
@@ -22,6 +30,54 @@ pub enum DiskError {
         size: u64,
         reason: String,
     },
+    #[error(transparent)]
+    Chain(#[from] ChainError),
+    #[error("workspace {workspace} has no root disk ({path} is missing)")]
+    Missing { workspace: String, path: String },
+}
+
+/// The workspace's chain, made whole first: a rollback a crash
+/// interrupted is finished, and a workspace made before chains has its
+/// flat disk turned into the base of one (linked, not copied).
+pub fn ensure_chain(ws: &WorkspaceDir) -> Result<ChainSpec, DiskError> {
+    let dir = ws.disk_dir();
+    disk::recover(&dir);
+    if !dir.join(CHAIN_FILE).is_file() {
+        let flat = ws.dir.join(LEGACY_ROOTFS);
+        if !flat.is_file() {
+            return Err(DiskError::Missing {
+                workspace: ws.name.clone(),
+                path: dir.join(CHAIN_FILE).display().to_string(),
+            });
+        }
+        disk::create(&dir, &flat, None)?;
+        let _ = std::fs::remove_file(&flat);
+    }
+    Ok(ChainSpec::read(&dir).map_err(ChainError::from)?)
+}
+
+/// Sets the workspace's root disk to the moment the snapshot (or boot
+/// cache entry) in `snap` froze, under a new empty top: nothing is
+/// copied. Snapshots of format 1.x hold a flat `rootfs.ext4`, which
+/// becomes the base of the new chain.
+pub fn restore_from(snap: &Path, ws: &WorkspaceDir) -> Result<ChainSpec, DiskError> {
+    let dir = ws.disk_dir();
+    disk::recover(&dir);
+    let frozen = snap.join(SNAPSHOT_DISK_DIR);
+    let build = |target: &Path| {
+        if frozen.join(CHAIN_FILE).is_file() {
+            disk::instantiate(&frozen, target)
+        } else {
+            disk::create(target, &snap.join(LEGACY_ROOTFS), None)
+        }
+    };
+    let spec = if dir.exists() {
+        disk::replace_with(&dir, build)?
+    } else {
+        build(&dir)?
+    };
+    let _ = std::fs::remove_file(ws.dir.join(LEGACY_ROOTFS));
+    Ok(spec)
 }
 
 /// sha256 of a disk image's content: its length, then every non-zero 4 KiB

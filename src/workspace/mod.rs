@@ -1,6 +1,7 @@
 //! Workspaces on disk: the state directory, workspace records, the status
 //! state machine, per-workspace locks and private root disks.
 
+pub mod base;
 pub mod busy;
 pub mod disk;
 pub mod inject;

@@ -206,8 +206,9 @@ impl WorkspaceDir {
     pub fn record_path(&self) -> PathBuf {
         self.dir.join("workspace.json")
     }
-    pub fn rootfs(&self) -> PathBuf {
-        self.dir.join("rootfs.ext4")
+    /// The root disk's copy-on-write chain (see `workspace::disk`).
+    pub fn disk_dir(&self) -> PathBuf {
+        self.dir.join("disk")
     }
     pub fn console_log(&self) -> PathBuf {
         self.dir.join("console.log")

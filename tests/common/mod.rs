@@ -418,3 +418,25 @@ pub fn control_line(sock: &Path, line: &str) -> serde_json::Value {
     std::io::BufReader::new(s).read_line(&mut answer).unwrap();
     serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer}"))
 }
+
+/// A workspace's root disk as the guest sees it: its copy-on-write chain
+/// (`<workspace>/disk`) read whole.
+pub fn workspace_disk(ws_dir: &Path) -> Vec<u8> {
+    let chain = microagent::disk::Chain::open(&ws_dir.join("disk")).unwrap();
+    let mut buf = vec![0u8; chain.size() as usize];
+    chain.read_at(&mut buf, 0).unwrap();
+    buf
+}
+
+/// Copies a snapshot directory (its disk chain files with `cp -a`, which
+/// keeps holes as holes and allocated blocks allocated: a delta's
+/// allocation is its content) so a test can damage the copy.
+pub fn copy_snapshot(src: &Path, dst: &Path) {
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(src)
+        .arg(dst)
+        .status()
+        .unwrap();
+    assert!(st.success(), "cp -a {} {}", src.display(), dst.display());
+}

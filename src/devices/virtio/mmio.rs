@@ -84,6 +84,10 @@ impl MmioTransport {
         self.device.as_ref()
     }
 
+    pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
+        self.device.as_mut()
+    }
+
     pub fn save(&self) -> TransportState {
         let queues = if self.activated {
             self.device.queue_states()

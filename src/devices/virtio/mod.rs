@@ -134,8 +134,10 @@ pub trait VirtioDevice: Send {
     fn queue_states(&self) -> Vec<virtio_queue::QueueState>;
     /// The device's own state for a snapshot (the transport saves its own).
     fn save(&self) -> persist::DeviceKindState;
-    /// Make host-side state durable before a snapshot (disks: fdatasync).
-    fn prepare_snapshot(&self) -> std::io::Result<()> {
+    /// Make host-side state durable before a snapshot, and put what the
+    /// device keeps outside guest memory into the snapshot's `staging`
+    /// directory (disks: flush, then freeze the chain there).
+    fn prepare_snapshot(&mut self, _staging: &std::path::Path) -> std::io::Result<()> {
         Ok(())
     }
     /// Called after a restore once the vCPUs run again, never before: the

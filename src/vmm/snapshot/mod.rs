@@ -56,8 +56,6 @@ pub enum SaveError {
     GuestMemory(#[from] vm_memory::GuestMemoryError),
     #[error("writing guest memory: {0}")]
     Memory(std::io::Error),
-    #[error("{0}")]
-    Alongside(std::io::Error),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -157,16 +155,15 @@ fn write_memory(mem: &GuestMemoryMmap, file: &mut File) -> Result<Vec<RegionSnap
 impl VmHandle {
     /// Saves the whole VM: its state is returned, guest memory goes to
     /// `memory_file`, a new empty file the caller opened (not synced
-    /// here). `alongside` runs on another thread while memory is written,
-    /// once devices are quiesced and disks flushed: the moment a disk copy
-    /// is consistent with memory. Leaves the VM paused; the caller resumes
-    /// it.
+    /// here), and devices put what they keep outside guest memory (the
+    /// root disk's frozen chain) into `staging`, at the moment memory is
+    /// consistent with it. Leaves the VM paused; the caller resumes it.
     pub fn save(
         &self,
         mut memory_file: File,
+        staging: &std::path::Path,
         cmdline: &str,
         mem_mib: u64,
-        alongside: impl FnOnce() -> std::io::Result<()> + Send,
     ) -> Result<VmSnapshot, SaveError> {
         if self.state() != RunState::Paused {
             self.pause()?;
@@ -174,14 +171,14 @@ impl VmHandle {
         // Lock every device for the whole save: no queue processing, no
         // DMA into guest memory, no console bytes while we look.
         let serial = lock(&self.serial);
-        let transports: Vec<_> = self
+        let mut transports: Vec<_> = self
             .devices
             .iter()
             .map(|(id, t)| (id.clone(), lock(t)))
             .collect();
-        for (id, t) in &transports {
-            t.device()
-                .prepare_snapshot()
+        for (id, t) in &mut transports {
+            t.device_mut()
+                .prepare_snapshot(staging)
                 .map_err(|source| SaveError::Device {
                     id: id.clone(),
                     source,
@@ -207,19 +204,7 @@ impl VmHandle {
             vm.get_pit2().map_err(kvm("PIT"))?,
             vm.get_clock().map_err(kvm("clock"))?,
         );
-        let file = &mut memory_file;
-        let (memory, beside) = std::thread::scope(|scope| {
-            let beside = scope.spawn(alongside);
-            let memory = write_memory(&self.mem, file);
-            let beside = beside.join().unwrap_or_else(|_| {
-                Err(std::io::Error::other(
-                    "the work alongside the memory write panicked",
-                ))
-            });
-            (memory, beside)
-        });
-        let memory = memory?;
-        beside.map_err(SaveError::Alongside)?;
+        let memory = write_memory(&self.mem, &mut memory_file)?;
         drop(transports);
         drop(serial);
         Ok(VmSnapshot {

@@ -7,10 +7,13 @@ pub mod persist;
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::disk::{Chain, ChainError};
 
 use super::{
     chain_segs, read_config_bytes, ActivateError, Interrupt, Seg, VirtioDevice, INT_USED_RING,
@@ -48,6 +51,8 @@ pub enum BlockError {
     },
     #[error("disk {path} is empty or smaller than one sector")]
     TooSmall { path: String },
+    #[error("disk chain {path}: {source}")]
+    Chain { path: String, source: ChainError },
     #[error("restoring disk {path}: {source}")]
     State {
         path: String,
@@ -103,8 +108,41 @@ fn parse(segs: &[Seg], mem: &GuestMemoryMmap) -> Result<Request, ParseError> {
     })
 }
 
+/// Where the bytes live: one file, or a copy-on-write chain (the root
+/// disk of a workspace, which snapshots freeze instead of copying).
+enum Backend {
+    File(File),
+    Chain(Box<Chain>),
+}
+
+impl Backend {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        match self {
+            Backend::File(f) => f.read_exact_at(buf, off),
+            Backend::Chain(c) => c.read_at(buf, off),
+        }
+    }
+
+    fn write_at(&mut self, buf: &[u8], off: u64) -> std::io::Result<()> {
+        match self {
+            Backend::File(f) => f.write_all_at(buf, off),
+            Backend::Chain(c) => c.write_at(buf, off),
+        }
+    }
+
+    fn flush(&self) -> std::io::Result<()> {
+        match self {
+            Backend::File(f) => f.sync_data(),
+            Backend::Chain(c) => c.flush(),
+        }
+    }
+}
+
+/// The directory, inside a snapshot, that holds the root disk's chain.
+pub const SNAPSHOT_DISK_DIR: &str = "disk";
+
 pub struct Block {
-    disk: File,
+    disk: Backend,
     read_only: bool,
     capacity_sectors: u64,
     id: [u8; ID_BYTES],
@@ -125,11 +163,27 @@ impl Block {
         if self.read_only {
             Ok(())
         } else {
-            self.disk.sync_data()
+            self.disk.flush()
         }
     }
 
-    pub fn open(path: &std::path::Path, read_only: bool, id: &str) -> Result<Block, BlockError> {
+    /// A copy-on-write chain (a directory holding `chain.json`).
+    pub fn open_chain(dir: &Path, id: &str) -> Result<Block, BlockError> {
+        let chain = Chain::open(dir).map_err(|source| BlockError::Chain {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        let read_only = !chain.writable();
+        let capacity_sectors = chain.size() / SECTOR_SIZE;
+        Ok(Block::with(
+            Backend::Chain(Box::new(chain)),
+            read_only,
+            capacity_sectors,
+            id,
+        ))
+    }
+
+    pub fn open(path: &Path, read_only: bool, id: &str) -> Result<Block, BlockError> {
         let disk = std::fs::OpenOptions::new()
             .read(true)
             .write(!read_only)
@@ -151,6 +205,15 @@ impl Block {
                 path: path.display().to_string(),
             });
         }
+        Ok(Block::with(
+            Backend::File(disk),
+            read_only,
+            capacity_sectors,
+            id,
+        ))
+    }
+
+    fn with(disk: Backend, read_only: bool, capacity_sectors: u64, id: &str) -> Block {
         let mut idb = [0u8; ID_BYTES];
         let n = id.len().min(ID_BYTES);
         idb[..n].copy_from_slice(&id.as_bytes()[..n]);
@@ -159,14 +222,37 @@ impl Block {
         config.extend_from_slice(&capacity_sectors.to_le_bytes());
         config.extend_from_slice(&0u32.to_le_bytes());
         config.extend_from_slice(&SEG_MAX.to_le_bytes());
-        Ok(Block {
+        Block {
             disk,
             read_only,
             capacity_sectors,
             id: idb,
             config,
             active: None,
-        })
+        }
+    }
+
+    /// Before a snapshot, with the guest paused: a chain freezes its top
+    /// (continuing on a new one) and links the frozen chain into
+    /// `staging/disk`; a read-only file has nothing to save; a writable
+    /// plain file cannot be captured without a copy, so it is refused.
+    pub fn snapshot_disk(&mut self, staging: &Path) -> std::io::Result<()> {
+        match &mut self.disk {
+            Backend::Chain(chain) if chain.writable() => {
+                let dir = staging.join(SNAPSHOT_DISK_DIR);
+                std::fs::create_dir(&dir)?;
+                chain
+                    .freeze(Some(&dir))
+                    .map(|_| ())
+                    .map_err(|e| std::io::Error::other(e.to_string()))
+            }
+            Backend::Chain(_) => Ok(()),
+            Backend::File(_) if self.read_only => Ok(()),
+            Backend::File(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "a writable plain disk file cannot be snapshotted (workspace disks are chains)",
+            )),
+        }
     }
 
     fn in_range(&self, sector: u64, bytes: u64) -> bool {
@@ -178,7 +264,7 @@ impl Block {
 
     /// Executes a request; returns its status and the bytes written to the
     /// guest's data buffers.
-    fn execute(&self, req: &Request, mem: &GuestMemoryMmap) -> (u8, u32) {
+    fn execute(&mut self, req: &Request, mem: &GuestMemoryMmap) -> (u8, u32) {
         let total: u64 = req.data.iter().map(|s| u64::from(s.len)).sum();
         match req.kind {
             T_IN | T_OUT if !self.in_range(req.sector, total) => (S_IOERR, 0),
@@ -187,7 +273,7 @@ impl Block {
                 let mut written = 0u32;
                 for s in &req.data {
                     let mut buf = vec![0u8; s.len as usize];
-                    if self.disk.read_exact_at(&mut buf, offset).is_err()
+                    if self.disk.read_at(&mut buf, offset).is_err()
                         || mem.write_slice(&buf, s.addr).is_err()
                     {
                         return (S_IOERR, written);
@@ -203,7 +289,7 @@ impl Block {
                 for s in &req.data {
                     let mut buf = vec![0u8; s.len as usize];
                     if mem.read_slice(&mut buf, s.addr).is_err()
-                        || self.disk.write_all_at(&buf, offset).is_err()
+                        || self.disk.write_at(&buf, offset).is_err()
                     {
                         return (S_IOERR, 0);
                     }
@@ -212,7 +298,7 @@ impl Block {
                 (S_OK, 0)
             }
             T_FLUSH if self.read_only => (S_OK, 0),
-            T_FLUSH => match self.disk.sync_data() {
+            T_FLUSH => match self.disk.flush() {
                 Ok(()) => (S_OK, 0),
                 Err(_) => (S_IOERR, 0),
             },
@@ -333,8 +419,9 @@ impl VirtioDevice for Block {
         self.active.iter().map(|a| a.queue.state()).collect()
     }
 
-    fn prepare_snapshot(&self) -> std::io::Result<()> {
-        self.flush()
+    fn prepare_snapshot(&mut self, staging: &Path) -> std::io::Result<()> {
+        self.flush()?;
+        self.snapshot_disk(staging)
     }
 
     fn save(&self) -> super::persist::DeviceKindState {
@@ -446,7 +533,7 @@ mod tests {
     #[test]
     fn reads_past_the_end_or_into_unmapped_memory_fail_cleanly() {
         let m = mem();
-        let (_p, b) = disk(8, false);
+        let (_p, mut b) = disk(8, false);
         header(&m, T_IN, 7);
         let req = parse(
             &[
@@ -496,7 +583,7 @@ mod tests {
     #[test]
     fn read_write_flush_round_trip() {
         let m = mem();
-        let (p, b) = disk(8, false);
+        let (p, mut b) = disk(8, false);
         m.write_slice(&[0x5a; 512], GuestAddress(0x2000)).unwrap();
         header(&m, T_OUT, 3);
         let w = parse(
@@ -548,7 +635,7 @@ mod tests {
     #[test]
     fn read_only_disk_refuses_writes_and_says_so() {
         let m = mem();
-        let (p, b) = disk(4, true);
+        let (p, mut b) = disk(4, true);
         assert_ne!(b.features() & VIRTIO_BLK_F_RO, 0);
         header(&m, T_OUT, 0);
         m.write_slice(&[0u8; 512], GuestAddress(0x2000)).unwrap();

@@ -31,15 +31,14 @@ impl Block {
     /// no request processed. Returns the queues the transport keeps (all of
     /// them when the driver had not activated the device yet).
     pub fn restore(
+        mut block: Block,
         path: &Path,
-        read_only: bool,
-        id: &str,
         mem: &GuestMemoryMmap,
         interrupt: Arc<Interrupt>,
         transport: &TransportState,
         st: &BlockState,
     ) -> Result<(Block, Vec<Queue>), BlockError> {
-        let mut block = Block::open(path, read_only, id)?;
+        let read_only = block.read_only;
         let state_err = |source| BlockError::State {
             path: path.display().to_string(),
             source,
@@ -152,9 +151,8 @@ mod tests {
             read_only: false,
         };
         let (mut b, kept) = Block::restore(
+            Block::open(f.path(), false, "test-disk").unwrap(),
             f.path(),
-            false,
-            "test-disk",
             &m,
             interrupt(),
             &transport(true, USED),
@@ -190,9 +188,8 @@ mod tests {
             ..st.clone()
         };
         let e = err(Block::restore(
+            Block::open(f.path(), false, "d").unwrap(),
             f.path(),
-            false,
-            "d",
             &m,
             interrupt(),
             &transport(true, USED),
@@ -204,9 +201,8 @@ mod tests {
         );
         // Rings outside guest memory.
         let e = err(Block::restore(
+            Block::open(f.path(), false, "d").unwrap(),
             f.path(),
-            false,
-            "d",
             &m,
             interrupt(),
             &transport(true, 1 << 40),
@@ -217,9 +213,8 @@ mod tests {
         let mut t = transport(true, USED);
         t.acked_features |= 1 << 40;
         let e = err(Block::restore(
+            Block::open(f.path(), false, "d").unwrap(),
             f.path(),
-            false,
-            "d",
             &m,
             interrupt(),
             &t,
@@ -230,9 +225,8 @@ mod tests {
         let mut t = transport(false, USED);
         t.device_type = 19;
         let e = err(Block::restore(
+            Block::open(f.path(), false, "d").unwrap(),
             f.path(),
-            false,
-            "d",
             &m,
             interrupt(),
             &t,
@@ -242,9 +236,8 @@ mod tests {
         let mut t = transport(false, USED);
         t.queues.push(t.queues[0]);
         let e = err(Block::restore(
+            Block::open(f.path(), false, "d").unwrap(),
             f.path(),
-            false,
-            "d",
             &m,
             interrupt(),
             &t,
@@ -253,9 +246,8 @@ mod tests {
         assert!(e.contains("2 queues in the snapshot"), "{e}");
         // Not yet activated: the transport keeps the queues.
         let (_, kept) = Block::restore(
+            Block::open(f.path(), false, "d").unwrap(),
             f.path(),
-            false,
-            "d",
             &m,
             interrupt(),
             &transport(false, USED),

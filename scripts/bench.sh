@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs every benchmark (boot, exec, snapshot, network, warm starts) and
+# Runs every benchmark (boot, exec, snapshot, disk, network, warm starts) and
 # prints one table: microagent and QEMU microvm side by side where both are
 # measured, on the same kernel, disk and hidden CPU features, with the
 # ratio, and which kind of KVM the figures come from.
@@ -28,9 +28,9 @@ bash scripts/build-kernel.sh >/dev/null
 bash scripts/build-passt.sh >/dev/null
 bash scripts/build-agent.sh >/dev/null
 if [ "$quick" -eq 1 ]; then
-  export MICROAGENT_BENCH_RUNS=1 MICROAGENT_BENCH_SNAPSHOT_MIB=256
+  export MICROAGENT_BENCH_RUNS=1 MICROAGENT_BENCH_SNAPSHOT_MIB=256 MICROAGENT_BENCH_DISK_BIG_MIB=2048
 fi
-for bench in boot exec snapshot network warm_start; do
+for bench in boot exec snapshot disk network warm_start; do
   echo "bench: $bench ..." >&2
   start=$(date +%s)
   # Each bench prints JSON lines on stdout; keep going if one fails.

@@ -1,0 +1,265 @@
+//! Disk benchmark (copy-on-write chains), one JSON line per figure:
+//! - `create_ms` on a cached image (its base already built) for busybox,
+//!   Debian minbase and a synthetic image with a 2 GiB file, beside the
+//!   first create (which builds the base) and QEMU's counterpart, a qcow2
+//!   overlay over the same disk (`qemu-img create -b`);
+//! - fork → first exec and rollback → first exec with nothing written and
+//!   with 1 GiB written in the guest before the snapshot;
+//! - the disk bytes of 10 workspaces plus 10 forks of one image against
+//!   one image disk plus what they wrote.
+//!
+//! Runs per figure: MICROAGENT_BENCH_RUNS, default 3.
+//! MICROAGENT_BENCH_DISK_BIG_MIB sets the synthetic image's file (2048).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+#[path = "support/stats.rs"]
+mod stats;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::oci;
+use common::Home;
+use serde_json::json;
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+fn runs() -> usize {
+    std::env::var("MICROAGENT_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+}
+
+/// Bytes the files under `dir` occupy, each inode counted once (hard
+/// links are how chains share files).
+fn du_bytes(dir: &Path) -> u64 {
+    let out = Command::new("du")
+        .args(["-s", "-B1"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A layout with one layer holding `/big` of `mib` MiB (non-zero bytes).
+fn big_layout(dir: &Path, mib: usize) -> std::path::PathBuf {
+    let out = dir.join("big-layout");
+    let tree = dir.join("big-tree");
+    std::fs::create_dir_all(&tree).unwrap();
+    let st = Command::new("dd")
+        .args(["if=/dev/urandom", "bs=1M", "status=none"])
+        .arg(format!("of={}", tree.join("big").display()))
+        .arg(format!("count={mib}"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let mut b = tar::Builder::new(Vec::new());
+    b.append_path_with_name(tree.join("big"), "big").unwrap();
+    let tar = b.into_inner().unwrap();
+    let busybox = oci::script_path("image-busybox.sh");
+    oci::layout(&out, Some(&busybox), &[tar], json!({}), "latest");
+    std::fs::remove_dir_all(&tree).unwrap();
+    out
+}
+
+fn image_create(home: &Home, label: &str, layout: &Path) {
+    let reference = format!("localhost/bench-{label}:latest");
+    let image = home.json(&[
+        "image",
+        "import",
+        layout.to_str().unwrap(),
+        "--tag",
+        &reference,
+    ]);
+    let create = |name: &str| {
+        let t = Instant::now();
+        home.ok(&[
+            "create",
+            name,
+            "--image",
+            &reference,
+            "--kernel",
+            common::vmlinux().to_str().unwrap(),
+        ]);
+        ms(t.elapsed())
+    };
+    let first = create(&format!("{label}-0"));
+    let cached: Vec<f64> = (1..=runs())
+        .map(|i| create(&format!("{label}-{i}")))
+        .collect();
+    let disk_bytes = image["disk_bytes"].as_u64().unwrap_or(0);
+    let extra = json!({"image": label, "disk_mib": disk_bytes >> 20});
+    stats::emit(
+        "disk",
+        "microagent",
+        "create_first_ms",
+        "ms",
+        vec![first],
+        extra.clone(),
+    );
+    stats::emit(
+        "disk",
+        "microagent",
+        "create_ms",
+        "ms",
+        cached,
+        extra.clone(),
+    );
+    if let Some(base) = std::fs::read_dir(home.dir.path().join("cache/bases"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "img"))
+    {
+        let qemu: Vec<f64> = (0..runs())
+            .filter_map(|i| {
+                let overlay = home.dir.path().join(format!("q{label}{i}.qcow2"));
+                let t = Instant::now();
+                let st = Command::new("qemu-img")
+                    .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+                    .arg(&base)
+                    .arg(&overlay)
+                    .status()
+                    .ok()?;
+                st.success().then(|| ms(t.elapsed()))
+            })
+            .collect();
+        if !qemu.is_empty() {
+            stats::emit("disk", "qemu", "create_ms", "ms", qemu, extra);
+        }
+    }
+}
+
+/// Fork and rollback to first exec, after `written_mib` MiB written in
+/// the guest before the snapshot.
+fn fork_and_rollback(home: &Home, shared: &common::SharedConfig, written_mib: u32) {
+    let src = format!("w{written_mib}");
+    home.ok(&shared.create_args(&src, &["--disk-size", "2G"]));
+    home.ok(&["start", &src]);
+    if written_mib > 0 {
+        common::sh(
+            home,
+            &src,
+            &format!("dd if=/dev/zero of=/root/upper bs=1M count={written_mib} conv=fsync 2>/dev/null; echo ok"),
+        );
+    }
+    home.ok(&["snapshot", "create", &src, "--tag", "s"]);
+    let extra = json!({"written_mib": written_mib, "memory_mib": 256});
+    let mut fork = Vec::new();
+    for i in 0..runs() {
+        let name = format!("{src}-f{i}");
+        let t = Instant::now();
+        home.ok(&["create", &name, "--from-snapshot", &format!("{src}:s")]);
+        assert_eq!(home.ok(&["exec", &name, "--", "echo", "hi"]).trim(), "hi");
+        fork.push(ms(t.elapsed()));
+        home.ok(&["delete", &name, "--yes", "--force"]);
+    }
+    stats::emit(
+        "disk",
+        "microagent",
+        "fork_to_first_exec_ms",
+        "ms",
+        fork,
+        extra.clone(),
+    );
+    let mut rollback = Vec::new();
+    for _ in 0..runs() {
+        home.ok(&["halt", &src]);
+        let t = Instant::now();
+        home.ok(&["start", &src, "--from-snapshot", "s"]);
+        assert_eq!(home.ok(&["exec", &src, "--", "echo", "hi"]).trim(), "hi");
+        rollback.push(ms(t.elapsed()));
+    }
+    stats::emit(
+        "disk",
+        "microagent",
+        "rollback_to_first_exec_ms",
+        "ms",
+        rollback,
+        extra,
+    );
+    home.ok(&["delete", &src, "--yes", "--force"]);
+}
+
+/// 10 workspaces of one image, each writing 1 MiB, and 10 forks of one of
+/// them, each writing 1 MiB: their disks against one image plus writes.
+fn shared_bytes(home: &Home, shared: &common::SharedConfig) {
+    let before = du_bytes(home.dir.path());
+    let write = |ws: &str| {
+        common::sh(
+            home,
+            ws,
+            "dd if=/dev/urandom of=/root/mine bs=1M count=1 conv=fsync 2>/dev/null; echo ok",
+        );
+    };
+    for i in 0..10 {
+        let name = format!("many{i}");
+        home.ok(&shared.create_args(&name, &[]));
+        home.ok(&["start", &name]);
+        write(&name);
+    }
+    home.ok(&["snapshot", "create", "many0", "--tag", "s"]);
+    for i in 0..10 {
+        let name = format!("manyf{i}");
+        home.ok(&["create", &name, "--from-snapshot", "many0:s"]);
+        write(&name);
+    }
+    for i in 0..10 {
+        home.ok(&["halt", &format!("many{i}")]);
+        home.ok(&["halt", &format!("manyf{i}")]);
+    }
+    // Disks only: memory.bin of the one snapshot is not a disk.
+    let snap_mem = std::fs::metadata(home.workspace_dir("many0").join("snapshots/s/memory.bin"))
+        .map_or(0, |m| m.blocks() * 512);
+    let used = du_bytes(home.dir.path()).saturating_sub(before + snap_mem);
+    let base = std::fs::metadata(common::busybox_rootfs(home.dir.path(), common::IDLE_INIT))
+        .map_or(0, |m| m.blocks() * 512);
+    stats::emit(
+        "disk",
+        "microagent",
+        "disk_mib_10_workspaces_10_forks",
+        "MiB",
+        vec![used as f64 / (1 << 20) as f64],
+        json!({"one_image_mib": base >> 20, "written_mib": 20}),
+    );
+    for i in 0..10 {
+        home.ok(&["delete", &format!("many{i}"), "--yes", "--force"]);
+        home.ok(&["delete", &format!("manyf{i}"), "--yes", "--force"]);
+    }
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    if !common::kvm_available() {
+        eprintln!("disk bench: /dev/kvm is not usable; nothing measured");
+        std::process::exit(1);
+    }
+    let home = Home::new();
+    let busybox = oci::script_path("image-busybox.sh");
+    image_create(&home, "busybox", &busybox);
+    let debian = oci::script_path("image-debian.sh");
+    image_create(&home, "debian", &debian);
+    let big_mib = std::env::var("MICROAGENT_BENCH_DISK_BIG_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2048);
+    let big = big_layout(home.dir.path(), big_mib);
+    image_create(&home, "synthetic", &big);
+
+    let shared = common::SharedConfig::new(home.dir.path());
+    fork_and_rollback(&home, &shared, 0);
+    fork_and_rollback(&home, &shared, 1024);
+    shared_bytes(&home, &shared);
+}

@@ -23,7 +23,7 @@ use super::create::{default_kernel, CreateOptions, RegistryOptions, RootSource};
 use super::fork::ForkOptions;
 use super::lifecycle::StartOptions;
 use super::{invalid, Engine, Error, IoContext, Reporter, Result, Silent};
-use crate::digest::{hex, sha256_file};
+use crate::digest::{hex, sha256_file, sha256_file_cached};
 use crate::image::ops as image_ops;
 use crate::image::store::ImageStore;
 use crate::util::lock::FileLock;
@@ -253,8 +253,8 @@ impl Engine {
             Some(k) => k,
             None => default_kernel()?,
         };
-        let kernel_sha256 =
-            sha256_file(&kernel).io_ctx(|| format!("hashing kernel {}", kernel.display()))?;
+        let kernel_sha256 = sha256_file_cached(&kernel, &state.hash_cache())
+            .io_ctx(|| format!("hashing kernel {}", kernel.display()))?;
         let store = ImageStore::new(&state.root);
         let image = image_ops::ensure(
             &store,

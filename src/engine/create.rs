@@ -8,7 +8,7 @@ use super::{
 };
 use crate::agent::{agent_binary, AGENT_GUEST_PATH};
 use crate::devices::virtio::net::config::{check_unique, PortMap};
-use crate::digest::sha256_file;
+use crate::digest::{sha256_file, sha256_file_cached};
 use crate::image::ops as image_ops;
 use crate::image::pull::PullOptions;
 use crate::image::store::{ImageRecord, ImageStore};
@@ -254,9 +254,10 @@ fn populate(
     disk_size: Option<u64>,
 ) -> Result<WorkspaceRecord> {
     let _lock = FileLock::acquire(&ws.lock_path())?;
+    let hashes = state_root.join("cache/hashes");
     let agent = agent_binary()?;
-    let agent_sha256 =
-        sha256_file(&agent).io_ctx(|| format!("hashing agent {}", agent.display()))?;
+    let agent_sha256 = sha256_file_cached(&agent, &hashes)
+        .io_ctx(|| format!("hashing agent {}", agent.display()))?;
     if let Some(init) = &opts.init {
         if !init.starts_with('/') || init.contains(char::is_whitespace) {
             return Err(invalid(format!(
@@ -305,8 +306,8 @@ fn populate(
     let chain = crate::disk::create(&ws.disk_dir(), &base, Some(base_sha256))
         .map_err(crate::workspace::disk::DiskError::from)?;
     let kernel = std::fs::canonicalize(kernel).io_ctx(|| format!("kernel {}", kernel.display()))?;
-    let kernel_sha256 =
-        sha256_file(&kernel).io_ctx(|| format!("hashing kernel {}", kernel.display()))?;
+    let kernel_sha256 = sha256_file_cached(&kernel, &hashes)
+        .io_ctx(|| format!("hashing kernel {}", kernel.display()))?;
     let boot_key = BootInputs {
         kernel_sha256: &kernel_sha256,
         disk_source: &disk_source,

@@ -46,7 +46,7 @@ impl Engine {
         let src = self.state.existing(src_name)?;
         let dir = snapshot_dir(&src, tag)?;
         let src_rec = src.read()?;
-        check_snapshot(&dir, &src_rec)?;
+        check_snapshot(&self.state, &dir, &src_rec)?;
         if src_rec.network == NetworkMode::None && !opts.ports.is_empty() {
             return Err(invalid(format!(
                 "workspace {src_name} has no network (--network none): a fork of it cannot publish ports"

@@ -102,7 +102,7 @@ impl Engine {
         let (launched, boot, key, cached) = match &opts.from_snapshot {
             Some(tag) => {
                 let dir = snapshot_dir(&ws, tag)?;
-                check_snapshot(&dir, &rec)?;
+                check_snapshot(&self.state, &dir, &rec)?;
                 // Roll the disk back with the memory: both are from that moment.
                 restore_from(&dir, &ws)?;
                 let l = launch(

@@ -17,7 +17,7 @@ use super::{
 };
 use crate::agent::secrets as agent_secrets;
 use crate::devices::virtio::block::SNAPSHOT_DISK_DIR;
-use crate::digest::sha256_file;
+use crate::digest::{sha256_file, sha256_file_cached};
 use crate::disk::{ChainSpec, CHAIN_FILE};
 use crate::snapshot::manifest::{
     validate_tag, FileInfo, HostCpu, Manifest, Origin, MANIFEST, MEMORY, ROOTFS, VMSTATE,
@@ -30,7 +30,7 @@ use crate::vmm::host;
 use crate::workspace::busy::{self, BusyGuard};
 use crate::workspace::secrets::{SecretStore, Value};
 use crate::workspace::state::Status;
-use crate::workspace::store::{now_rfc3339, WorkspaceDir, WorkspaceRecord};
+use crate::workspace::store::{now_rfc3339, StateDir, WorkspaceDir, WorkspaceRecord};
 
 /// Saving guest memory of a large VM can take a while.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -120,7 +120,11 @@ pub(crate) fn snapshot_dir(ws: &WorkspaceDir, tag: &str) -> Result<PathBuf> {
 
 /// Reads a snapshot's manifest and refuses what cannot run here: another
 /// kernel, CPU template, host CPU or TSC rate, or missing files.
-pub(crate) fn check_snapshot(dir: &Path, rec: &WorkspaceRecord) -> Result<Manifest> {
+pub(crate) fn check_snapshot(
+    state: &StateDir,
+    dir: &Path,
+    rec: &WorkspaceRecord,
+) -> Result<Manifest> {
     let tag = dir
         .file_name()
         .map(|t| t.to_string_lossy().into_owned())
@@ -138,8 +142,8 @@ pub(crate) fn check_snapshot(dir: &Path, rec: &WorkspaceRecord) -> Result<Manife
             source: Box::new(e.into()),
         },
     })?;
-    let kernel_now =
-        sha256_file(Path::new(&rec.kernel)).io_ctx(|| format!("hashing kernel {}", rec.kernel))?;
+    let kernel_now = sha256_file_cached(Path::new(&rec.kernel), &state.hash_cache())
+        .io_ctx(|| format!("hashing kernel {}", rec.kernel))?;
     let host_cpuid = rec
         .cpu_template
         .parse::<CpuTemplate>()

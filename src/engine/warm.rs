@@ -72,7 +72,7 @@ pub fn first_start(
     };
     let cache = BootCache::new(&state.root);
     if let Some(dir) = cache.lookup(&key) {
-        match warm_start(&cache, &dir, ws, rec, wait, report) {
+        match warm_start(state, &cache, &dir, ws, rec, wait, report) {
             Ok(launched) => {
                 return Ok(FirstStart {
                     launched,
@@ -122,6 +122,7 @@ pub fn first_start(
 /// Resumes the cached boot snapshot in `dir` as this workspace. On failure
 /// the workspace is as before: created, with its own disk, no VMM.
 fn warm_start(
+    state: &StateDir,
     cache: &BootCache,
     dir: &Path,
     ws: &WorkspaceDir,
@@ -130,7 +131,7 @@ fn warm_start(
     report: &dyn Reporter,
 ) -> Result<Launched> {
     let _use = cache.use_lock()?;
-    check_snapshot(dir, rec)?;
+    check_snapshot(state, dir, rec)?;
     // Keep the workspace's own disk until the restore has worked.
     let own_disk = ws.dir.join("disk.cold");
     let _ = std::fs::remove_dir_all(&own_disk);

@@ -133,6 +133,11 @@ pub struct StateDir {
 }
 
 impl StateDir {
+    /// Remembered sha256 of kernels and agents (`digest::sha256_file_cached`).
+    pub fn hash_cache(&self) -> PathBuf {
+        self.root.join("cache/hashes")
+    }
+
     /// `$MICROAGENT_HOME`, else /var/lib/microagent for root, else
     /// `$XDG_DATA_HOME/microagent` (or ~/.local/share/microagent).
     pub fn from_env() -> StateDir {

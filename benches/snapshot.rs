@@ -118,6 +118,7 @@ fn ours(memory_mib: u64, runs: usize) {
 
     let mut restore = Vec::new();
     let mut running = Vec::new();
+    let mut phases: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
     for _ in 0..runs {
         home.ok(&["halt", "src"]);
         let t = Instant::now();
@@ -126,6 +127,37 @@ fn ours(memory_mib: u64, runs: usize) {
         // The command's own clock: comparable with QEMU's restore, which
         // ends when `cont` returns, not when a guest service answers.
         running.extend(v["running_ms"].as_f64());
+        let log =
+            std::fs::read_to_string(home.workspace_dir("src").join("vmm.log")).unwrap_or_default();
+        let line = log
+            .lines()
+            .rev()
+            .find_map(|l| l.strip_prefix(microagent::vmm::snapshot::RESTORE_PHASES_PREFIX));
+        let mut inside = 0.0;
+        for part in line.unwrap_or_default().split_whitespace() {
+            if let Some((name, v)) = part.split_once('=') {
+                let v: f64 = v.parse().unwrap_or(0.0);
+                inside += v;
+                phases.entry(name.to_string()).or_default().push(v);
+            }
+        }
+        if let Some(total) = v["running_ms"].as_f64() {
+            // Process start, reading the state, disk chain checks, the
+            // first KVM_RUN and the control round trips.
+            phases
+                .entry("outside_restore".into())
+                .or_default()
+                .push(total - inside);
+        }
+    }
+    for (name, samples) in phases {
+        stats(
+            "microagent",
+            memory_mib,
+            &format!("restore_phase_{name}_ms"),
+            "ms",
+            samples,
+        );
     }
     stats(
         "microagent",

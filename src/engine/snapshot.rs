@@ -20,7 +20,8 @@ use crate::devices::virtio::block::SNAPSHOT_DISK_DIR;
 use crate::digest::{sha256_file, sha256_file_cached};
 use crate::disk::{ChainSpec, CHAIN_FILE};
 use crate::snapshot::manifest::{
-    validate_tag, FileInfo, HostCpu, Manifest, Origin, MANIFEST, MEMORY, ROOTFS, VMSTATE,
+    validate_tag, FileInfo, HostCpu, Manifest, Origin, HASH_BLOCKS, HASH_CHAIN, MANIFEST, MEMORY,
+    ROOTFS, VMSTATE,
 };
 use crate::snapshot::scan::{scan, MIN_SCANNABLE};
 use crate::util::copy::allocated_bytes;
@@ -28,6 +29,7 @@ use crate::vmm::arch::x86_64::cpuid::CpuTemplate;
 use crate::vmm::control::{self, Op as CtlOp, SnapshotReply};
 use crate::vmm::host;
 use crate::workspace::busy::{self, BusyGuard};
+use crate::workspace::disk::content_sha256;
 use crate::workspace::secrets::{SecretStore, Value};
 use crate::workspace::state::Status;
 use crate::workspace::store::{now_rfc3339, StateDir, WorkspaceDir, WorkspaceRecord};
@@ -209,18 +211,26 @@ pub(crate) fn check_snapshot(
 }
 
 /// Syncs a snapshot file (written unsynced while the guest was paused)
-/// and describes it for the manifest.
+/// and describes it for the manifest. Sparse memory is hashed by content
+/// (`HASH_BLOCKS`): only its data extents are read.
 fn file_info(dir: &Path, name: &str) -> Result<FileInfo> {
     let path = dir.join(name);
     std::fs::File::open(&path)
         .and_then(|f| f.sync_all())
         .io_ctx(|| format!("syncing {}", path.display()))?;
+    let sparse = name == MEMORY;
+    let sha256 = if sparse {
+        content_sha256(&path)
+    } else {
+        sha256_file(&path)
+    };
     Ok(FileInfo {
         name: name.to_string(),
         size: std::fs::metadata(&path)
             .io_ctx(|| format!("{}", path.display()))?
             .len(),
-        sha256: sha256_file(&path).io_ctx(|| format!("hashing {}", path.display()))?,
+        sha256: sha256.io_ctx(|| format!("hashing {}", path.display()))?,
+        hash: sparse.then(|| HASH_BLOCKS.to_string()),
     })
 }
 
@@ -413,6 +423,7 @@ pub(crate) fn capture(
                 .io_ctx(|| format!("{}", path.display()))?
                 .len(),
             sha256: spec.digests.get(name).cloned().unwrap_or_default(),
+            hash: Some(HASH_CHAIN.to_string()),
         });
     }
     let files = infos;

@@ -43,7 +43,19 @@ pub struct FileInfo {
     pub name: String,
     pub size: u64,
     pub sha256: String,
+    /// What `sha256` is taken over. Absent: every byte of the file.
+    /// [`HASH_BLOCKS`]: its length, then each non-zero 4 KiB block with its
+    /// offset (sparse memory; holes are never read, allocation does not
+    /// count). [`HASH_CHAIN`]: a disk chain file's length and the blocks
+    /// it holds with their bytes (allocation is its content).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<String>,
 }
+
+/// See [`FileInfo::hash`].
+pub const HASH_BLOCKS: &str = "sha256-nonzero-4k-blocks";
+/// See [`FileInfo::hash`].
+pub const HASH_CHAIN: &str = "sha256-chain-blocks";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {

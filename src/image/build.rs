@@ -132,7 +132,7 @@ fn set_root_mode(tree: &Path) -> Result<()> {
 
 /// Bytes the tree's files occupy in 4 KiB blocks (hard links once) and its
 /// inode count.
-fn measure(tree: &Path) -> Result<(u64, u64)> {
+pub(super) fn measure(tree: &Path) -> Result<(u64, u64)> {
     let mut seen = HashSet::new();
     let mut bytes = 0u64;
     let mut inodes = 0u64;
@@ -156,7 +156,7 @@ fn measure(tree: &Path) -> Result<(u64, u64)> {
 
 /// Runs mkfs.ext4 -d with room for the content, its metadata and the
 /// journal; returns the disk's size.
-fn mkfs(tree: &Path, disk: &Path, content: u64, inodes: u64) -> Result<u64> {
+pub(super) fn mkfs(tree: &Path, disk: &Path, content: u64, inodes: u64) -> Result<u64> {
     let inode_count = inodes + inodes / 4 + 1024;
     // Content + 10% (directories, extents) + inode tables + 64 MiB for the
     // journal and group descriptors.

@@ -13,6 +13,7 @@ pub mod build;
 pub mod config;
 pub mod digest;
 pub mod import;
+pub mod layer_disk;
 pub mod layout;
 pub mod ops;
 pub mod progress;

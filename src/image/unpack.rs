@@ -11,6 +11,9 @@
 //! Whiteouts (`.wh.NAME`) delete lower-layer entries; an opaque marker
 //! (`.wh..wh..opq`) hides everything the lower layers put in its directory.
 //! Both apply only to lower layers, whatever the entry order in the tar.
+//! In overlay form (one tree per layer, for layer disks) they are kept as
+//! overlayfs's own: a 0/0 character device and a `trusted.overlay.opaque`
+//! xattr.
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Read};
@@ -56,6 +59,7 @@ pub struct Unpacker<'a> {
     /// Bytes of file content the whole image may unpack to.
     pub budget: u64,
     preserve_owner: bool,
+    overlay_form: bool,
 }
 
 impl<'a> Unpacker<'a> {
@@ -67,6 +71,16 @@ impl<'a> Unpacker<'a> {
             // themselves (ownership inside the guest is then theirs).
             // SAFETY: geteuid has no preconditions and cannot fail.
             preserve_owner: unsafe { libc::geteuid() } == 0,
+            overlay_form: false,
+        }
+    }
+
+    /// Unpacks one layer into its own tree, whiteouts and opaque markers
+    /// converted to overlayfs's form instead of applied.
+    pub fn overlay_form(root: &'a Path, budget: u64) -> Self {
+        Unpacker {
+            overlay_form: true,
+            ..Unpacker::new(root, budget)
         }
     }
 
@@ -102,6 +116,7 @@ impl<'a> Unpacker<'a> {
         archive.set_unpack_xattrs(true);
         let mut created: HashSet<PathBuf> = HashSet::new();
         let mut opaque: Vec<PathBuf> = Vec::new();
+        let mut whiteouts: Vec<PathBuf> = Vec::new();
         let mut stats = LayerStats::default();
         let entries = archive.entries().map_err(ImageError::io(layer))?;
         for entry in entries {
@@ -127,8 +142,14 @@ impl<'a> Unpacker<'a> {
                 continue;
             }
             if let Some(hidden) = file_name.strip_prefix(WHITEOUT_PREFIX) {
+                // `.wh..` would name the parent itself.
+                if matches!(hidden, "" | "." | "..") {
+                    return Err(unsafe_entry(format!("whiteout of {hidden:?}")));
+                }
                 let victim = parent.join(hidden);
-                if !created.contains(&victim) {
+                if self.overlay_form {
+                    whiteouts.push(victim);
+                } else if !created.contains(&victim) {
                     remove_any(&self.root.join(&victim))
                         .map_err(|e| unsafe_entry(e.to_string()))?;
                 }
@@ -169,10 +190,15 @@ impl<'a> Unpacker<'a> {
                         }
                         Ok(_) => {}
                         Err(_) => {
+                            let scope = if self.overlay_form {
+                                "this layer (a layer disk cannot link into another)"
+                            } else {
+                                "the image"
+                            };
                             return Err(unsafe_entry(format!(
-                                "hard link to {:?}, which is not in the image",
+                                "hard link to {:?}, which is not in {scope}",
                                 src.display()
-                            )))
+                            )));
                         }
                     }
                     std::fs::hard_link(&src_path, &target)
@@ -207,8 +233,20 @@ impl<'a> Unpacker<'a> {
                 }
             }
         }
-        for dir in opaque {
-            self.hide_lower(&dir, &created)?;
+        if self.overlay_form {
+            // A whiteout of an entry this layer also has keeps the entry.
+            for victim in whiteouts.iter().filter(|v| !created.contains(*v)) {
+                overlay_whiteout(&self.root.join(victim))
+                    .map_err(ImageError::io(self.root.join(victim)))?;
+            }
+            for dir in &opaque {
+                overlay_opaque(&self.root.join(dir))
+                    .map_err(ImageError::io(self.root.join(dir)))?;
+            }
+        } else {
+            for dir in opaque {
+                self.hide_lower(&dir, &created)?;
+            }
         }
         Ok(stats)
     }
@@ -270,6 +308,34 @@ impl<'a> Unpacker<'a> {
             }
         }
         Ok(())
+    }
+}
+
+/// overlayfs's whiteout: a character device 0/0 hides the lower entry.
+fn overlay_whiteout(path: &Path) -> std::io::Result<()> {
+    use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+    mknod(path, SFlag::S_IFCHR, Mode::empty(), makedev(0, 0)).map_err(std::io::Error::from)
+}
+
+/// overlayfs's opaque directory: lower layers' entries in it are hidden.
+fn overlay_opaque(dir: &Path) -> std::io::Result<()> {
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::other("NUL in path"))?;
+    // SAFETY: both strings are NUL-terminated and outlive the call; the
+    // value pointer and length describe a 1-byte buffer.
+    let rc = unsafe {
+        libc::lsetxattr(
+            path.as_ptr(),
+            c"trusted.overlay.opaque".as_ptr(),
+            b"y".as_ptr().cast(),
+            1,
+            0,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 

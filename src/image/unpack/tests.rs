@@ -90,6 +90,17 @@ fn whiteout_does_not_remove_same_layer_file() {
 }
 
 #[test]
+fn whiteouts_of_dot_and_dot_dot_are_refused_and_remove_nothing() {
+    let t = tempfile::tempdir().unwrap();
+    apply(t.path(), &[("d/", D, ""), ("d/keep", F, "1")]).unwrap();
+    for name in ["d/.wh..", "d/.wh..."] {
+        let err = apply(t.path(), &[(name, F, "")]).unwrap_err().to_string();
+        assert!(err.contains("whiteout of"), "{err}");
+    }
+    assert!(t.path().join("d/keep").exists());
+}
+
+#[test]
 fn dot_dot_and_absolute_names_are_refused() {
     let outer = tempfile::tempdir().unwrap();
     let root = outer.path().join("root");

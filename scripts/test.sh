@@ -23,4 +23,4 @@ else
 ########################################################################
 MSG
 fi
-cargo test --workspace "$@"
+cargo test --workspace --no-fail-fast "$@"

@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// The two tests run one after the other: the first-connection bound (2 s)
-/// is a latency figure, and eight forks uploading beside it on a 2-core PVM
+/// The two tests run one after the other: the first-connection test
+/// reports latencies, and eight forks uploading beside it on a 2-core PVM
 /// host would measure the load, not the fix.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
@@ -315,7 +315,11 @@ fn forks_and_rollbacks_serve_from_their_first_connection() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     const FORKS: usize = 20;
     const ROUNDS: usize = 5;
-    const FIRST_ANSWER: Duration = Duration::from_secs(2);
+    // The bug this guards against left the first connection unanswered
+    // for as long as the guest sent nothing: indefinitely. Twenty guests
+    // just resumed on two emulated cores answer in about 1 to 2 s (the
+    // rounds are printed); the bound only has to tell that from never.
+    const FIRST_ANSWER: Duration = Duration::from_secs(10);
     let home = Home::new();
     let shared = SharedConfig::new(home.dir.path());
     let host = serve(Arc::new(Vec::new()));
@@ -339,6 +343,7 @@ fn forks_and_rollbacks_serve_from_their_first_connection() {
 
     let mut slowest = Duration::ZERO;
     for round in 0..ROUNDS {
+        let mut round_slowest = Duration::ZERO;
         let ports = free_ports_below_ephemeral(FORKS, base + 1 + 2000 * round as u16);
         std::thread::scope(|s| {
             for (i, port) in ports.iter().enumerate() {
@@ -363,8 +368,10 @@ fn forks_and_rollbacks_serve_from_their_first_connection() {
                 panic!("round {round}: fork f{round}-{i}'s first connection: {e} after {took:?}")
             });
             assert!(got.contains("served-page"), "f{round}-{i}: {got}");
-            slowest = slowest.max(took);
+            round_slowest = round_slowest.max(took);
         }
+        eprintln!("round {round}: slowest first answer {round_slowest:?}");
+        slowest = slowest.max(round_slowest);
         // Outbound from a fork that has not sent anything yet.
         // `timeout`, not wget's -T: Debian 12's busybox wget segfaults with -T.
         let out = format!(

@@ -60,6 +60,11 @@ fn assert_guest_clock(home: &Home, ws: &str) {
     );
 }
 
+/// The large guest and the crash test each load the 2-core host enough to
+/// skew the other's clock and timing checks: they run one after the other
+/// (the seed transcript runs beside either).
+static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn snapshot_dir(home: &Home, ws: &str, tag: &str) -> std::path::PathBuf {
     home.workspace_dir(ws).join("snapshots").join(tag)
 }
@@ -451,6 +456,7 @@ fn large_guest_busy_status_kill_and_clock() {
     if !kvm_available() {
         return;
     }
+    let _heavy = HEAVY.lock().unwrap_or_else(|p| p.into_inner());
     let home = Home::new();
     let rootfs = rootfs_with_big_file(home.dir.path(), 128, "#!/bin/sh\nexec sleep 100000\n");
     home.ok(&[
@@ -625,14 +631,16 @@ fn large_guest_busy_status_kill_and_clock() {
     }
 }
 
-/// `e2fsck -fy` of a workspace's disk as the guest would see it (its
-/// chain, materialized into a scratch file); returns its output, which
-/// must report nothing fixed beyond replaying the journal.
+/// `e2fsck -f -p` (preen, as at boot) of a workspace's disk as the guest
+/// would see it (its chain, materialized into a scratch file); returns its
+/// output. Preen replays the journal and fixes only what an unclean
+/// shutdown leaves (the superblock's free counts, which ext4 does not keep
+/// current while mounted); anything else fails it with exit 4.
 fn host_fsck(home: &Home, ws: &str) -> String {
     let scratch = home.dir.path().join(format!("{ws}-fsck.img"));
     std::fs::write(&scratch, workspace_disk(&home.workspace_dir(ws))).unwrap();
     let out = std::process::Command::new("e2fsck")
-        .args(["-f", "-y"])
+        .args(["-f", "-p"])
         .arg(&scratch)
         .output()
         .unwrap();
@@ -644,11 +652,7 @@ fn host_fsck(home: &Home, ws: &str) -> String {
     );
     assert!(
         out.status.code().unwrap_or(8) <= 1,
-        "e2fsck failed:\n{text}"
-    );
-    assert!(
-        !text.contains("? yes"),
-        "e2fsck had to fix the disk:\n{text}"
+        "e2fsck -p found damage:\n{text}"
     );
     text
 }
@@ -662,6 +666,7 @@ fn kill_during_heavy_writes_keeps_every_fsynced_file() {
     if !kvm_available() {
         return;
     }
+    let _heavy = HEAVY.lock().unwrap_or_else(|p| p.into_inner());
     let home = Home::new();
     let shared = SharedConfig::new(home.dir.path());
     home.ok(&shared.create_args("crashy", &[]));
@@ -704,7 +709,7 @@ fn kill_during_heavy_writes_keeps_every_fsynced_file() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let fsck = host_fsck(&home, "crashy");
-    assert!(fsck.contains("clean") || fsck.contains("files"), "{fsck}");
+    assert!(fsck.contains("files"), "{fsck}");
     home.ok(&["start", "crashy"]);
     assert_eq!(sh(&home, "crashy", "sha256sum /root/keep1"), first);
     assert_eq!(sh(&home, "crashy", "sha256sum /root/keep2"), second);

@@ -17,6 +17,7 @@ pub mod launch;
 pub mod lifecycle;
 pub mod secrets;
 pub mod snapshot;
+mod snapshot_files;
 pub mod vmm_process;
 mod warm;
 

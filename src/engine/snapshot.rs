@@ -12,24 +12,22 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::launch::deliver_secrets;
+use super::snapshot_files::{disk_entry, manifest_files, snapshot_size};
 use super::{
     conflict, invalid, open, Context, Engine, Error, IoContext, Reporter, Result, CONTROL_TIMEOUT,
 };
 use crate::agent::secrets as agent_secrets;
 use crate::devices::virtio::block::SNAPSHOT_DISK_DIR;
-use crate::digest::{sha256_file, sha256_file_cached};
+use crate::digest::sha256_file_cached;
 use crate::disk::{ChainSpec, CHAIN_FILE};
 use crate::snapshot::manifest::{
-    validate_tag, FileInfo, HostCpu, Manifest, Origin, HASH_BLOCKS, HASH_CHAIN, MANIFEST, MEMORY,
-    ROOTFS, VMSTATE,
+    validate_tag, HostCpu, Manifest, Origin, MANIFEST, MEMORY, ROOTFS, VMSTATE,
 };
 use crate::snapshot::scan::{scan, MIN_SCANNABLE};
-use crate::util::copy::allocated_bytes;
 use crate::vmm::arch::x86_64::cpuid::CpuTemplate;
 use crate::vmm::control::{self, Op as CtlOp, SnapshotReply};
 use crate::vmm::host;
 use crate::workspace::busy::{self, BusyGuard};
-use crate::workspace::disk::content_sha256;
 use crate::workspace::secrets::{SecretStore, Value};
 use crate::workspace::state::Status;
 use crate::workspace::store::{now_rfc3339, StateDir, WorkspaceDir, WorkspaceRecord};
@@ -60,51 +58,6 @@ pub struct Created {
 /// The default tag: a UTC timestamp.
 pub fn default_tag() -> String {
     now_rfc3339().replace([':', '-'], "")
-}
-
-/// Allocated bytes of what the snapshot added: memory, state, and its
-/// deltas; not the base disk, which every workspace of the image shares.
-fn snapshot_size(dir: &Path) -> u64 {
-    let own: u64 = [VMSTATE, MEMORY, ROOTFS, MANIFEST]
-        .iter()
-        .map(|f| allocated_bytes(&dir.join(f)))
-        .sum();
-    let disk = dir.join(SNAPSHOT_DISK_DIR);
-    let deltas = ChainSpec::read(&disk).map_or(0, |spec| {
-        spec.deltas
-            .iter()
-            .map(|d| allocated_bytes(&disk.join(d)))
-            .sum()
-    });
-    own + deltas
-}
-
-fn join<T>(r: std::thread::Result<Result<T>>) -> Result<T> {
-    r.unwrap_or_else(|_| {
-        Err(Error::Io {
-            context: "hashing snapshot files".into(),
-            source: std::io::Error::other("hashing thread panicked"),
-        })
-    })
-}
-
-/// The manifest's name for a file of the snapshot's disk chain.
-fn disk_entry(name: &str) -> String {
-    format!("{SNAPSHOT_DISK_DIR}/{name}")
-}
-
-/// Content digests of chain files that earlier snapshots of this
-/// workspace already hashed (file names are unique, files immutable).
-fn known_digests(ws: &WorkspaceDir) -> std::collections::BTreeMap<String, String> {
-    let mut known = std::collections::BTreeMap::new();
-    if let Ok(entries) = std::fs::read_dir(ws.snapshots()) {
-        for e in entries.flatten() {
-            if let Ok(spec) = ChainSpec::read(&e.path().join(SNAPSHOT_DISK_DIR)) {
-                known.extend(spec.digests);
-            }
-        }
-    }
-    known
 }
 
 /// Snapshot TAG of a workspace, which must exist.
@@ -208,30 +161,6 @@ pub(crate) fn check_snapshot(
     crate::snapshot::format::decode::<crate::vmm::snapshot::VmSnapshot>(&bytes)
         .ctx(|| format!("snapshot {}", dir.display()))?;
     Ok(m)
-}
-
-/// Syncs a snapshot file (written unsynced while the guest was paused)
-/// and describes it for the manifest. Sparse memory is hashed by content
-/// (`HASH_BLOCKS`): only its data extents are read.
-fn file_info(dir: &Path, name: &str) -> Result<FileInfo> {
-    let path = dir.join(name);
-    std::fs::File::open(&path)
-        .and_then(|f| f.sync_all())
-        .io_ctx(|| format!("syncing {}", path.display()))?;
-    let sparse = name == MEMORY;
-    let sha256 = if sparse {
-        content_sha256(&path)
-    } else {
-        sha256_file(&path)
-    };
-    Ok(FileInfo {
-        name: name.to_string(),
-        size: std::fs::metadata(&path)
-            .io_ctx(|| format!("{}", path.display()))?
-            .len(),
-        sha256: sha256.io_ctx(|| format!("hashing {}", path.display()))?,
-        hash: sparse.then(|| HASH_BLOCKS.to_string()),
-    })
 }
 
 /// Puts the secrets back after a snapshot (whether it succeeded or not),
@@ -347,7 +276,7 @@ pub(crate) fn capture(
         return Err(e);
     }
     let disk = dest_tmp.join(SNAPSHOT_DISK_DIR);
-    let mut spec = ChainSpec::read(&disk).map_err(|e| Error::SnapshotDamaged {
+    let spec = ChainSpec::read(&disk).map_err(|e| Error::SnapshotDamaged {
         message: format!("the VMM's snapshot of workspace {}: {e}", ws.name),
     })?;
     // Proof of scrub, before the tag exists: memory, state, and everything
@@ -364,69 +293,7 @@ pub(crate) fn capture(
             encoding: leak.encoding,
         });
     }
-    // Synced and hashed after the guest runs again, one thread per file,
-    // before the manifest that commits them. Chain files are immutable and
-    // uniquely named: each is hashed once, by the first snapshot that has it.
-    let known = known_digests(ws);
-    let unhashed: Vec<String> = spec
-        .files()
-        .filter(|f| !spec.digests.contains_key(*f) && !known.contains_key(*f))
-        .map(str::to_string)
-        .collect();
-    let bs = spec.block_size;
-    let (infos, digests) = std::thread::scope(|scope| {
-        let workers: Vec<_> = [VMSTATE, MEMORY]
-            .iter()
-            .map(|f| scope.spawn(|| file_info(dest_tmp, f)))
-            .collect();
-        let hashers: Vec<_> = unhashed
-            .iter()
-            .map(|f| {
-                let path = disk.join(f);
-                scope.spawn(move || {
-                    crate::disk::file_sha256(&path, bs)
-                        .io_ctx(|| format!("hashing {}", path.display()))
-                })
-            })
-            .collect();
-        let infos = workers
-            .into_iter()
-            .map(|w| join(w.join()))
-            .collect::<Result<Vec<FileInfo>>>();
-        let digests = hashers
-            .into_iter()
-            .map(|h| join(h.join()))
-            .collect::<Result<Vec<String>>>();
-        (infos, digests)
-    });
-    let mut infos = infos?;
-    for (name, digest) in unhashed.iter().zip(digests?) {
-        spec.digests.insert(name.clone(), digest);
-    }
-    for name in spec.files().map(str::to_string).collect::<Vec<_>>() {
-        if let Some(d) = known.get(&name) {
-            spec.digests.entry(name).or_insert_with(|| d.clone());
-        }
-    }
-    spec.write(&disk)
-        .map_err(crate::disk::ChainError::from)
-        .map_err(crate::workspace::disk::DiskError::from)?;
-    infos.push(file_info(&disk, CHAIN_FILE).map(|mut i| {
-        i.name = disk_entry(CHAIN_FILE);
-        i
-    })?);
-    for name in spec.files() {
-        let path = disk.join(name);
-        infos.push(FileInfo {
-            name: disk_entry(name),
-            size: std::fs::metadata(&path)
-                .io_ctx(|| format!("{}", path.display()))?
-                .len(),
-            sha256: spec.digests.get(name).cloned().unwrap_or_default(),
-            hash: Some(HASH_CHAIN.to_string()),
-        });
-    }
-    let files = infos;
+    let files = manifest_files(ws, dest_tmp, &disk, spec)?;
     let origin = Origin {
         workspace: rec.name.clone(),
         image: rec.image.clone(),

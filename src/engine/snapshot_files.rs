@@ -1,0 +1,159 @@
+//! The files a snapshot's manifest lists, with their sizes and hashes,
+//! and what a snapshot occupies.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use super::{Error, IoContext, Result};
+use crate::devices::virtio::block::SNAPSHOT_DISK_DIR;
+use crate::digest::sha256_file;
+use crate::disk::{ChainSpec, CHAIN_FILE};
+use crate::snapshot::manifest::{
+    FileInfo, HASH_BLOCKS, HASH_CHAIN, MANIFEST, MEMORY, ROOTFS, VMSTATE,
+};
+use crate::util::copy::allocated_bytes;
+use crate::workspace::disk::content_sha256;
+use crate::workspace::store::WorkspaceDir;
+
+/// Allocated bytes of what the snapshot added: memory, state, and its
+/// deltas; not the base disk, which every workspace of the image shares.
+pub(crate) fn snapshot_size(dir: &Path) -> u64 {
+    let own: u64 = [VMSTATE, MEMORY, ROOTFS, MANIFEST]
+        .iter()
+        .map(|f| allocated_bytes(&dir.join(f)))
+        .sum();
+    let disk = dir.join(SNAPSHOT_DISK_DIR);
+    let deltas = ChainSpec::read(&disk).map_or(0, |spec| {
+        spec.deltas
+            .iter()
+            .map(|d| allocated_bytes(&disk.join(d)))
+            .sum()
+    });
+    own + deltas
+}
+
+fn join<T>(r: std::thread::Result<Result<T>>) -> Result<T> {
+    r.unwrap_or_else(|_| {
+        Err(Error::Io {
+            context: "hashing snapshot files".into(),
+            source: std::io::Error::other("hashing thread panicked"),
+        })
+    })
+}
+
+/// The manifest's name for a file of the snapshot's disk chain.
+pub(crate) fn disk_entry(name: &str) -> String {
+    format!("{SNAPSHOT_DISK_DIR}/{name}")
+}
+
+/// Content digests of chain files that earlier snapshots of this
+/// workspace already hashed (file names are unique, files immutable).
+fn known_digests(ws: &WorkspaceDir) -> BTreeMap<String, String> {
+    let mut known = BTreeMap::new();
+    if let Ok(entries) = std::fs::read_dir(ws.snapshots()) {
+        for e in entries.flatten() {
+            if let Ok(spec) = ChainSpec::read(&e.path().join(SNAPSHOT_DISK_DIR)) {
+                known.extend(spec.digests);
+            }
+        }
+    }
+    known
+}
+
+/// Syncs a snapshot file (written unsynced while the guest was paused)
+/// and describes it for the manifest. Sparse memory is hashed by content
+/// (`HASH_BLOCKS`): only its data extents are read.
+fn file_info(dir: &Path, name: &str) -> Result<FileInfo> {
+    let path = dir.join(name);
+    std::fs::File::open(&path)
+        .and_then(|f| f.sync_all())
+        .io_ctx(|| format!("syncing {}", path.display()))?;
+    let sparse = name == MEMORY;
+    let sha256 = if sparse {
+        content_sha256(&path)
+    } else {
+        sha256_file(&path)
+    };
+    Ok(FileInfo {
+        name: name.to_string(),
+        size: std::fs::metadata(&path)
+            .io_ctx(|| format!("{}", path.display()))?
+            .len(),
+        sha256: sha256.io_ctx(|| format!("hashing {}", path.display()))?,
+        hash: sparse.then(|| HASH_BLOCKS.to_string()),
+    })
+}
+
+/// Syncs and hashes memory, state and the chain's files that no earlier
+/// snapshot of this workspace hashed (after the guest runs again, one
+/// thread per file), records the chain files' digests in the snapshot's
+/// `disk/chain.json`, and returns the manifest's file list.
+pub(crate) fn manifest_files(
+    ws: &WorkspaceDir,
+    dest_tmp: &Path,
+    disk: &Path,
+    mut spec: ChainSpec,
+) -> Result<Vec<FileInfo>> {
+    // Chain files are immutable and uniquely named: each is hashed once,
+    // by the first snapshot that has it.
+    let known = known_digests(ws);
+    let unhashed: Vec<String> = spec
+        .files()
+        .filter(|f| !spec.digests.contains_key(*f) && !known.contains_key(*f))
+        .map(str::to_string)
+        .collect();
+    let bs = spec.block_size;
+    let (infos, digests) = std::thread::scope(|scope| {
+        let workers: Vec<_> = [VMSTATE, MEMORY]
+            .iter()
+            .map(|f| scope.spawn(|| file_info(dest_tmp, f)))
+            .collect();
+        let hashers: Vec<_> = unhashed
+            .iter()
+            .map(|f| {
+                let path = disk.join(f);
+                scope.spawn(move || {
+                    crate::disk::file_sha256(&path, bs)
+                        .io_ctx(|| format!("hashing {}", path.display()))
+                })
+            })
+            .collect();
+        let infos = workers
+            .into_iter()
+            .map(|w| join(w.join()))
+            .collect::<Result<Vec<FileInfo>>>();
+        let digests = hashers
+            .into_iter()
+            .map(|h| join(h.join()))
+            .collect::<Result<Vec<String>>>();
+        (infos, digests)
+    });
+    let mut infos = infos?;
+    for (name, digest) in unhashed.iter().zip(digests?) {
+        spec.digests.insert(name.clone(), digest);
+    }
+    for name in spec.files().map(str::to_string).collect::<Vec<_>>() {
+        if let Some(d) = known.get(&name) {
+            spec.digests.entry(name).or_insert_with(|| d.clone());
+        }
+    }
+    spec.write(disk)
+        .map_err(crate::disk::ChainError::from)
+        .map_err(crate::workspace::disk::DiskError::from)?;
+    infos.push(file_info(disk, CHAIN_FILE).map(|mut i| {
+        i.name = disk_entry(CHAIN_FILE);
+        i
+    })?);
+    for name in spec.files() {
+        let path = disk.join(name);
+        infos.push(FileInfo {
+            name: disk_entry(name),
+            size: std::fs::metadata(&path)
+                .io_ctx(|| format!("{}", path.display()))?
+                .len(),
+            sha256: spec.digests.get(name).cloned().unwrap_or_default(),
+            hash: Some(HASH_CHAIN.to_string()),
+        });
+    }
+    Ok(infos)
+}

@@ -15,7 +15,7 @@ use super::launch::{deliver_secrets, has_secrets, launch, AfterReady, Launched};
 use super::snapshot::{capture, check_snapshot};
 use super::{Error, IoContext, Reporter, Result};
 use crate::snapshot::bootcache::{valid_key, BootCache};
-use crate::workspace::disk::restore_from;
+use crate::workspace::disk::{ensure_chain, restore_from};
 use crate::workspace::state::Status;
 use crate::workspace::store::{StateDir, WorkspaceDir, WorkspaceRecord};
 
@@ -132,17 +132,20 @@ fn warm_start(
 ) -> Result<Launched> {
     let _use = cache.use_lock()?;
     check_snapshot(state, dir, rec)?;
-    // Keep the workspace's own disk until the restore has worked.
-    let own_disk = ws.dir.join("disk.cold");
-    let _ = std::fs::remove_dir_all(&own_disk);
-    std::fs::rename(ws.disk_dir(), &own_disk)
-        .io_ctx(|| format!("moving {} aside", ws.disk_dir().display()))?;
+    // A created workspace's own disk is its base under an empty top: on
+    // failure it is made again from the base, kept linked meanwhile. Every
+    // step swaps whole chains, so a crash never leaves the disk missing.
+    let own = ensure_chain(ws)?;
+    let keep = ws.dir.join(&own.base);
+    let _ = std::fs::remove_file(&keep);
+    std::fs::hard_link(ws.disk_dir().join(&own.base), &keep)
+        .io_ctx(|| format!("keeping {}", keep.display()))?;
     let result = restore_from(dir, ws)
         .map_err(Error::from)
         .and_then(|_| launch(ws, rec, Some(dir), wait, AfterReady::DeliverSecrets, report));
     match result {
         Ok(launched) => {
-            let _ = std::fs::remove_dir_all(&own_disk);
+            let _ = std::fs::remove_file(&keep);
             Ok(launched)
         }
         Err(e) => {
@@ -150,8 +153,17 @@ fn warm_start(
                 // SAFETY: signalling the VMM process group we started.
                 unsafe { libc::kill(-pid, libc::SIGKILL) };
             }
-            let _ = std::fs::remove_dir_all(ws.disk_dir());
-            let _ = std::fs::rename(&own_disk, ws.disk_dir());
+            let digest = own.digests.get(&own.base).cloned();
+            let rebuilt = crate::disk::replace_with(&ws.disk_dir(), |t| {
+                crate::disk::create(t, &keep, digest)
+            });
+            let _ = std::fs::remove_file(&keep);
+            if let Err(r) = rebuilt {
+                report.warn(&format!(
+                    "workspace {}: its own disk could not be made again after the failed warm start: {r}",
+                    ws.name
+                ));
+            }
             rec.status = Status::Created;
             rec.vmm_pid = None;
             rec.crash_reason = None;

@@ -207,23 +207,35 @@ fn refresh_identity(ws: &WorkspaceDir, hostname: &str) -> Result<()> {
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut entropy))
         .io_ctx(|| "reading host entropy".into())?;
     let hex = crate::digest::hex(&entropy);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    let req = guest_agent::Request::Refresh(guest_agent::Refresh {
-        hostname: hostname.to_string(),
-        unix_time_ns: now,
-        entropy_hex: hex[..64].to_string(),
-        machine_id: hex[64..96].to_string(),
-    });
+    let request = || {
+        // Read at the last moment: the guest sets its clock to this, so
+        // it is behind by however long the request takes to arrive.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        guest_agent::Request::Refresh(guest_agent::Refresh {
+            hostname: hostname.to_string(),
+            unix_time_ns: now,
+            entropy_hex: hex[..64].to_string(),
+            machine_id: hex[64..96].to_string(),
+        })
+    };
     // Idempotent, so retried: a loaded host (many forks at once) can make
-    // an emulated guest kernel slow to answer.
-    let mut attempt = 0;
+    // an emulated guest kernel slow to answer. An answer that took over
+    // CLOCK_ROUND_TRIP may have set the clock that far behind: the refresh
+    // is sent again (a guest that has just run is quicker the second time).
+    const CLOCK_ROUND_TRIP: Duration = Duration::from_secs(1);
+    let (mut attempt, mut slow) = (0, 0);
     let resp = loop {
         attempt += 1;
-        match AgentConn::connect(&ws.vsock_socket(), Duration::from_secs(120))
-            .and_then(|c| c.call(&req))
-        {
+        let mut took = Duration::ZERO;
+        match AgentConn::connect(&ws.vsock_socket(), Duration::from_secs(120)).and_then(|c| {
+            let sent = std::time::Instant::now();
+            let r = c.call(&request());
+            took = sent.elapsed();
+            r
+        }) {
+            Ok(r) if r.ok && took > CLOCK_ROUND_TRIP && slow < 2 => slow += 1,
             Ok(r) => break r,
             Err(e) if attempt >= 3 => {
                 return Err(e).ctx(|| format!("refreshing the identity of workspace {}", ws.name))

@@ -67,6 +67,15 @@ fn full_lifecycle_with_two_workspaces_crash_and_recovery() {
         assert!(!s[field].is_null(), "status --json lacks {field}: {s}");
     }
     assert_eq!(s["memory_mib"], 128);
+    // Guest data is private: the workspace directory is 0700.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(home.workspace_dir("builder"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700, "workspace dir mode {mode:o}");
+    }
     // Each workspace has its own copy-on-write chain over a shared base.
     let chain =
         microagent::disk::ChainSpec::read(&home.workspace_dir("builder").join("disk")).unwrap();

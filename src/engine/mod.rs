@@ -94,9 +94,18 @@ impl Engine {
 /// Creates a new workspace's directory; `already_exists` if the name is
 /// taken (also when another create or fork wins the race for it).
 pub(crate) fn claim_workspace_dir(state: &StateDir, ws: &WorkspaceDir) -> Result<()> {
-    std::fs::create_dir_all(state.workspaces())
+    use std::os::unix::fs::DirBuilderExt;
+    // Guest memory, disks, snapshots and console output: the user's alone.
+    let private = || {
+        let mut b = std::fs::DirBuilder::new();
+        b.mode(0o700);
+        b
+    };
+    private()
+        .recursive(true)
+        .create(state.workspaces())
         .io_ctx(|| format!("creating {}", state.workspaces().display()))?;
-    match std::fs::create_dir(&ws.dir) {
+    match private().create(&ws.dir) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
             Err(crate::workspace::store::StoreError::Exists(ws.name.clone()).into())

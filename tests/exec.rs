@@ -258,6 +258,21 @@ fn exec_shell_and_cp_on_one_workspace() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o751);
+    // What a guest's root can put in an archive never lands on the host
+    // as set-id bits or device nodes.
+    sh(
+        &home,
+        "mkdir -p /root/out && cp /bin/busybox /root/out/suid && chmod 6755 /root/out/suid && mknod /root/dev c 8 0",
+    );
+    home.ok(&["cp", "ws:/root/out", back.to_str().unwrap()]);
+    let mode = std::fs::metadata(back.join("out/suid"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o7777, 0o755, "set-id bits kept: {mode:o}");
+    let (code, _, err) = home.run(&["cp", "ws:/root/dev", back.to_str().unwrap()]);
+    assert_eq!(code, 1, "a device node was copied out: {err}");
+    assert!(!back.join("dev").exists());
     let (code, _, err) = home.run(&["cp", "ws:/no/such/path", back.to_str().unwrap()]);
     assert_eq!(code, 1);
     assert!(err.contains("/no/such/path"), "{err}");

@@ -129,14 +129,7 @@ pub(crate) fn copy_out(state: &StateDir, name: &str, path: &str, dest: &Path) ->
         pos: 0,
         done: None,
     };
-    let unpacked = {
-        let mut archive = tar::Archive::new(&mut stream);
-        archive.set_preserve_permissions(true);
-        archive.set_overwrite(true);
-        // The guest's archive is untrusted: unpack refuses entries that
-        // would escape `dest`.
-        archive.unpack(dest)
-    };
+    let unpacked = unpack_untrusted(&mut stream, dest);
     // Drain to the final EXIT/ERROR.
     let mut rest = Vec::new();
     let _ = stream.read_to_end(&mut rest);
@@ -144,6 +137,37 @@ pub(crate) fn copy_out(state: &StateDir, name: &str, path: &str, dest: &Path) ->
         return Err(AgentError::Remote(e)).ctx(|| format!("copying {name}:{path}"));
     }
     unpacked.io_ctx(|| format!("unpacking {name}:{path} into {}", dest.display()))?;
+    Ok(())
+}
+
+/// Unpacks a guest's archive into `dest`. It is untrusted: entries that
+/// would escape `dest` are refused (`unpack_in`), so are device nodes and
+/// FIFOs (a guest's root could otherwise plant a node for a host disk),
+/// and setuid, setgid and sticky bits are dropped (only rwx is kept).
+fn unpack_untrusted(stream: &mut impl Read, dest: &Path) -> std::io::Result<()> {
+    let mut archive = tar::Archive::new(stream);
+    archive.set_preserve_permissions(false);
+    archive.set_overwrite(true);
+    for entry in archive.entries()? {
+        let mut entry = entry?;
+        use tar::EntryType::*;
+        match entry.header().entry_type() {
+            Regular | Continuous | Directory | Symlink | Link | XGlobalHeader | XHeader => {}
+            other => {
+                return Err(std::io::Error::other(format!(
+                    "the guest's archive holds {:?}, a {other:?} entry: only files, directories and links are copied out",
+                    String::from_utf8_lossy(&entry.path_bytes())
+                )))
+            }
+        }
+        if !entry.unpack_in(dest)? {
+            return Err(std::io::Error::other(format!(
+                "the guest's archive entry {:?} points outside {}",
+                String::from_utf8_lossy(&entry.path_bytes()),
+                dest.display()
+            )));
+        }
+    }
     Ok(())
 }
 
@@ -158,5 +182,57 @@ impl Engine {
     /// is untrusted: entries that would escape `dest` are refused.
     pub fn copy_out(&self, name: &str, path: &str, dest: &Path) -> Result<()> {
         copy_out(&self.state, name, path, dest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn archive(entries: &[(&str, tar::EntryType, u32)]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, kind, mode) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(*kind);
+            h.set_mode(*mode);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_size(if *kind == tar::EntryType::Regular {
+                2
+            } else {
+                0
+            });
+            if *kind == tar::EntryType::Char {
+                h.set_device_major(8).unwrap();
+                h.set_device_minor(0).unwrap();
+            }
+            let body: &[u8] = if *kind == tar::EntryType::Regular {
+                b"hi"
+            } else {
+                b""
+            };
+            b.append_data(&mut h, name, body).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn guest_archives_lose_set_id_bits_and_cannot_plant_devices() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = archive(&[("suid", tar::EntryType::Regular, 0o6755)]);
+        unpack_untrusted(&mut data.as_slice(), dir.path()).unwrap();
+        let mode = std::fs::metadata(dir.path().join("suid"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o7777, 0o755);
+
+        let data = archive(&[("disk", tar::EntryType::Char, 0o666)]);
+        let e = unpack_untrusted(&mut data.as_slice(), dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"disk\"") && e.contains("Char"), "{e}");
+        assert!(!dir.path().join("disk").exists());
     }
 }

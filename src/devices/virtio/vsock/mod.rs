@@ -38,6 +38,10 @@ const EVENT: usize = 2;
 const MAX_CLIENTS: usize = 1024;
 /// A CONNECT line longer than this is not one.
 const MAX_CONNECT_LINE: usize = 64;
+/// Resets owed to the guest for stray packets it sent: a guest that sends
+/// faster than it posts RX buffers would otherwise grow this queue without
+/// bound. A reset not sent only leaves the guest's own socket to time out.
+const MAX_STRAY_RESETS: usize = 256;
 const LISTENER_TOKEN: u64 = u64::MAX;
 /// Host-side ports handed to streams start here, away from guest services.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
@@ -248,6 +252,9 @@ impl Vsock {
     }
 
     fn reply_rst(&mut self, to: &Header) {
+        if self.rx_control.len() >= MAX_CLIENTS + MAX_STRAY_RESETS {
+            return;
+        }
         self.rx_control.push_back(Header {
             src_cid: HOST_CID,
             dst_cid: self.guest_cid,
@@ -555,7 +562,33 @@ impl VirtioDevice for Vsock {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_connect;
+    use super::packet::OP_RW;
+    use super::*;
+
+    #[test]
+    fn stray_packets_cannot_grow_the_reset_queue_without_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut v = Vsock::new(3, &dir.path().join("v.sock")).unwrap();
+        for port in 0..100_000u32 {
+            v.handle_tx(
+                Header {
+                    src_cid: 3,
+                    dst_cid: HOST_CID,
+                    src_port: port,
+                    dst_port: 7,
+                    len: 0,
+                    type_: TYPE_STREAM,
+                    op: OP_RW,
+                    flags: 0,
+                    buf_alloc: 0,
+                    fwd_cnt: 0,
+                },
+                Vec::new(),
+            );
+        }
+        assert!(v.rx_control.len() <= MAX_CLIENTS + MAX_STRAY_RESETS);
+        assert!(!v.rx_control.is_empty(), "strays still get resets");
+    }
 
     #[test]
     fn connect_lines() {

@@ -42,8 +42,11 @@ fn workspace_dir(path: &Path) -> Result<WorkspaceDir> {
 
 /// Last non-empty line the VMM wrote to its log: usually its error.
 fn last_log_line(ws: &WorkspaceDir) -> Option<String> {
-    let text = std::fs::read_to_string(ws.vmm_log()).ok()?;
-    text.lines()
+    // The log has no cap yet (device code may log per guest action): only
+    // its end is read.
+    let tail = crate::util::fs::read_tail(&ws.vmm_log(), 64 << 10).ok()?;
+    String::from_utf8_lossy(&tail)
+        .lines()
         .rev()
         .find(|l| !l.trim().is_empty())
         .map(|l| l.trim().to_string())

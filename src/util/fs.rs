@@ -21,6 +21,18 @@ pub fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// The last `max` bytes of a file (all of it if smaller): logs a guest can
+/// make grow are read from their end, never whole.
+pub fn read_tail(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(max)))?;
+    let mut buf = Vec::new();
+    f.take(max).read_to_end(&mut buf)?;
+    Ok(buf)
+}
+
 /// Temp file in the same directory, fsync, rename, fsync the directory:
 /// readers see the old content or the new, never half of it.
 pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
@@ -41,4 +53,16 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tail_reads_only_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("log");
+        std::fs::write(&p, b"0123456789").unwrap();
+        assert_eq!(super::read_tail(&p, 4).unwrap(), b"6789");
+        assert_eq!(super::read_tail(&p, 100).unwrap(), b"0123456789");
+    }
 }

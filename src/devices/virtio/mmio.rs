@@ -53,6 +53,7 @@ pub struct MmioTransport {
     acked_features: u64,
     status: u32,
     activated: bool,
+    log: crate::devices::LogBudget,
 }
 
 impl MmioTransport {
@@ -73,6 +74,7 @@ impl MmioTransport {
             acked_features: 0,
             status: 0,
             activated: false,
+            log: crate::devices::LogBudget::new(8),
         }
     }
 
@@ -130,6 +132,7 @@ impl MmioTransport {
             acked_features: st.acked_features,
             status: st.status,
             activated: st.activated,
+            log: crate::devices::LogBudget::new(8),
         }
     }
 
@@ -200,10 +203,10 @@ impl MmioTransport {
         // Only ready queues are validated: a driver may leave some unused.
         for (index, q) in self.queues.iter().enumerate() {
             if q.ready() && !q.is_valid(&self.mem) {
-                eprintln!(
+                self.log.log(format_args!(
                     "virtio-mmio: device {} queue {index} invalid; needs reset",
                     self.device.device_type()
-                );
+                ));
                 self.status |= STATUS_DEVICE_NEEDS_RESET;
                 return;
             }
@@ -217,10 +220,10 @@ impl MmioTransport {
         ) {
             Ok(()) => self.activated = true,
             Err(e) => {
-                eprintln!(
+                self.log.log(format_args!(
                     "virtio-mmio: activating device {}: {e}",
                     self.device.device_type()
-                );
+                ));
                 self.status |= STATUS_DEVICE_NEEDS_RESET;
                 self.queues = new_queues(self.device.as_ref());
             }

@@ -142,6 +142,7 @@ impl Backend {
 pub const SNAPSHOT_DISK_DIR: &str = "disk";
 
 pub struct Block {
+    log: crate::devices::LogBudget,
     disk: Backend,
     read_only: bool,
     capacity_sectors: u64,
@@ -223,6 +224,7 @@ impl Block {
         config.extend_from_slice(&0u32.to_le_bytes());
         config.extend_from_slice(&SEG_MAX.to_le_bytes());
         Block {
+            log: crate::devices::LogBudget::new(8),
             disk,
             read_only,
             capacity_sectors,
@@ -330,7 +332,8 @@ impl Block {
                 }
             }
             Err(e) => {
-                eprintln!("virtio-blk: queue unusable: {e}");
+                self.log
+                    .log(format_args!("virtio-blk: queue unusable: {e}"));
                 return;
             }
         }
@@ -358,7 +361,7 @@ impl Block {
         };
         for (head, len) in results {
             if let Err(e) = active.queue.add_used(&mem, head, len) {
-                eprintln!("virtio-blk: add_used: {e}");
+                self.log.log(format_args!("virtio-blk: add_used: {e}"));
             }
         }
         if active.queue.needs_notification(&mem).unwrap_or(true) {

@@ -64,20 +64,17 @@ impl Devices {
         let serial_irq = eventfd()?;
         vm.register_irqfd(&serial_irq, SERIAL_IRQ)
             .map_err(kvm_err("registering serial irqfd"))?;
-        let log = match &cfg.console_log {
-            Some(path) => Some(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|source| VmError::ConsoleLog {
-                        path: path.display().to_string(),
-                        source,
-                    })?,
-            ),
-            None => None,
-        };
-        let sink = ConsoleSink::new(log, cfg.console_stdout);
+        let sink =
+            ConsoleSink::new(cfg.console_log.as_deref(), cfg.console_stdout).map_err(|source| {
+                VmError::ConsoleLog {
+                    path: cfg
+                        .console_log
+                        .as_ref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default(),
+                    source,
+                }
+            })?;
         let serial = match saved(SERIAL_ID) {
             Some(DeviceState::Serial(st)) => {
                 SerialDevice::restore(EventFdTrigger(serial_irq), sink, st)

@@ -54,7 +54,16 @@ pub fn build(store: &ImageStore, input: BuildInput, progress: &Progress) -> Resu
         std::process::id(),
         super::blob::unique()
     ));
-    std::fs::create_dir_all(&tmp).map_err(ImageError::io(&tmp))?;
+    // The tree holds the image's setuid files while it is built: the build
+    // directory is the user's alone, so no one else can run them.
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&tmp)
+            .map_err(ImageError::io(&tmp))?;
+    }
     let scratch = Scratch(tmp.clone());
     let tree = tmp.join("tree");
     std::fs::create_dir(&tree).map_err(ImageError::io(&tree))?;

@@ -4,4 +4,5 @@
 pub mod copy;
 pub mod fs;
 pub mod lock;
+pub mod peer;
 pub mod time;

@@ -361,6 +361,9 @@ pub fn spawn_server(path: &Path, vm: VmHandle, info: ServeInfo) -> std::io::Resu
         .name("control".into())
         .spawn(move || {
             for stream in listener.incoming().flatten() {
+                if !crate::util::peer::trusted(&stream) {
+                    continue; // Dropping it closes it.
+                }
                 let server = server.clone();
                 // One thread per client: a slow client cannot block `halt`.
                 let _ = std::thread::Builder::new()

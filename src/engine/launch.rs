@@ -221,21 +221,13 @@ fn refresh_identity(ws: &WorkspaceDir, hostname: &str) -> Result<()> {
         })
     };
     // Idempotent, so retried: a loaded host (many forks at once) can make
-    // an emulated guest kernel slow to answer. An answer that took over
-    // CLOCK_ROUND_TRIP may have set the clock that far behind: the refresh
-    // is sent again (a guest that has just run is quicker the second time).
-    const CLOCK_ROUND_TRIP: Duration = Duration::from_secs(1);
-    let (mut attempt, mut slow) = (0, 0);
+    // an emulated guest kernel slow to answer.
+    let mut attempt = 0;
     let resp = loop {
         attempt += 1;
-        let mut took = Duration::ZERO;
-        match AgentConn::connect(&ws.vsock_socket(), Duration::from_secs(120)).and_then(|c| {
-            let sent = std::time::Instant::now();
-            let r = c.call(&request());
-            took = sent.elapsed();
-            r
-        }) {
-            Ok(r) if r.ok && took > CLOCK_ROUND_TRIP && slow < 2 => slow += 1,
+        match AgentConn::connect(&ws.vsock_socket(), Duration::from_secs(120))
+            .and_then(|c| c.call(&request()))
+        {
             Ok(r) => break r,
             Err(e) if attempt >= 3 => {
                 return Err(e).ctx(|| format!("refreshing the identity of workspace {}", ws.name))

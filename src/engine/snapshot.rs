@@ -216,26 +216,40 @@ fn remove_staging(snapshots: &Path) {
 }
 
 /// Renames directory `from` to `to` (which may be an empty directory); on
-/// another filesystem (a boot cache set elsewhere), copies its files
-/// (sparse, unsynced: the caller syncs them) and removes `from`.
+/// another filesystem (a boot cache set elsewhere), copies it (see
+/// `copy_tree`) and removes `from`.
 fn move_dir(from: &Path, to: &Path) -> std::io::Result<()> {
     match std::fs::rename(from, to) {
         Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
-            std::fs::create_dir_all(to)?;
-            for entry in std::fs::read_dir(from)? {
-                let entry = entry?;
-                let src = std::fs::File::open(entry.path())?;
-                let dst = std::fs::File::create(to.join(entry.file_name()))?;
-                crate::util::copy::copy_file_into(&src, &dst)?;
-            }
+            copy_tree(from, to)?;
             std::fs::remove_dir_all(from)
         }
         other => other,
     }
 }
 
-/// Saves a running or paused VM (vmstate.bin, memory.bin, the disk copied
-/// while paused), moves what the VMM wrote into `dest_tmp` (which must not
+/// Copies directory `from` into `to` (created if missing), subdirectories
+/// too (a snapshot's `disk/`). Files keep their holes and their allocated
+/// blocks exactly (a delta's allocation is its content); unsynced: the
+/// caller syncs them.
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let dst = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_tree(&entry.path(), &dst)?;
+        } else {
+            let src = std::fs::File::open(entry.path())?;
+            let dst = std::fs::File::create(dst)?;
+            crate::util::copy::copy_file_into(&src, &dst)?;
+        }
+    }
+    Ok(())
+}
+
+/// Saves a running or paused VM (vmstate.bin, memory.bin, the disk's
+/// frozen chain), moves what the VMM wrote into `dest_tmp` (which must not
 /// exist yet), resumes the guest unless `leave_paused`, proves no secret's
 /// bytes are in it and writes manifest.json last. The caller renames
 /// `dest_tmp` into place. Returns the manifest and how long the guest was
@@ -465,5 +479,32 @@ impl Engine {
         std::fs::rename(&dir, &doomed).io_ctx(|| format!("removing {}", dir.display()))?;
         std::fs::remove_dir_all(&doomed).io_ctx(|| format!("removing {}", doomed.display()))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    /// The cross-filesystem fallback of `move_dir` copies `disk/` too, and
+    /// an allocated block of zeros stays allocated (it hides the block
+    /// below it in the chain).
+    #[test]
+    fn copied_snapshot_trees_keep_subdirectories_and_allocation() {
+        let dir = tempfile::tempdir().unwrap();
+        let (from, to) = (dir.path().join("from"), dir.path().join("to"));
+        std::fs::create_dir_all(from.join("disk")).unwrap();
+        std::fs::write(from.join("vmstate.bin"), b"state").unwrap();
+        let delta = std::fs::File::create(from.join("disk/d.delta")).unwrap();
+        delta.set_len(1 << 20).unwrap();
+        delta.write_all_at(&[0u8; 4096], 8192).unwrap();
+        copy_tree(&from, &to).unwrap();
+        assert_eq!(std::fs::read(to.join("vmstate.bin")).unwrap(), b"state");
+        let copied = std::fs::File::open(to.join("disk/d.delta")).unwrap();
+        assert_eq!(
+            crate::util::copy::data_extents(&copied, 1 << 20).unwrap(),
+            vec![(8192, 12288)]
+        );
     }
 }

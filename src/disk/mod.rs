@@ -16,6 +16,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use chain::{Chain, ChainError};
+
+/// The directory, inside a snapshot, that holds the root disk's chain.
+pub const SNAPSHOT_DISK_DIR: &str = "disk";
 pub use spec::{ChainSpec, CHAIN_FILE, MERGE_DEPTH, SPEC_VERSION};
 
 fn io_at(path: &Path) -> impl Fn(std::io::Error) -> ChainError + '_ {

@@ -8,28 +8,14 @@ use super::{Error, IoContext, Result};
 use crate::devices::virtio::block::SNAPSHOT_DISK_DIR;
 use crate::digest::sha256_file;
 use crate::disk::{ChainSpec, CHAIN_FILE};
-use crate::snapshot::manifest::{
-    FileInfo, HASH_BLOCKS, HASH_CHAIN, MANIFEST, MEMORY, ROOTFS, VMSTATE,
-};
-use crate::util::copy::allocated_bytes;
+use crate::snapshot::manifest::{FileInfo, HASH_BLOCKS, HASH_CHAIN, MEMORY, VMSTATE};
 use crate::workspace::disk::content_sha256;
 use crate::workspace::store::WorkspaceDir;
 
 /// Allocated bytes of what the snapshot added: memory, state, and its
 /// deltas; not the base disk, which every workspace of the image shares.
 pub(crate) fn snapshot_size(dir: &Path) -> u64 {
-    let own: u64 = [VMSTATE, MEMORY, ROOTFS, MANIFEST]
-        .iter()
-        .map(|f| allocated_bytes(&dir.join(f)))
-        .sum();
-    let disk = dir.join(SNAPSHOT_DISK_DIR);
-    let deltas = ChainSpec::read(&disk).map_or(0, |spec| {
-        spec.deltas
-            .iter()
-            .map(|d| allocated_bytes(&disk.join(d)))
-            .sum()
-    });
-    own + deltas
+    crate::snapshot::manifest::own_bytes(dir)
 }
 
 fn join<T>(r: std::thread::Result<Result<T>>) -> Result<T> {

@@ -11,9 +11,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use super::manifest::{Manifest, MANIFEST, MEMORY, ROOTFS, VMSTATE};
-use crate::disk::ChainSpec;
-use crate::util::copy::allocated_bytes;
+use super::manifest::{Manifest, MANIFEST};
 use crate::util::lock::{FileLock, LockError};
 
 /// Bump when what a boot snapshot holds changes meaning.
@@ -207,22 +205,9 @@ impl BootCache {
     }
 }
 
-/// Allocated bytes of an entry's own files: memory, state and its disk
-/// deltas (memory.bin and deltas are sparse; the base disk is shared with
-/// the workspaces, so it is not counted).
+/// Allocated bytes of an entry's own files (see `manifest::own_bytes`).
 fn entry_size(dir: &Path) -> u64 {
-    let own: u64 = [VMSTATE, MEMORY, ROOTFS, MANIFEST]
-        .iter()
-        .map(|f| allocated_bytes(&dir.join(f)))
-        .sum();
-    let disk = dir.join("disk");
-    let deltas = ChainSpec::read(&disk).map_or(0, |spec| {
-        spec.deltas
-            .iter()
-            .map(|d| allocated_bytes(&disk.join(d)))
-            .sum()
-    });
-    own + deltas
+    super::manifest::own_bytes(dir)
 }
 
 #[cfg(test)]

@@ -52,6 +52,25 @@ pub struct FileInfo {
     pub hash: Option<String>,
 }
 
+/// Allocated bytes of what a snapshot (or boot-cache entry) in `dir` holds
+/// of its own: memory, state, manifest and its disk deltas. The base disk
+/// is shared with the workspaces of its image, so it is not counted.
+pub fn own_bytes(dir: &Path) -> u64 {
+    use crate::util::copy::allocated_bytes;
+    let own: u64 = [VMSTATE, MEMORY, ROOTFS, MANIFEST]
+        .iter()
+        .map(|f| allocated_bytes(&dir.join(f)))
+        .sum();
+    let disk = dir.join(crate::disk::SNAPSHOT_DISK_DIR);
+    let deltas = crate::disk::ChainSpec::read(&disk).map_or(0, |spec| {
+        spec.deltas
+            .iter()
+            .map(|d| allocated_bytes(&disk.join(d)))
+            .sum()
+    });
+    own + deltas
+}
+
 /// See [`FileInfo::hash`].
 pub const HASH_BLOCKS: &str = "sha256-nonzero-4k-blocks";
 /// See [`FileInfo::hash`].

@@ -138,8 +138,7 @@ impl Backend {
     }
 }
 
-/// The directory, inside a snapshot, that holds the root disk's chain.
-pub const SNAPSHOT_DISK_DIR: &str = "disk";
+pub use crate::disk::SNAPSHOT_DISK_DIR;
 
 pub struct Block {
     log: crate::devices::LogBudget,

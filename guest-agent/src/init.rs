@@ -41,6 +41,28 @@ pub fn mount_tmpfs(target: &str, data: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// /proc and /dev, for the command line and the console before the root
+/// is known (mount_basics mounts them again in the final root).
+pub fn mount_early() {
+    mount(
+        "proc",
+        "/proc",
+        "proc",
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        "",
+    );
+    mount("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, "mode=0755");
+}
+
+/// Lets go of what mount_early mounted (open files, the console, stay
+/// valid), so mount_basics mounts the root's own.
+pub fn unmount_early() {
+    for m in [c"/proc", c"/sys", c"/dev"] {
+        // SAFETY: a NUL-terminated path; a path not mounted only fails.
+        unsafe { libc::umount2(m.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
 pub fn mount_basics() {
     let nosuid_nodev_noexec = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     mount("proc", "/proc", "proc", nosuid_nodev_noexec, "");

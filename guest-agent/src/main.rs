@@ -8,6 +8,7 @@ mod copy;
 mod exec;
 mod init;
 mod reaper;
+mod root;
 mod secrets;
 mod vsock;
 mod zeroing_alloc;
@@ -155,7 +156,9 @@ fn console_stdio() {
 
 /// Starts the workspace's own init/entrypoint (microagent.init=PATH) as a
 /// child, with the console as its stdio.
-fn start_entrypoint() {
+/// `spec` is the entrypoint the assembled root brought; without it, a
+/// root disk made before layered disks may hold one at ENTRYPOINT_PATH.
+fn start_entrypoint(spec: Option<Vec<u8>>) {
     let mut cmd;
     let path;
     if let Some(p) = init::cmdline_value("microagent.init") {
@@ -164,7 +167,7 @@ fn start_entrypoint() {
         path = p;
     } else {
         // The image's own Entrypoint + Cmd, when the workspace asked for it.
-        let Ok(bytes) = std::fs::read(guest_agent::ENTRYPOINT_PATH) else {
+        let Some(bytes) = spec.or_else(|| std::fs::read(guest_agent::ENTRYPOINT_PATH).ok()) else {
             return;
         };
         let spec: guest_agent::EntrypointSpec = match serde_json::from_slice(&bytes) {
@@ -219,8 +222,34 @@ fn start_entrypoint() {
     }
 }
 
+/// Booted from the shared boot disk: build the workspace's root and move
+/// into it. A root that cannot be built is fatal: say why on the console
+/// and power off, so the host reports it instead of waiting.
+fn assemble_root() -> Option<Vec<u8>> {
+    init::mount_early();
+    console_stdio();
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let Some(layers) = root::layers_from_cmdline(&cmdline) else {
+        init::unmount_early();
+        return None;
+    };
+    match root::assemble(layers) {
+        Ok(a) => a.entrypoint,
+        Err(e) => {
+            eprintln!("microagent-agent: FATAL: assembling the workspace root: {e}");
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            // SAFETY: reboot with a valid command; the VMM treats the
+            // reset as power-off.
+            unsafe { libc::reboot(libc::RB_AUTOBOOT) };
+            None
+        }
+    }
+}
+
 fn main() {
+    let mut entrypoint = None;
     if std::process::id() == 1 {
+        entrypoint = assemble_root();
         init::mount_basics();
         console_stdio();
         let name =
@@ -235,7 +264,7 @@ fn main() {
         }
     }
     reaper::spawn();
-    start_entrypoint();
+    start_entrypoint(entrypoint);
     let listener = loop {
         match vsock::Listener::bind(AGENT_PORT) {
             Ok(l) => break l,

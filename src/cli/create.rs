@@ -42,7 +42,7 @@ pub struct CreateArgs {
     #[arg(long)]
     kernel: Option<PathBuf>,
     /// Guest kernel arguments appended to the VMM's own.
-    #[arg(long, default_value = "quiet root=/dev/vda rw")]
+    #[arg(long, default_value = "quiet")]
     cmdline: String,
     /// CPU template (host, pvm-safe); default: pvm-safe on PVM hosts.
     #[arg(long)]

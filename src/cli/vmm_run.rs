@@ -67,6 +67,7 @@ fn disk(path: PathBuf, read_only: bool) -> DiskConfig {
         path,
         read_only,
         format,
+        serial: None,
     }
 }
 

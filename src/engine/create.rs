@@ -6,7 +6,7 @@ use super::{
     claim_workspace_dir, invalid, written, Engine, Error, IoContext, Reporter, Result,
     WorkspaceView,
 };
-use crate::agent::{agent_binary, AGENT_GUEST_PATH};
+use crate::agent::agent_binary;
 use crate::devices::virtio::net::config::{check_unique, PortMap};
 use crate::digest::{sha256_file, sha256_file_cached};
 use crate::image::ops as image_ops;
@@ -19,7 +19,7 @@ use crate::vmm::host;
 use crate::vmm::vm::{VmConfig, VmError};
 use crate::workspace::base::{BaseCache, BaseInputs};
 use crate::workspace::disk::{content_sha256, copy_disk, grow_ext4};
-use crate::workspace::inject::{inject_agent, inject_file};
+use crate::workspace::layout::{self, DiskLayout, LayerDisk};
 use crate::workspace::secrets::{SecretStore, Value};
 use crate::workspace::state::Status;
 use crate::workspace::store::{
@@ -88,7 +88,8 @@ impl CreateOptions {
             disk_size: None,
             disk_free: 1 << 30,
             kernel: None,
-            cmdline: "quiet root=/dev/vda rw".into(),
+            // The root comes from the disk layout (workspace::layout).
+            cmdline: "quiet".into(),
             cpu_template: None,
             init: None,
             run_entrypoint: false,
@@ -174,11 +175,21 @@ impl Engine {
                     &opts.registry.pull_options(),
                     report.image_progress(),
                 )?;
-                let size = opts
-                    .disk_size
-                    .unwrap_or(ready.record.disk_bytes + opts.disk_free);
-                let disk = store.disk(&ready.record.digest);
-                (DiskSource::Image(Box::new(ready.record), disk), Some(size))
+                // The upper holds only what the workspace changes.
+                let size = opts.disk_size.unwrap_or(opts.disk_free);
+                let layers = ready
+                    .record
+                    .layer_disks
+                    .iter()
+                    .map(|k| LayerDisk {
+                        key: k.to_string(),
+                        path: store.layer_disk(k),
+                    })
+                    .collect();
+                (
+                    DiskSource::Image(Box::new(ready.record), layers),
+                    Some(size),
+                )
             }
             RootSource::Rootfs(p) => (DiskSource::File(p.clone()), opts.disk_size),
         };
@@ -213,7 +224,7 @@ impl Engine {
 }
 
 /// Writes the image's Entrypoint + Cmd as the agent reads it at boot, to
-/// `<workspace>/entrypoint.json` (it is put into the base disk from there).
+/// `<workspace>/entrypoint.json` (it goes beside the upper from there).
 fn write_entrypoint(ws: &WorkspaceDir, image: &ImageRecord) -> Result<PathBuf> {
     let run = &image.run;
     let argv: Vec<String> = run.entrypoint.iter().chain(&run.cmd).cloned().collect();
@@ -236,10 +247,12 @@ fn write_entrypoint(ws: &WorkspaceDir, image: &ImageRecord) -> Result<PathBuf> {
     Ok(host)
 }
 
-/// Where a new workspace's root disk is copied from.
+/// Where a new workspace's root comes from.
 enum DiskSource {
+    /// A whole root disk, copied once into a shared base.
     File(PathBuf),
-    Image(Box<ImageRecord>, PathBuf),
+    /// An image's layer disks, under an empty upper.
+    Image(Box<ImageRecord>, Vec<LayerDisk>),
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -273,36 +286,53 @@ fn populate(
         .as_deref()
         .map(|p| sha256_file(p).io_ctx(|| format!("hashing {}", p.display())))
         .transpose()?;
-    let (rootfs, disk_source) = match source {
-        DiskSource::Image(r, p) => (p, r.digest.to_string()),
-        DiskSource::File(p) => (
-            p,
-            format!(
-                "sha256:{}",
-                content_sha256(p).io_ctx(|| format!("hashing rootfs {}", p.display()))?
-            ),
+    let boot_disk = layout::boot_disk(state_root, &agent, &agent_sha256)?;
+    let disk_source = match source {
+        DiskSource::Image(r, _) => r.digest.to_string(),
+        DiskSource::File(p) => format!(
+            "sha256:{}",
+            content_sha256(p).io_ctx(|| format!("hashing rootfs {}", p.display()))?
         ),
     };
-    // The disk is built once per distinct inputs and shared; this
-    // workspace gets an empty copy-on-write top over it.
+    // The base is built once per distinct inputs and shared; this
+    // workspace gets an empty copy-on-write top over it. An image's base
+    // is an empty upper, the same for every image of that size and
+    // entrypoint.
     let key = BaseInputs {
-        source: &disk_source,
-        agent_sha256: &agent_sha256,
+        source: match source {
+            DiskSource::Image(..) => "empty upper",
+            DiskSource::File(_) => &disk_source,
+        },
+        agent_sha256: "-",
         entrypoint_sha256: entrypoint_sha256.as_deref(),
         size: disk_size,
     }
     .key();
-    let (base, base_sha256) = BaseCache::new(state_root).get_or_build(&key, |tmp| {
-        copy_disk(rootfs, tmp)?;
-        if let Some(size) = disk_size {
-            grow_ext4(tmp, size)?;
-        }
-        inject_agent(tmp, &agent, AGENT_GUEST_PATH)?;
-        if let Some(host) = &entrypoint {
-            inject_file(tmp, host, guest_agent::ENTRYPOINT_PATH, 0o644)?;
-        }
-        Ok::<(), Error>(())
-    })?;
+    let (base, base_sha256) =
+        BaseCache::new(state_root).get_or_build(&key, |tmp| match source {
+            DiskSource::Image(..) => {
+                layout::build_upper(
+                    tmp,
+                    disk_size.unwrap_or(opts.disk_free),
+                    entrypoint.as_deref(),
+                )?;
+                Ok::<(), Error>(())
+            }
+            DiskSource::File(rootfs) => {
+                copy_disk(rootfs, tmp)?;
+                if let Some(size) = disk_size {
+                    grow_ext4(tmp, size)?;
+                }
+                Ok(())
+            }
+        })?;
+    let disk_layout = DiskLayout {
+        boot_disk,
+        layers: match source {
+            DiskSource::Image(_, layers) => layers.clone(),
+            DiskSource::File(_) => vec![],
+        },
+    };
     let chain = crate::disk::create(&ws.disk_dir(), &base, Some(base_sha256))
         .map_err(crate::workspace::disk::DiskError::from)?;
     let kernel = std::fs::canonicalize(kernel).io_ctx(|| format!("kernel {}", kernel.display()))?;
@@ -346,6 +376,7 @@ fn populate(
             DiskSource::File(p) => Some(p.display().to_string()),
             DiskSource::Image(..) => None,
         },
+        layout: Some(disk_layout),
         vcpus,
         memory_mib: opts.memory,
         kernel: kernel.display().to_string(),

@@ -14,7 +14,7 @@ use crate::vmm::control::ClientError;
 use crate::vmm::vm::VmError;
 use crate::workspace::busy::BusyError;
 use crate::workspace::disk::DiskError;
-use crate::workspace::inject::InjectError;
+use crate::workspace::layout::BuildError;
 use crate::workspace::secrets::SecretError;
 use crate::workspace::state::TransitionError;
 use crate::workspace::store::StoreError;
@@ -110,6 +110,12 @@ pub enum Error {
     Invalid { message: String },
     #[error("{message}")]
     Conflict { workspace: String, message: String },
+    #[error("{kind} {name} is in use by {}: remove them first", users.join(", "))]
+    InUse {
+        kind: &'static str,
+        name: String,
+        users: Vec<String>,
+    },
     #[error("{message}")]
     ConfirmationRequired { message: String },
     #[error("this host cannot snapshot VM memory: {}", missing.join(", "))]
@@ -157,7 +163,7 @@ pub enum Error {
     #[error(transparent)]
     Base(#[from] crate::workspace::base::BaseError),
     #[error(transparent)]
-    Inject(#[from] InjectError),
+    Build(#[from] BuildError),
     #[error(transparent)]
     Secret(#[from] SecretError),
     #[error(transparent)]
@@ -190,7 +196,9 @@ impl Error {
             Error::SnapshotDamaged { .. } => Code::SnapshotDamaged,
             Error::SetupFailed { .. } => Code::SetupFailed,
             Error::Invalid { .. } => Code::InvalidInput,
-            Error::Conflict { .. } | Error::Transition(_) => Code::StateConflict,
+            Error::Conflict { .. } | Error::Transition(_) | Error::InUse { .. } => {
+                Code::StateConflict
+            }
             Error::ConfirmationRequired { .. } => Code::ConfirmationRequired,
             Error::SnapshotUnsupported { .. } => Code::SnapshotUnsupported,
             Error::SecretLeak { .. } => Code::SecretLeak,
@@ -208,7 +216,7 @@ impl Error {
             | Error::Disk(_)
             | Error::Base(_) => Code::Internal,
             Error::StartFailed { .. } => Code::Internal,
-            Error::Inject(_) => Code::Internal,
+            Error::Build(_) => Code::Internal,
             Error::Compat(e) => match e {
                 CompatError::Kernel { .. } => Code::KernelMismatch,
                 CompatError::Format { .. } => Code::SnapshotDamaged,
@@ -262,6 +270,9 @@ impl Error {
                 exit_code,
             } => json!({ "checkpoint": checkpoint, "setup_exit": exit_code }),
             Error::Conflict { workspace, .. } => json!({ "workspace": workspace }),
+            Error::InUse { kind, name, users } => {
+                json!({ "kind": kind, "name": name, "used_by": users })
+            }
             Error::StartFailed { workspace, reason } => {
                 json!({ "workspace": workspace, "reason": reason })
             }

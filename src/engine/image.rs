@@ -3,9 +3,10 @@
 use std::path::Path;
 
 use super::create::RegistryOptions;
-use super::{Engine, Reporter, Result};
+use super::{Engine, Error, Reporter, Result};
 use crate::image::ops::{self, Ready};
 use crate::image::store::{ImageRecord, ImageStore};
+use crate::image::ImageError;
 
 impl Engine {
     fn images(&self) -> ImageStore {
@@ -49,8 +50,28 @@ impl Engine {
         Ok(self.images().records()?)
     }
 
-    /// Removes an image (workspaces made from it keep their disks).
+    /// Removes an image and the layer disks nothing else uses. Refused
+    /// while a workspace or snapshot stands on it, naming them.
     pub fn image_remove(&self, query: &str) -> Result<ImageRecord> {
-        Ok(ops::remove(&self.images(), query)?)
+        let store = self.images();
+        let _lock = store.lock()?;
+        let rec = store
+            .find(query)?
+            .ok_or_else(|| ImageError::NotFound(query.to_string()))?;
+        let refs = super::references::collect(&self.state)?;
+        let users = refs.users_of(&rec);
+        if !users.is_empty() {
+            return Err(Error::InUse {
+                kind: "image",
+                name: rec
+                    .refs
+                    .first()
+                    .cloned()
+                    .unwrap_or_else(|| rec.digest.to_string()),
+                users,
+            });
+        }
+        store.remove(&rec, &|k| refs.layers.contains(&k.to_string()))?;
+        Ok(rec)
     }
 }

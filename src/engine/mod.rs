@@ -15,6 +15,7 @@ pub mod fork;
 pub mod image;
 pub mod launch;
 pub mod lifecycle;
+mod references;
 pub mod secrets;
 pub mod snapshot;
 mod snapshot_files;

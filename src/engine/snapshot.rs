@@ -117,6 +117,21 @@ pub(crate) fn check_snapshot(
             m.vcpus, m.memory_mib, rec.name, rec.vcpus, rec.memory_mib
         )));
     }
+    // The guest's page cache holds blocks of the shared disks it booted
+    // over: they must be the very same bytes.
+    let layered = !m.layer_disks.is_empty() || m.boot_disk.is_some();
+    let why = match &rec.layout {
+        Some(layout) => layout
+            .mismatch(&m.layer_disks, m.boot_disk.as_ref(), &state.hash_cache())
+            .io_ctx(|| "hashing the workspace's shared disks".into())?,
+        None if layered => Some("the workspace has no layered disks".into()),
+        None => None,
+    };
+    if let Some(why) = why {
+        return Err(Error::SnapshotDamaged {
+            message: format!("snapshot {tag} cannot resume workspace {}: {why}", rec.name),
+        });
+    }
     let chain_entry = disk_entry(CHAIN_FILE);
     let mut names = vec![VMSTATE.to_string(), MEMORY.to_string()];
     if m.file(&chain_entry).is_some() {
@@ -255,6 +270,7 @@ fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
 /// `dest_tmp` into place. Returns the manifest and how long the guest was
 /// paused (None when it stays paused).
 pub(crate) fn capture(
+    hash_cache: &Path,
     ws: &WorkspaceDir,
     rec: &WorkspaceRecord,
     dest_tmp: &Path,
@@ -318,6 +334,19 @@ pub(crate) fn capture(
         kernel_cmdline: rec.cmdline.clone(),
         init: rec.init.clone(),
         cpu_template: rec.cpu_template.clone(),
+        layer_disks: match &rec.layout {
+            Some(l) => l
+                .layer_refs(hash_cache)
+                .io_ctx(|| "hashing the layer disks".into())?,
+            None => vec![],
+        },
+        boot_disk: match &rec.layout {
+            Some(l) => Some(
+                l.boot_ref(hash_cache)
+                    .io_ctx(|| "hashing the boot disk".into())?,
+            ),
+            None => None,
+        },
     };
     let m = Manifest::new(
         tag,
@@ -397,7 +426,16 @@ impl Engine {
                 agent_secrets::scrub(&ws)
                     .ctx(|| "scrubbing secrets before guest memory is written".into())?;
             }
-            let (m, paused) = capture(&ws, &rec, &tmp, &tag, &secrets, orig_paused, started)?;
+            let (m, paused) = capture(
+                &self.state.hash_cache(),
+                &ws,
+                &rec,
+                &tmp,
+                &tag,
+                &secrets,
+                orig_paused,
+                started,
+            )?;
             std::fs::rename(&tmp, &dest).io_ctx(|| format!("renaming into {}", dest.display()))?;
             // The tag exists once its name is on disk too.
             std::fs::File::open(ws.snapshots())

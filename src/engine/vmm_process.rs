@@ -108,14 +108,17 @@ pub fn supervise(workspace_dir: &Path, restore_from: Option<&Path>) -> Result<i3
     Ok(if clean { 0 } else { 1 })
 }
 
-/// The user's arguments, then what makes the agent PID 1 (last, so it wins
-/// over any `init=` before it), the program it starts and the hostname.
+/// The user's arguments, then the root the disk layout boots (a workspace
+/// made before layered disks names its own in the user's), then what makes
+/// the agent PID 1 (last, so it wins over any `init=` before it), the
+/// program it starts and the hostname.
 fn guest_cmdline(rec: &crate::workspace::store::WorkspaceRecord) -> String {
-    let mut line = format!(
-        "{} init={}",
-        rec.cmdline.trim(),
-        crate::agent::AGENT_GUEST_PATH
-    );
+    let mut line = rec.cmdline.trim().to_string();
+    if let Some(layout) = &rec.layout {
+        line.push(' ');
+        line.push_str(&layout.cmdline());
+    }
+    line.push_str(&format!(" init={}", crate::agent::AGENT_GUEST_PATH));
     if let Some(init) = &rec.init {
         line.push_str(&format!(" microagent.init={init}"));
     }
@@ -131,11 +134,15 @@ pub fn serve(workspace_dir: &Path, restore_from: Option<&Path>) -> Result<GuestS
     let rec = ws.read()?;
     let cfg = VmConfig {
         kernel: rec.kernel.clone().into(),
-        disks: vec![DiskConfig {
-            path: ws.disk_dir(),
-            read_only: false,
-            format: DiskFormat::Chain,
-        }],
+        disks: match &rec.layout {
+            Some(layout) => layout.disks(&ws.disk_dir()),
+            None => vec![DiskConfig {
+                path: ws.disk_dir(),
+                read_only: false,
+                format: DiskFormat::Chain,
+                serial: None,
+            }],
+        },
         vcpus: rec.vcpus,
         mem_mib: rec.memory_mib,
         cmdline: guest_cmdline(&rec),

@@ -96,7 +96,7 @@ pub fn first_start(
         }
     }
     let launched = launch(ws, rec, None, wait, AfterReady::NoSecrets, report)?;
-    let cached = match cache_boot(&cache, &key, ws, rec) {
+    let cached = match cache_boot(state, &cache, &key, ws, rec) {
         Ok(stored) => stored,
         Err(e) => {
             // The workspace runs (capture resumes it on every path after
@@ -176,6 +176,7 @@ fn warm_start(
 /// Snapshots the just-booted guest (synced by the identity refresh, no
 /// secrets yet) into the cache. Ok(false) when an equal start cached first.
 fn cache_boot(
+    state: &StateDir,
     cache: &BootCache,
     key: &str,
     ws: &WorkspaceDir,
@@ -189,7 +190,16 @@ fn cache_boot(
         .temp_dir(key)
         .io_ctx(|| format!("creating a temp directory in {}", cache.root.display()))?;
     let tag = format!("boot-{}", &key[..12]);
-    match capture(ws, rec, &tmp, &tag, &[], false, Instant::now()) {
+    match capture(
+        &state.hash_cache(),
+        ws,
+        rec,
+        &tmp,
+        &tag,
+        &[],
+        false,
+        Instant::now(),
+    ) {
         Ok(_) => cache
             .commit(&tmp, key)
             .io_ctx(|| format!("storing boot snapshot {}", &key[..12])),

@@ -8,7 +8,7 @@ use super::build::{self, BuildInput};
 use super::progress::Progress;
 use super::pull::{self, PullOptions};
 use super::store::{ImageRecord, ImageStore};
-use super::{import, reference, ImageError, Result};
+use super::{import, reference, Result};
 
 /// An image ready to use, and whether it was already in the store.
 pub struct Ready {
@@ -49,7 +49,9 @@ pub fn pull(
     let _lock = store.lock()?;
     progress.step(&format!("pulling {name}"));
     let pulled = pull::pull(&reference, &store.blobs, opts, progress)?;
-    let cached = store.disk(&pulled.manifest_digest).is_file();
+    let cached = store
+        .read(&pulled.manifest_digest)
+        .is_ok_and(|r| store.complete(&r));
     let record = build::build(
         store,
         BuildInput {
@@ -89,7 +91,9 @@ pub fn import(
         .filter(|n| n.contains('/') || n.contains(':'))
         .and_then(|n| reference::normalise(n).ok());
     let refs: Vec<String> = tag.or(archive_name).into_iter().collect();
-    let cached = store.disk(&found.manifest_digest).is_file();
+    let cached = store
+        .read(&found.manifest_digest)
+        .is_ok_and(|r| store.complete(&r));
     let record = build::build(
         store,
         BuildInput {
@@ -106,13 +110,4 @@ pub fn import(
         cached,
         seconds: start.elapsed().as_secs_f64(),
     })
-}
-
-pub fn remove(store: &ImageStore, query: &str) -> Result<ImageRecord> {
-    let _lock = store.lock()?;
-    let rec = store
-        .find(query)?
-        .ok_or_else(|| ImageError::NotFound(query.to_string()))?;
-    store.remove(&rec)?;
-    Ok(rec)
 }

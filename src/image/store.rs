@@ -1,7 +1,9 @@
 //! The local image store under `$MICROAGENT_HOME/images`:
-//! `blobs/sha256/<hex>` (verified blobs), `<manifest hex>/{image.json,
-//! config.json, rootfs.ext4}` (one built root disk per image), `tmp/`
-//! (builds in progress; a build becomes visible by one rename).
+//! `blobs/sha256/<hex>` (verified blobs), `layers/<hex>.erofs` (read-only
+//! layer disks, keyed by diff_id and shared by every image that has the
+//! layer), `<manifest hex>/{image.json, config.json}` (one record per
+//! image), `tmp/` (builds in progress; each part becomes visible by one
+//! rename).
 
 use std::path::{Path, PathBuf};
 
@@ -14,8 +16,9 @@ use super::{reference, ImageError, Result};
 use crate::util::fs::{read_bounded, write_atomic};
 use crate::util::lock::FileLock;
 
-pub const RECORD_VERSION: u32 = 1;
-pub const DISK_FILE: &str = "rootfs.ext4";
+/// 2: layer disks (1 had one flattened rootfs.ext4; such an image is
+/// pulled or imported again).
+pub const RECORD_VERSION: u32 = 2;
 const RECORD_FILE: &str = "image.json";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -29,10 +32,13 @@ pub struct ImageRecord {
     pub source: String,
     pub config_digest: Digest,
     pub layers: Vec<Blob>,
+    /// The layer disks the image stacks, lowest first (keys in `layers/`).
+    #[serde(default)]
+    pub layer_disks: Vec<Digest>,
     pub run: RunConfig,
     /// Bytes of file content in the unpacked tree.
     pub content_bytes: u64,
-    /// Apparent size of the built ext4 disk.
+    /// Bytes of the image's layer disks.
     pub disk_bytes: u64,
     pub created: String,
 }
@@ -67,8 +73,32 @@ impl ImageStore {
         self.root.join(digest.hex())
     }
 
-    pub fn disk(&self, digest: &Digest) -> PathBuf {
-        self.image_dir(digest).join(DISK_FILE)
+    pub fn layers_dir(&self) -> PathBuf {
+        self.root.join("layers")
+    }
+
+    /// The read-only layer disk with this key (a diff_id, or a merged
+    /// base's key).
+    pub fn layer_disk(&self, key: &Digest) -> PathBuf {
+        self.layers_dir().join(format!("{}.erofs", key.hex()))
+    }
+
+    /// Moves a finished layer disk into place, read-only.
+    pub fn install_layer_disk(&self, built: &Path, key: &Digest) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = self.layers_dir();
+        std::fs::create_dir_all(&dir).map_err(ImageError::io(&dir))?;
+        std::fs::set_permissions(built, std::fs::Permissions::from_mode(0o444))
+            .map_err(ImageError::io(built))?;
+        let dest = self.layer_disk(key);
+        std::fs::rename(built, &dest).map_err(ImageError::io(&dest))
+    }
+
+    /// A record of the current version whose layer disks are all present.
+    pub fn complete(&self, rec: &ImageRecord) -> bool {
+        rec.version == RECORD_VERSION
+            && !rec.layer_disks.is_empty()
+            && rec.layer_disks.iter().all(|k| self.layer_disk(k).is_file())
     }
 
     pub fn tmp_dir(&self) -> PathBuf {
@@ -96,7 +126,7 @@ impl ImageStore {
         write_atomic(&path, &bytes).map_err(ImageError::io(&path))
     }
 
-    /// Every complete image (those with a record and a disk).
+    /// Every complete image (a current record and all its layer disks).
     pub fn records(&self) -> Result<Vec<ImageRecord>> {
         let rd = match std::fs::read_dir(&self.root) {
             Ok(rd) => rd,
@@ -110,7 +140,7 @@ impl ImageStore {
                 continue;
             };
             if let Ok(rec) = self.read(&digest) {
-                if self.disk(&digest).is_file() {
+                if self.complete(&rec) {
                     out.push(rec);
                 }
             }
@@ -169,9 +199,11 @@ impl ImageStore {
         Ok(rec)
     }
 
-    /// Removes an image and the blobs no other image uses. Workspaces keep
-    /// their own disk copies, so they are unaffected. Call with the lock held.
-    pub fn remove(&self, rec: &ImageRecord) -> Result<()> {
+    /// Removes an image, and the blobs and layer disks no other image
+    /// uses and `keep` does not name (those of workspaces and snapshots:
+    /// the caller has refused to remove an image they use). Call with the
+    /// lock held.
+    pub fn remove(&self, rec: &ImageRecord, keep: &dyn Fn(&Digest) -> bool) -> Result<()> {
         let dir = self.image_dir(&rec.digest);
         std::fs::remove_dir_all(&dir).map_err(ImageError::io(&dir))?;
         let others = self.records()?;
@@ -184,6 +216,11 @@ impl ImageStore {
         for d in mine {
             if !in_use(d) {
                 let _ = std::fs::remove_file(self.blobs.path(d));
+            }
+        }
+        for k in &rec.layer_disks {
+            if !keep(k) && !others.iter().any(|o| o.layer_disks.contains(k)) {
+                let _ = std::fs::remove_file(self.layer_disk(k));
             }
         }
         Ok(())

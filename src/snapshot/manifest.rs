@@ -94,6 +94,15 @@ pub struct Manifest {
     /// vCPU 0's CPUID as the guest saw it (format 1.1 on; empty before).
     #[serde(default)]
     pub guest_cpuid: Vec<CpuidLeaf>,
+    /// The read-only layer disks under the snapshot's upper, lowest first
+    /// (empty: a whole-disk root, or a snapshot made before layered disks).
+    /// The guest's page cache holds their blocks: a restore needs these
+    /// exact bytes, so each is pinned by its sha256.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layer_disks: Vec<DiskRef>,
+    /// The boot disk the guest booted from, pinned the same way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_disk: Option<DiskRef>,
     pub format_version: String,
     pub files: Vec<FileInfo>,
 }
@@ -121,6 +130,17 @@ pub struct Origin {
     pub kernel_cmdline: String,
     pub init: Option<String>,
     pub cpu_template: String,
+    pub layer_disks: Vec<DiskRef>,
+    pub boot_disk: Option<DiskRef>,
+}
+
+/// A shared read-only disk a snapshot stands on: its key (a layer's key in
+/// the image store, or the boot disk's file name) and its content's sha256.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskRef {
+    pub key: String,
+    pub sha256: String,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -164,6 +184,8 @@ impl Manifest {
             kernel_cmdline: origin.kernel_cmdline,
             init: origin.init,
             cpu_template: origin.cpu_template,
+            layer_disks: origin.layer_disks,
+            boot_disk: origin.boot_disk,
             host_cpu: HostCpu::current(),
             tsc_khz,
             guest_cpuid,
@@ -305,6 +327,8 @@ mod tests {
                 ecx: 0,
                 edx: 0,
             }],
+            layer_disks: vec![],
+            boot_disk: None,
             format_version: "1.1".into(),
             files: vec![],
         }

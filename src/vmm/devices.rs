@@ -102,7 +102,10 @@ impl Devices {
         let mut virtio = VirtioSet::default();
         for (i, disk) in cfg.disks.iter().enumerate() {
             let id = disk_id(i);
-            let name = format!("microagent-{id}");
+            let name = disk
+                .serial
+                .clone()
+                .unwrap_or_else(|| format!("microagent-{id}"));
             virtio.add(
                 vm,
                 mem,

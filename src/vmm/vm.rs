@@ -40,6 +40,9 @@ pub struct DiskConfig {
     pub path: PathBuf,
     pub read_only: bool,
     pub format: DiskFormat,
+    /// The virtio-blk serial the guest finds the disk by (at most 20
+    /// bytes; default `microagent-vdX` by position).
+    pub serial: Option<String>,
 }
 
 /// How a disk's bytes are stored.

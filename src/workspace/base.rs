@@ -1,6 +1,6 @@
 //! Built base disks, shared read-only by every workspace made from the same
-//! inputs (image or rootfs content, agent, entrypoint, size): the image's
-//! disk grown to size with the agent put in, built once and then only
+//! inputs: an empty upper of a size with an entrypoint spec beside it (image
+//! workspaces), or a rootfs file's content grown to size; built once and then only
 //! hard-linked into each new workspace's chain. A base is in use while any
 //! chain links it, so the link count tells `cache prune` which are free.
 
@@ -22,7 +22,7 @@ pub struct BaseInputs<'a> {
 impl BaseInputs<'_> {
     pub fn key(&self) -> String {
         let text = format!(
-            "microagent base 1\nsource {}\nagent {}\nentrypoint {}\nsize {}\n",
+            "microagent base 2\nsource {}\nagent {}\nentrypoint {}\nsize {}\n",
             self.source,
             self.agent_sha256,
             self.entrypoint_sha256.unwrap_or("-"),

@@ -4,7 +4,7 @@
 pub mod base;
 pub mod busy;
 pub mod disk;
-pub mod inject;
+pub mod layout;
 pub mod secrets;
 pub mod state;
 pub mod store;

@@ -67,6 +67,10 @@ pub struct WorkspaceRecord {
     pub image_config: Option<crate::image::config::RunConfig>,
     /// Where the root disk came from when not from an image.
     pub rootfs_source: Option<String>,
+    /// The boot and layer disks beside the workspace's own chain (none:
+    /// made before layered disks, one root disk with the agent inside).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layout: Option<super::layout::DiskLayout>,
     pub vcpus: u8,
     pub memory_mib: u64,
     pub kernel: String,
@@ -320,6 +324,7 @@ mod tests {
             image_digest: None,
             image_config: None,
             rootfs_source: Some("/tmp/r.ext4".into()),
+            layout: None,
             vcpus: 2,
             memory_mib: 512,
             kernel: "/k".into(),

@@ -94,13 +94,12 @@ fn registry_pull_with_auth_and_image_store() {
     assert_eq!(v["refs"], json!([reference]));
     assert_eq!(v["config"]["cmd"], json!(["/bin/sh"]));
     let digest = v["digest"].as_str().unwrap().to_string();
-    assert!(home
-        .dir
-        .path()
-        .join("images")
+    let dir = home.dir.path().join("images");
+    assert!(dir
         .join(digest.trim_start_matches("sha256:"))
-        .join("rootfs.ext4")
+        .join("image.json")
         .is_file());
+    assert_eq!(layer_disks(&home).len(), 1);
     // Progress went to stderr as JSON lines, one per blob.
     assert!(err.contains(r#""event":"blob""#), "{err}");
 
@@ -130,7 +129,7 @@ fn registry_pull_with_auth_and_image_store() {
     assert_eq!(ls.as_array().unwrap().len(), 1);
     assert_eq!(ls[0]["refs"], json!([reference]));
     home.ok(&["image", "rm", &reference]);
-    assert!(image_dirs(&home).is_empty());
+    assert!(image_dirs(&home).is_empty() && layer_disks(&home).is_empty());
     assert!(blobs(&home).is_empty(), "{:?}", blobs(&home));
     let (code, _, err) = home.run(&["image", "rm", &reference]);
     assert_eq!(code, 1);
@@ -297,8 +296,51 @@ fn hostile_layers_and_blobs_are_refused_and_leave_nothing() {
     assert_eq!(home.json(&["image", "ls"]), json!([]));
 }
 
-/// One boot: a Debian minbase image (debootstrap) pulled from the registry
-/// with two layers on top: a whiteout and an opaque directory.
+/// A .deb with no dependencies, built on the host with dpkg-deb.
+fn probe_deb(dir: &Path) -> std::path::PathBuf {
+    let root = dir.join("probe");
+    std::fs::create_dir_all(root.join("DEBIAN")).unwrap();
+    std::fs::create_dir_all(root.join("usr/share/microagent-probe")).unwrap();
+    std::fs::write(
+        root.join("DEBIAN/control"),
+        "Package: microagent-probe\nVersion: 1.0\nArchitecture: all\nMaintainer: microagent tests <t@localhost>\nDescription: probe package\n",
+    )
+    .unwrap();
+    std::fs::write(root.join("usr/share/microagent-probe/hello"), "installed\n").unwrap();
+    let deb = dir.join("microagent-probe.deb");
+    let st = Command::new("dpkg-deb")
+        .args(["--build", "--root-owner-group"])
+        .arg(&root)
+        .arg(&deb)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    deb
+}
+
+/// The image's layers in the store: their layer disks' file names.
+fn layer_disks(home: &Home) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(home.dir.path().join("images/layers"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// One boot of a Debian minbase image (debootstrap) pulled from the
+/// registry with nine layers on top (ten in all: over the cap of eight, so
+/// the lowest three share one merged disk): whiteouts inside the merged
+/// disk and across disks, an opaque directory, hard links; then changes in
+/// the upper, a package installed with apt, and snapshot, fork, rollback
+/// and `image rm` against what they use.
 #[test]
 fn debian_image_from_registry_boots_with_overlay_semantics() {
     if !kvm_available() {
@@ -308,22 +350,44 @@ fn debian_image_from_registry_boots_with_overlay_semantics() {
     let debian = oci::script_path("image-debian.sh");
     let work = tempfile::tempdir().unwrap();
     let derived = work.path().join("derived");
+    let names: Vec<String> = (1..=7).map(|i| format!("opt/layers/{i}")).collect();
+    let mut fillers: Vec<Vec<u8>> = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let mut entries = vec![
+            ("opt/", D, ""),
+            ("opt/layers/", D, ""),
+            (name.as_str(), F, "x"),
+        ];
+        match i + 1 {
+            // Made by layer 1, removed by layer 2: both in the merged disk.
+            1 => entries.extend([("opt/merged_gone", F, "x"), ("opt/cross_gone", F, "x")]),
+            2 => entries.push(("opt/.wh.merged_gone", F, "")),
+            // Removed by layer 5 (its own disk) from the merged disk.
+            5 => entries.push(("opt/.wh.cross_gone", F, "")),
+            _ => {}
+        }
+        fillers.push(tar_bytes(&entries));
+    }
     let lower = tar_bytes(&[
         ("opt/", D, ""),
         ("opt/gone", F, "deleted by the next layer"),
         ("opt/stay", F, "kept"),
         ("opt/opaque/", D, ""),
         ("opt/opaque/lower", F, "hidden by the opaque marker"),
+        ("opt/hl/", D, ""),
+        ("opt/hl/a", F, "linked"),
+        ("opt/hl/b", tar::EntryType::Link, "opt/hl/a"),
     ]);
     let upper = tar_bytes(&[
         ("opt/.wh.gone", F, ""),
         ("opt/opaque/.wh..wh..opq", F, ""),
         ("opt/opaque/upper", F, "visible"),
     ]);
+    fillers.extend([lower, upper]);
     oci::layout(
         &derived,
         Some(&debian),
-        &[lower, upper],
+        &fillers,
         json!({"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "IMAGE_GREETING=hello from the image"],
                "WorkingDir": "/opt",
                "Entrypoint": ["/bin/sh", "-c"],
@@ -354,15 +418,19 @@ fn debian_image_from_registry_boots_with_overlay_semantics() {
     );
     assert_eq!(code, 0, "{err}");
     let first = start.elapsed();
-    assert!(err.contains("unpacking layer 3/3"), "{err}");
+    assert!(
+        err.contains("building layer disk 1/8: layers 1-3 merged")
+            && err.contains("building layer disk 8/8"),
+        "{err}"
+    );
+    assert_eq!(layer_disks(&home).len(), 8);
 
-    // A second workspace of the same image reuses the built disk.
-    let disk = std::fs::read_dir(home.dir.path().join("images"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path().join("rootfs.ext4"))
-        .find(|p| p.is_file())
-        .unwrap();
+    // A second workspace of the same image reuses the built layer disks.
+    let disk = home
+        .dir
+        .path()
+        .join("images/layers")
+        .join(&layer_disks(&home)[0]);
     let before = std::fs::metadata(&disk).unwrap().modified().unwrap();
     let start = Instant::now();
     let (code, _, err) = isolated(
@@ -380,7 +448,7 @@ fn debian_image_from_registry_boots_with_overlay_semantics() {
     assert_eq!(code, 0, "{err}");
     let second = start.elapsed();
     assert!(
-        !err.contains("pulling") && !err.contains("unpacking"),
+        !err.contains("pulling") && !err.contains("building"),
         "{err}"
     );
     assert_eq!(
@@ -393,13 +461,30 @@ fn debian_image_from_registry_boots_with_overlay_semantics() {
     home.ok(&["start", "deb"]);
     let exec = |script: &str| {
         let (code, out, err) = home.run(&["exec", "deb", "--", "sh", "-c", script]);
-        assert_eq!(code, 0, "{script}: {err}");
+        assert_eq!(code, 0, "{script}: {out} {err}");
         out
     };
     let out = exec("cat /etc/os-release");
     assert!(out.contains("Debian GNU/Linux 12"), "{out}");
-    // Whiteout and opaque directory, as the guest sees them.
-    assert_eq!(exec("ls /opt; ls /opt/opaque"), "opaque\nstay\nupper\n");
+    // Whiteouts (inside the merged disk, across disks), an opaque
+    // directory and hard links, as the guest sees them.
+    assert_eq!(
+        exec("ls /opt; ls /opt/opaque; ls /opt/layers | tr '\\n' ' '"),
+        "hl\nlayers\nopaque\nstay\nupper\n1 2 3 4 5 6 7 "
+    );
+    assert_eq!(
+        exec("[ $(stat -c %i /opt/hl/a) = $(stat -c %i /opt/hl/b) ] && cat /opt/hl/b"),
+        "linked"
+    );
+    // Changes land in the upper: a lower file deleted, a directory renamed,
+    // a lower file modified (its copy-up parts it from its old hard link).
+    assert_eq!(
+        exec(
+            "rm /opt/stay && mv /opt/opaque /opt/renamed && echo changed > /opt/hl/a && \
+              ls /opt; ls /opt/renamed; cat /opt/hl/a /opt/hl/b"
+        ),
+        "hl\nlayers\nrenamed\nupper\nchanged\nlinked"
+    );
     // The image's Env and WorkingDir are exec's defaults.
     assert_eq!(
         exec("echo $IMAGE_GREETING; pwd"),
@@ -410,7 +495,39 @@ fn debian_image_from_registry_boots_with_overlay_semantics() {
         exec("for i in $(seq 60); do [ -s /run/entrypoint.out ] && break; sleep 1; done; cat /run/entrypoint.out"),
         "hello from the image in /opt\n"
     );
-    // glibc and apt from the image work.
+    // glibc, apt and dpkg from the image work: install a package, snapshot,
+    // fork (the fork has it), remove it, roll back (it is back).
     assert!(exec("apt-get --version | head -1").starts_with("apt "));
+    let deb = probe_deb(work.path());
+    home.ok(&["cp", deb.to_str().unwrap(), "deb:/root"]);
+    let out = exec("dpkg -i /root/microagent-probe.deb 2>&1 && sync && echo INSTALLED");
+    assert!(out.contains("INSTALLED"), "{out}");
+    let probe = "dpkg-query -W -f='${Status}' microagent-probe 2>&1; echo; cat /usr/share/microagent-probe/hello 2>&1";
+    let installed = "install ok installed\ninstalled\n";
+    assert_eq!(exec(probe), installed);
+    home.ok(&["snapshot", "create", "deb", "--tag", "pkg"]);
+    home.ok(&["create", "debfork", "--from-snapshot", "deb:pkg"]);
+    let (code, out, err) = home.run(&["exec", "debfork", "--", "sh", "-c", probe]);
+    assert_eq!((code, out.as_str()), (0, installed), "{err}");
+    exec("dpkg -r microagent-probe >/dev/null 2>&1; sync");
+    let (_, out, _) = home.run(&["exec", "deb", "--", "sh", "-c", probe]);
+    assert!(out.contains("no packages found"), "{out}");
     home.ok(&["halt", "deb"]);
+    home.ok(&["start", "deb", "--from-snapshot", "pkg"]);
+    assert_eq!(exec(probe), installed);
+
+    // References: the image stays while anything stands on it, and says who.
+    let (code, out, err) = home.run(&["image", "rm", &reference, "--json"]);
+    assert_eq!(code, 1, "{out}");
+    let e: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(e["error"]["code"], "state_conflict", "{out} {err}");
+    assert_eq!(
+        e["error"]["used_by"],
+        json!(["workspace deb", "snapshot deb:pkg", "workspace debfork"])
+    );
+    assert_eq!(layer_disks(&home).len(), 8);
+    home.ok(&["delete", "debfork", "--yes", "--force"]);
+    home.ok(&["delete", "deb", "--yes", "--force"]);
+    home.ok(&["image", "rm", &reference]);
+    assert!(layer_disks(&home).is_empty(), "{:?}", layer_disks(&home));
 }

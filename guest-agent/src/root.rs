@@ -165,6 +165,22 @@ pub fn layers_from_cmdline(cmdline: &str) -> Option<usize> {
     cmdline
         .split_whitespace()
         .filter_map(|w| w.strip_prefix(prefix.as_str()))
-        .last()
+        .next_back()
         .and_then(|n| n.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_layers_argument_wins_and_junk_is_ignored() {
+        assert_eq!(layers_from_cmdline("quiet root=/dev/vda"), None);
+        assert_eq!(layers_from_cmdline("microagent.layers=2 x"), Some(2));
+        assert_eq!(
+            layers_from_cmdline("microagent.layers=1 microagent.layers=3"),
+            Some(3)
+        );
+        assert_eq!(layers_from_cmdline("microagent.layers=x"), None);
+    }
 }

@@ -6,7 +6,7 @@ use super::{
     claim_workspace_dir, invalid, written, Engine, Error, IoContext, Reporter, Result,
     WorkspaceView,
 };
-use crate::agent::agent_binary;
+use crate::agent::{agent_binary, AGENT_GUEST_PATH};
 use crate::devices::virtio::net::config::{check_unique, PortMap};
 use crate::digest::{sha256_file, sha256_file_cached};
 use crate::image::ops as image_ops;
@@ -286,7 +286,7 @@ fn populate(
         .as_deref()
         .map(|p| sha256_file(p).io_ctx(|| format!("hashing {}", p.display())))
         .transpose()?;
-    let boot_disk = layout::boot_disk(state_root, &agent, &agent_sha256)?;
+    let boot_disk = layout::boot_disk(state_root, &agent, &agent_sha256, AGENT_GUEST_PATH)?;
     let disk_source = match source {
         DiskSource::Image(r, _) => r.digest.to_string(),
         DiskSource::File(p) => format!(

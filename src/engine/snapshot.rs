@@ -269,6 +269,7 @@ fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
 /// bytes are in it and writes manifest.json last. The caller renames
 /// `dest_tmp` into place. Returns the manifest and how long the guest was
 /// paused (None when it stays paused).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn capture(
     hash_cache: &Path,
     ws: &WorkspaceDir,

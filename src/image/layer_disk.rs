@@ -54,9 +54,9 @@ pub fn plan(diff_ids: &[Digest]) -> Vec<LayerGroup> {
         first: 0,
         last: merged - 1,
     });
-    for i in merged..n {
+    for (i, d) in diff_ids.iter().enumerate().skip(merged) {
         out.push(LayerGroup {
-            key: diff_ids[i].clone(),
+            key: d.clone(),
             first: i,
             last: i,
         });

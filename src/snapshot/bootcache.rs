@@ -15,7 +15,8 @@ use super::manifest::{Manifest, MANIFEST};
 use crate::util::lock::{FileLock, LockError};
 
 /// Bump when what a boot snapshot holds changes meaning.
-const KEY_VERSION: &str = "microagent boot key 2";
+// 3: layered disks (boot disk, layer disks, upper) replaced one root disk.
+const KEY_VERSION: &str = "microagent boot key 3";
 
 /// Everything a first boot depends on. Two workspaces with equal inputs
 /// boot to the same state, except for their identity (hostname,

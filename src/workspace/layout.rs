@@ -195,11 +195,13 @@ fn build_err<'a>(what: &'static str, path: &'a Path) -> impl Fn(String) -> Build
 }
 
 /// The boot disk for this agent binary: `<state>/cache/bootdisks/<sha256>.erofs`,
-/// built once (under a temporary name, then renamed) and shared.
+/// with the agent at `guest_path` (the kernel's `init=`), built once (under
+/// a temporary name, then renamed) and shared.
 pub fn boot_disk(
     state_root: &Path,
     agent: &Path,
     agent_sha256: &str,
+    guest_path: &str,
 ) -> Result<PathBuf, BuildError> {
     let dir = state_root.join("cache/bootdisks");
     let disk = dir.join(format!("{agent_sha256}.erofs"));
@@ -214,7 +216,7 @@ pub fn boot_disk(
         .map_err(|e| err(e.to_string()))?;
     let since = std::time::SystemTime::now() - std::time::Duration::from_secs(1);
     let tree = tmp.path().join("tree");
-    let agent_in_tree = tree.join(crate::agent::AGENT_GUEST_PATH.trim_start_matches('/'));
+    let agent_in_tree = tree.join(guest_path.trim_start_matches('/'));
     (|| -> std::io::Result<()> {
         use std::os::unix::fs::PermissionsExt;
         for d in ["proc", "sys", "dev", "run"] {

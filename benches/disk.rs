@@ -1,8 +1,10 @@
-//! Disk benchmark (copy-on-write chains), one JSON line per figure:
-//! - `create_ms` on a cached image (its base already built) for busybox,
-//!   Debian minbase and a synthetic image with a 2 GiB file, beside the
-//!   first create (which builds the base) and QEMU's counterpart, a qcow2
-//!   overlay over the same disk (`qemu-img create -b`);
+//! Disk benchmark (layer disks and copy-on-write uppers), one JSON line
+//! per figure:
+//! - `create_ms` on a cached image (its layer disks built, its empty upper
+//!   cached) for busybox, Debian minbase and a synthetic image with a
+//!   2 GiB file, beside the first create (which builds the empty upper)
+//!   and QEMU's counterpart, a qcow2 overlay over the image's largest
+//!   layer disk (`qemu-img create -b`);
 //! - fork → first exec and rollback → first exec with nothing written and
 //!   with 1 GiB written in the guest before the snapshot;
 //! - the disk bytes of 10 workspaces plus 10 forks of one image against
@@ -115,11 +117,13 @@ fn image_create(home: &Home, label: &str, layout: &Path) {
         cached,
         extra.clone(),
     );
-    if let Some(base) = std::fs::read_dir(home.dir.path().join("cache/bases"))
+    // Images are imported smallest first, so the largest layer disk is
+    // this image's own.
+    if let Some(base) = std::fs::read_dir(home.dir.path().join("images/layers"))
         .unwrap()
         .flatten()
         .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "img"))
+        .max_by_key(|p| std::fs::metadata(p).map_or(0, |m| m.len()))
     {
         let qemu: Vec<f64> = (0..runs())
             .filter_map(|i| {
@@ -142,9 +146,9 @@ fn image_create(home: &Home, label: &str, layout: &Path) {
 
 /// Fork and rollback to first exec, after `written_mib` MiB written in
 /// the guest before the snapshot.
-fn fork_and_rollback(home: &Home, shared: &common::SharedConfig, written_mib: u32) {
+fn fork_and_rollback(home: &Home, written_mib: u32) {
     let src = format!("w{written_mib}");
-    home.ok(&shared.create_args(&src, &["--disk-size", "2G"]));
+    ok(home, &image_ws_args(&src, &["--disk-size", "2G"]));
     home.ok(&["start", &src]);
     if written_mib > 0 {
         common::sh(
@@ -191,9 +195,33 @@ fn fork_and_rollback(home: &Home, shared: &common::SharedConfig, written_mib: u3
     home.ok(&["delete", &src, "--yes", "--force"]);
 }
 
+/// `create NAME` of the busybox image (imported first by main), 256 MiB.
+fn image_ws_args<'a>(name: &'a str, extra: &[&'a str]) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "create",
+        name,
+        "--image",
+        "localhost/bench-busybox:latest",
+        "--kernel",
+        common::vmlinux().to_str().unwrap(),
+        "--memory",
+        "256",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+fn ok(home: &Home, args: &[String]) -> String {
+    let refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    home.ok(&refs)
+}
+
 /// 10 workspaces of one image, each writing 1 MiB, and 10 forks of one of
 /// them, each writing 1 MiB: their disks against one image plus writes.
-fn shared_bytes(home: &Home, shared: &common::SharedConfig) {
+fn shared_bytes(home: &Home) {
     let before = du_bytes(home.dir.path());
     let write = |ws: &str| {
         common::sh(
@@ -204,7 +232,7 @@ fn shared_bytes(home: &Home, shared: &common::SharedConfig) {
     };
     for i in 0..10 {
         let name = format!("many{i}");
-        home.ok(&shared.create_args(&name, &[]));
+        ok(home, &image_ws_args(&name, &[]));
         home.ok(&["start", &name]);
         write(&name);
     }
@@ -222,8 +250,18 @@ fn shared_bytes(home: &Home, shared: &common::SharedConfig) {
     let snap_mem = std::fs::metadata(home.workspace_dir("many0").join("snapshots/s/memory.bin"))
         .map_or(0, |m| m.blocks() * 512);
     let used = du_bytes(home.dir.path()).saturating_sub(before + snap_mem);
-    let base = std::fs::metadata(common::busybox_rootfs(home.dir.path(), common::IDLE_INIT))
-        .map_or(0, |m| m.blocks() * 512);
+    // One image: its layer disk and the boot disk every workspace shares.
+    let image_files = ["images/layers", "cache/bootdisks"].iter().flat_map(|d| {
+        std::fs::read_dir(home.dir.path().join(d))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+    });
+    let base: u64 = image_files
+        .filter(|p| p.extension().is_some_and(|x| x == "erofs"))
+        .map(|p| std::fs::metadata(p).map_or(0, |m| m.blocks() * 512))
+        .sum();
     stats::emit(
         "disk",
         "microagent",
@@ -258,8 +296,16 @@ fn main() {
     let big = big_layout(home.dir.path(), big_mib);
     image_create(&home, "synthetic", &big);
 
-    let shared = common::SharedConfig::new(home.dir.path());
-    fork_and_rollback(&home, &shared, 0);
-    fork_and_rollback(&home, &shared, 1024);
-    shared_bytes(&home, &shared);
+    fork_and_rollback(&home, 0);
+    fork_and_rollback(&home, 1024);
+    // Its own home: only the busybox image's layer disk and one boot disk.
+    let alone = Home::new();
+    alone.ok(&[
+        "image",
+        "import",
+        busybox.to_str().unwrap(),
+        "--tag",
+        "localhost/bench-busybox:latest",
+    ]);
+    shared_bytes(&alone);
 }

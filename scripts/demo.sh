@@ -40,6 +40,8 @@ timed "$bin" start demo
 "$bin" list
 step "exec: the setup we pay for once"
 timed "$bin" exec demo -- sh -c 'echo "hello from $(hostname): $(uname -sr), $(grep -c ^processor /proc/cpuinfo) vCPUs"; echo "dependencies installed" > /root/setup.txt'
+step "its root: the image's shared read-only layer disks under the workspace's own upper"
+"$bin" exec demo -- sh -c 'grep " / " /proc/mounts'
 step "cp out"
 rm -rf "$cache/demo/out" && mkdir -p "$cache/demo/out"
 timed "$bin" cp demo:/root/setup.txt "$cache/demo/out"

@@ -495,12 +495,13 @@ fn debian_image_from_registry_boots_with_overlay_semantics() {
         exec("for i in $(seq 60); do [ -s /run/entrypoint.out ] && break; sleep 1; done; cat /run/entrypoint.out"),
         "hello from the image in /opt\n"
     );
-    // glibc, apt and dpkg from the image work: install a package, snapshot,
+    // glibc and apt from the image work: install a package, snapshot,
     // fork (the fork has it), remove it, roll back (it is back).
     assert!(exec("apt-get --version | head -1").starts_with("apt "));
     let deb = probe_deb(work.path());
     home.ok(&["cp", deb.to_str().unwrap(), "deb:/root"]);
-    let out = exec("dpkg -i /root/microagent-probe.deb 2>&1 && sync && echo INSTALLED");
+    let out =
+        exec("apt-get install -y -q /root/microagent-probe.deb 2>&1 && sync && echo INSTALLED");
     assert!(out.contains("INSTALLED"), "{out}");
     let probe = "dpkg-query -W -f='${Status}' microagent-probe 2>&1; echo; cat /usr/share/microagent-probe/hello 2>&1";
     let installed = "install ok installed\ninstalled\n";
@@ -509,12 +510,26 @@ fn debian_image_from_registry_boots_with_overlay_semantics() {
     home.ok(&["create", "debfork", "--from-snapshot", "deb:pkg"]);
     let (code, out, err) = home.run(&["exec", "debfork", "--", "sh", "-c", probe]);
     assert_eq!((code, out.as_str()), (0, installed), "{err}");
-    exec("dpkg -r microagent-probe >/dev/null 2>&1; sync");
+    exec("apt-get remove -y -q microagent-probe >/dev/null 2>&1; sync");
     let (_, out, _) = home.run(&["exec", "deb", "--", "sh", "-c", probe]);
     assert!(out.contains("no packages found"), "{out}");
     home.ok(&["halt", "deb"]);
     home.ok(&["start", "deb", "--from-snapshot", "pkg"]);
     assert_eq!(exec(probe), installed);
+
+    // Deleting the snapshot takes nothing from the fork standing on its
+    // deltas.
+    home.ok(&["snapshot", "delete", "deb", "pkg", "--yes"]);
+    let (code, out, err) = home.run(&[
+        "exec",
+        "debfork",
+        "--",
+        "sh",
+        "-c",
+        &format!("echo 3 > /proc/sys/vm/drop_caches; {probe}"),
+    ]);
+    assert_eq!((code, out.as_str()), (0, installed), "{err}");
+    home.ok(&["snapshot", "create", "deb", "--tag", "pkg"]);
 
     // References: the image stays while anything stands on it, and says who.
     let (code, out, err) = home.run(&["image", "rm", &reference, "--json"]);
@@ -530,4 +545,48 @@ fn debian_image_from_registry_boots_with_overlay_semantics() {
     home.ok(&["delete", "deb", "--yes", "--force"]);
     home.ok(&["image", "rm", &reference]);
     assert!(layer_disks(&home).is_empty(), "{:?}", layer_disks(&home));
+}
+
+/// `cache prune` collects the boot disks no workspace or snapshot names
+/// and layer disks no image names (left by an interrupted removal), and
+/// keeps what is in use. No VM boots.
+#[test]
+fn cache_prune_collects_shared_disks_nothing_uses() {
+    let home = Home::with_private_boot_cache();
+    let busybox = oci::script_path("image-busybox.sh");
+    home.ok(&[
+        "image",
+        "import",
+        busybox.to_str().unwrap(),
+        "--tag",
+        "localhost/bb:prune",
+    ]);
+    let kernel = vmlinux();
+    home.ok(&[
+        "create",
+        "p1",
+        "--image",
+        "localhost/bb:prune",
+        "--kernel",
+        kernel.to_str().unwrap(),
+    ]);
+    let boot_dir = home.dir.path().join("cache/bootdisks");
+    let boot_disks = || std::fs::read_dir(&boot_dir).map_or(0, |r| r.count());
+    assert_eq!(boot_disks(), 1);
+    let orphan = home
+        .dir
+        .path()
+        .join("images/layers")
+        .join(format!("{}.erofs", "0".repeat(64)));
+    std::fs::write(&orphan, b"left by an interrupted removal").unwrap();
+
+    let p = home.json(&["cache", "prune", "--yes"]);
+    assert_eq!(p["shared_disks_removed"], 1, "{p}");
+    assert!(!orphan.exists());
+    assert_eq!((boot_disks(), layer_disks(&home).len()), (1, 1));
+
+    home.ok(&["delete", "p1", "--yes"]);
+    let p = home.json(&["cache", "prune", "--yes"]);
+    assert_eq!(p["shared_disks_removed"], 1, "{p}");
+    assert_eq!((boot_disks(), layer_disks(&home).len()), (0, 1));
 }

@@ -87,12 +87,13 @@ fn prune(engine: &Engine, args: PruneArgs, out: &Out) -> Result<i32> {
     let p = engine.cache_prune(&keys)?;
     out.done(
         &format!(
-            "removed {} boot snapshot(s) and {} unused base disk(s), freed {}",
+            "removed {} boot snapshot(s), {} unused base disk(s) and {} unused layer or boot disk(s), freed {}",
             p.removed.len(),
             p.bases_removed,
+            p.shared_disks_removed,
             human_size(p.freed_bytes)
         ),
-        json!({"removed": p.removed, "bases_removed": p.bases_removed, "freed_bytes": p.freed_bytes}),
+        json!({"removed": p.removed, "bases_removed": p.bases_removed, "shared_disks_removed": p.shared_disks_removed, "freed_bytes": p.freed_bytes}),
     );
     Ok(0)
 }

@@ -13,9 +13,10 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::blockset::BlockSet;
-use super::spec::{ChainSpec, SpecError};
+use super::spec::{ChainSpec, SpecError, CHAIN_FILE};
 use super::{create_delta, link_files, new_delta_name};
 use crate::util::copy::data_extents;
 
@@ -63,6 +64,10 @@ pub struct Chain {
     /// Frozen deltas, oldest first.
     lower: Vec<Layer>,
     top: Option<Layer>,
+    /// Set by `freeze`, which leaves the frozen delta's data and the new
+    /// `chain.json` to the page cache (the guest is paused meanwhile);
+    /// cleared once they are durable. See [`Chain::sync_frozen`].
+    frozen_unsynced: AtomicBool,
 }
 
 impl Chain {
@@ -107,6 +112,7 @@ impl Chain {
             base_len,
             lower,
             top,
+            frozen_unsynced: AtomicBool::new(false),
         })
     }
 
@@ -240,10 +246,34 @@ impl Chain {
 
     /// Makes every completed write durable.
     pub fn flush(&self) -> std::io::Result<()> {
+        // What the guest wrote before a snapshot is below what it writes
+        // after: it must be durable first, and chain.json must name the
+        // top it is flushing.
+        self.sync_frozen()?;
         match &self.top {
             Some(top) => top.file.sync_data(),
             None => Ok(()),
         }
+    }
+
+    /// Whether the last freeze still waits for [`Chain::sync_frozen`].
+    pub fn freeze_pending_sync(&self) -> bool {
+        self.frozen_unsynced.load(Ordering::Acquire)
+    }
+
+    /// Makes the last freeze durable: the frozen delta's data, then
+    /// `chain.json`. `flush` does it first; the engine does it too (through
+    /// the files) before it commits a snapshot that links them.
+    pub fn sync_frozen(&self) -> std::io::Result<()> {
+        if !self.frozen_unsynced.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        if let Some(frozen) = self.lower.last() {
+            frozen.file.sync_data()?;
+        }
+        crate::util::fs::sync_with_dir(&self.dir.join(CHAIN_FILE))?;
+        self.frozen_unsynced.store(false, Ordering::Release);
+        Ok(())
     }
 
     /// Freezes the top delta (it joins the read-only deltas) and continues
@@ -258,20 +288,26 @@ impl Chain {
                 dir: self.dir.display().to_string(),
             });
         };
-        let old_path = self.dir.join(&old_top);
-        if let Some(top) = &self.top {
-            top.file.sync_data().map_err(io_at(&old_path))?;
-        }
+        // An earlier freeze not yet durable must be before this one
+        // writes chain.json again.
+        self.sync_frozen()
+            .map_err(io_at(&self.dir.join(CHAIN_FILE)))?;
         let name = new_delta_name();
         let new_path = self.dir.join(&name);
         let new_file = create_delta(&self.dir, &name, self.spec.size).map_err(io_at(&new_path))?;
         let mut next = self.spec.clone();
         next.deltas.push(old_top);
         next.top = Some(name);
-        if let Err(e) = next.write(&self.dir) {
+        // Not synced here: the old top's data and this chain.json reach
+        // the disk after the guest runs again (sync_frozen), before any
+        // flush of the new top and before the snapshot is committed. A
+        // crash before then loses only writes the guest never flushed,
+        // as it would have without the snapshot.
+        if let Err(e) = next.write_unsynced(&self.dir) {
             let _ = std::fs::remove_file(&new_path);
             return Err(e.into());
         }
+        self.frozen_unsynced.store(true, Ordering::Release);
         // chain.json names the new top: the running chain must agree.
         if let Some(top) = self.top.take() {
             self.lower.push(top);
@@ -287,7 +323,8 @@ impl Chain {
         };
         if let Some(dst) = link_into {
             link_files(&self.dir, &frozen, dst)?;
-            frozen.write(dst)?;
+            // The engine rewrites it with digests, synced, before commit.
+            frozen.write_unsynced(dst)?;
         }
         Ok(frozen)
     }

@@ -134,12 +134,28 @@ impl ChainSpec {
 
     /// Replaces `dir/chain.json` atomically and durably.
     pub fn write(&self, dir: &Path) -> Result<(), SpecError> {
+        self.write_to(dir, true)
+    }
+
+    /// Like [`ChainSpec::write`], without waiting for the disk (a crash
+    /// may keep the previous `chain.json`): for a paused guest, whose
+    /// chain is made durable before anything depends on it.
+    pub fn write_unsynced(&self, dir: &Path) -> Result<(), SpecError> {
+        self.write_to(dir, false)
+    }
+
+    fn write_to(&self, dir: &Path, sync: bool) -> Result<(), SpecError> {
         let path = dir.join(CHAIN_FILE);
         let json = serde_json::to_vec_pretty(self).map_err(|e| SpecError::Bad {
             path: path.display().to_string(),
             reason: e.to_string(),
         })?;
-        write_atomic(&path, &json).map_err(|source| SpecError::Io {
+        let written = if sync {
+            write_atomic(&path, &json)
+        } else {
+            crate::util::fs::write_atomic_unsynced(&path, &json)
+        };
+        written.map_err(|source| SpecError::Io {
             path: path.display().to_string(),
             source,
         })

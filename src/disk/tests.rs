@@ -157,6 +157,29 @@ fn rollback_swaps_whole_chains_and_recovers_from_a_crash_midway() {
     assert!(!sibling(&ws, "next").exists());
 }
 
+/// A freeze leaves its syncs for later; a flush, or the next freeze, does
+/// them first, and the chain on disk then names the new top.
+#[test]
+fn a_freeze_is_made_durable_by_the_next_flush_or_freeze() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, _) = base_file(dir.path(), SIZE);
+    let ws = dir.path().join("disk");
+    create(&ws, &base, None).unwrap();
+    let mut chain = Chain::open(&ws).unwrap();
+    chain.write_at(&[1; 4096], 0).unwrap();
+    let frozen = chain.freeze(None).unwrap();
+    assert!(chain.freeze_pending_sync());
+    chain.write_at(&[2; 4096], 4096).unwrap();
+    chain.flush().unwrap();
+    assert!(!chain.freeze_pending_sync());
+    let on_disk = ChainSpec::read(&ws).unwrap();
+    assert_eq!(on_disk.deltas, frozen.deltas);
+    assert_eq!(on_disk.top, chain.spec().top);
+    chain.freeze(None).unwrap();
+    chain.freeze(None).unwrap();
+    assert_eq!(ChainSpec::read(&ws).unwrap().deltas.len(), 3);
+}
+
 #[test]
 fn damaged_or_hostile_chains_are_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();

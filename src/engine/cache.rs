@@ -1,9 +1,15 @@
 //! The boot cache that warm starts resume, and the shared base disks:
 //! list and prune.
 
+use std::collections::HashSet;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
 use super::{invalid, Engine, Error, IoContext, Result};
+use crate::image::store::ImageStore;
 use crate::snapshot::bootcache::{valid_key, BootCache, Entry};
 use crate::workspace::base::BaseCache;
+use crate::workspace::layout::BOOT_DISK_DIR;
 
 /// What a prune removed.
 #[derive(Debug, Clone)]
@@ -11,6 +17,8 @@ pub struct Pruned {
     pub removed: Vec<String>,
     /// Base disks no workspace, snapshot or boot snapshot links any more.
     pub bases_removed: u64,
+    /// Layer and boot disks no image, workspace or snapshot names any more.
+    pub shared_disks_removed: u64,
     pub freed_bytes: u64,
 }
 
@@ -59,6 +67,7 @@ impl Engine {
             .prune(keys)
             .io_ctx(|| format!("pruning {}", cache.root.display()))?;
         let mut bases_removed = 0;
+        let mut shared_disks_removed = 0;
         if keys.is_empty() {
             let bases = BaseCache::new(&self.state.root);
             let p = bases
@@ -66,11 +75,55 @@ impl Engine {
                 .io_ctx(|| format!("pruning {}", bases.dir.display()))?;
             bases_removed = p.bases;
             freed_bytes += p.bytes;
+            let (n, bytes) = self.prune_shared_disks()?;
+            shared_disks_removed = n;
+            freed_bytes += bytes;
         }
         Ok(Pruned {
             removed,
             bases_removed,
+            shared_disks_removed,
             freed_bytes,
         })
+    }
+
+    /// Removes layer disks that no image, workspace or snapshot names, and
+    /// boot disks that no workspace or snapshot names (the current agent's
+    /// is rebuilt by the next create). Boot snapshots were removed first.
+    fn prune_shared_disks(&self) -> Result<(u64, u64)> {
+        let images = ImageStore::new(&self.state.root);
+        // Under the store lock: no build or removal runs meanwhile.
+        let _lock = images.lock()?;
+        let refs = super::references::collect(&self.state)?;
+        let mut wanted: HashSet<String> = refs.layers;
+        for rec in images.records()? {
+            wanted.extend(rec.layer_disks.iter().map(|k| k.to_string()));
+        }
+        let mut removed = (0, 0);
+        let mut sweep = |dir: &Path, keep: &dyn Fn(&str) -> bool| -> Result<()> {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                return Ok(());
+            };
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !name.ends_with(".erofs") || keep(&name) {
+                    continue;
+                }
+                let bytes = e.metadata().map_or(0, |m| m.blocks() * 512);
+                std::fs::remove_file(e.path())
+                    .io_ctx(|| format!("removing {}", e.path().display()))?;
+                removed.0 += 1;
+                removed.1 += bytes;
+            }
+            Ok(())
+        };
+        sweep(&images.layers_dir(), &|name| {
+            let hex = name.trim_end_matches(".erofs");
+            wanted.contains(&format!("sha256:{hex}"))
+        })?;
+        sweep(&self.state.root.join(BOOT_DISK_DIR), &|name| {
+            refs.boot_disks.contains(name)
+        })?;
+        Ok(removed)
     }
 }

@@ -15,12 +15,15 @@ struct User {
     label: String,
     image_digest: Option<String>,
     layers: Vec<String>,
+    boot_disk: Option<String>,
 }
 
 pub(crate) struct References {
     users: Vec<User>,
     /// Every layer disk key a workspace or snapshot needs.
     pub layers: HashSet<String>,
+    /// Every boot disk (file name) a workspace or snapshot needs.
+    pub boot_disks: HashSet<String>,
 }
 
 /// Reads every workspace and snapshot of `state`. Unreadable records are
@@ -42,6 +45,11 @@ pub(crate) fn collect(state: &StateDir) -> Result<References> {
                 .as_ref()
                 .map(|l| l.layer_keys())
                 .unwrap_or_default(),
+            boot_disk: rec.layout.as_ref().and_then(|l| {
+                l.boot_disk
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+            }),
         });
         let Ok(entries) = std::fs::read_dir(ws.snapshots()) else {
             continue;
@@ -54,6 +62,7 @@ pub(crate) fn collect(state: &StateDir) -> Result<References> {
                     label: format!("snapshot {name}:{}", m.tag),
                     image_digest: m.image_digest.clone(),
                     layers: m.layer_disks.iter().map(|d| d.key.clone()).collect(),
+                    boot_disk: m.boot_disk.as_ref().map(|d| d.key.clone()),
                 })
             })
             .collect();
@@ -64,7 +73,12 @@ pub(crate) fn collect(state: &StateDir) -> Result<References> {
         .iter()
         .flat_map(|u| u.layers.iter().cloned())
         .collect();
-    Ok(References { users, layers })
+    let boot_disks = users.iter().filter_map(|u| u.boot_disk.clone()).collect();
+    Ok(References {
+        users,
+        layers,
+        boot_disks,
+    })
 }
 
 impl References {

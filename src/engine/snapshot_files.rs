@@ -51,15 +51,22 @@ fn known_digests(ws: &WorkspaceDir) -> BTreeMap<String, String> {
 /// (`HASH_BLOCKS`): only its data extents are read.
 fn file_info(dir: &Path, name: &str) -> Result<FileInfo> {
     let path = dir.join(name);
-    std::fs::File::open(&path)
-        .and_then(|f| f.sync_all())
-        .io_ctx(|| format!("syncing {}", path.display()))?;
     let sparse = name == MEMORY;
-    let sha256 = if sparse {
-        content_sha256(&path)
-    } else {
-        sha256_file(&path)
-    };
+    // The writeback and the hash both take as long as the file is big:
+    // run them side by side (the hash reads the page cache).
+    let (synced, sha256) = std::thread::scope(|scope| {
+        let sync = scope.spawn(|| std::fs::File::open(&path).and_then(|f| f.sync_all()));
+        let sha256 = if sparse {
+            content_sha256(&path)
+        } else {
+            sha256_file(&path)
+        };
+        let synced = sync
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("sync thread panicked")));
+        (synced, sha256)
+    });
+    synced.io_ctx(|| format!("syncing {}", path.display()))?;
     Ok(FileInfo {
         name: name.to_string(),
         size: std::fs::metadata(&path)
@@ -99,6 +106,11 @@ pub(crate) fn manifest_files(
             .map(|f| {
                 let path = disk.join(f);
                 scope.spawn(move || {
+                    // The delta this snapshot froze was left unsynced
+                    // while the guest was paused.
+                    std::fs::File::open(&path)
+                        .and_then(|f| f.sync_data())
+                        .io_ctx(|| format!("syncing {}", path.display()))?;
                     crate::disk::file_sha256(&path, bs)
                         .io_ctx(|| format!("hashing {}", path.display()))
                 })
@@ -115,6 +127,12 @@ pub(crate) fn manifest_files(
         (infos, digests)
     });
     let mut infos = infos?;
+    // The workspace's chain.json naming its new top must be durable before
+    // the snapshot that links its old top is: a crash must never leave
+    // the workspace writing into a file a snapshot holds.
+    let ws_chain = ws.disk_dir().join(CHAIN_FILE);
+    crate::util::fs::sync_with_dir(&ws_chain)
+        .io_ctx(|| format!("syncing {}", ws_chain.display()))?;
     for (name, digest) in unhashed.iter().zip(digests?) {
         spec.digests.insert(name.clone(), digest);
     }

@@ -36,6 +36,23 @@ pub fn read_tail(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
 /// Temp file in the same directory, fsync, rename, fsync the directory:
 /// readers see the old content or the new, never half of it.
 pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    write_replacing(path, data, true)
+}
+
+/// Replaces `path` by one rename like [`write_atomic`], without waiting for
+/// the disk: a crash leaves the old or the new content, but perhaps the
+/// old. [`sync_with_dir`] makes it durable later.
+pub fn write_atomic_unsynced(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    write_replacing(path, data, false)
+}
+
+/// Makes a file and its directory entry durable.
+pub fn sync_with_dir(path: &Path) -> std::io::Result<()> {
+    std::fs::File::open(path)?.sync_all()?;
+    std::fs::File::open(path.parent().unwrap_or(Path::new(".")))?.sync_all()
+}
+
+fn write_replacing(path: &Path, data: &[u8], sync: bool) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let file_name = path
         .file_name()
@@ -45,9 +62,14 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(data)?;
-        f.sync_all()?;
+        if sync {
+            f.sync_all()?;
+        }
         std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
+        if sync {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);

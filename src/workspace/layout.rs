@@ -29,6 +29,8 @@ pub const ROOT_SERIAL: &str = "microagent-root";
 /// The kernel command line key that tells the agent how many layer disks
 /// there are (0: a whole-disk root).
 pub const LAYERS_KEY: &str = "microagent.layers";
+/// Where boot disks are kept, under the state directory.
+pub const BOOT_DISK_DIR: &str = "cache/bootdisks";
 
 /// One read-only layer disk: its key in the image store (a diff_id, or a
 /// merged base's key) and its file.
@@ -203,7 +205,7 @@ pub fn boot_disk(
     agent_sha256: &str,
     guest_path: &str,
 ) -> Result<PathBuf, BuildError> {
-    let dir = state_root.join("cache/bootdisks");
+    let dir = state_root.join(BOOT_DISK_DIR);
     let disk = dir.join(format!("{agent_sha256}.erofs"));
     if disk.is_file() {
         return Ok(disk);

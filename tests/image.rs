@@ -26,8 +26,9 @@ fn image_dirs(home: &Home) -> Vec<String> {
     v
 }
 
-fn blobs(home: &Home) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(home.dir.path().join("images/blobs/sha256"))
+/// The sorted names in a directory of the home (none if it is missing).
+fn names_in(home: &Home, dir: &str) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(home.dir.path().join(dir))
         .map(|rd| {
             rd.flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -36,6 +37,10 @@ fn blobs(home: &Home) -> Vec<String> {
         .unwrap_or_default();
     v.sort();
     v
+}
+
+fn blobs(home: &Home) -> Vec<String> {
+    names_in(home, "images/blobs/sha256")
 }
 
 fn tmp_is_empty(home: &Home) -> bool {
@@ -324,15 +329,7 @@ fn probe_deb(dir: &Path) -> std::path::PathBuf {
 
 /// The image's layers in the store: their layer disks' file names.
 fn layer_disks(home: &Home) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(home.dir.path().join("images/layers"))
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
+    names_in(home, "images/layers")
 }
 
 /// One boot of a Debian minbase image (debootstrap) pulled from the

@@ -3,18 +3,27 @@
 
 use std::ffi::CString;
 
-fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) {
-    let _ = std::fs::create_dir_all(target);
-    let (s, t, f, d) = (
-        CString::new(source).unwrap_or_default(),
-        CString::new(target).unwrap_or_default(),
-        CString::new(fstype).unwrap_or_default(),
-        CString::new(data).unwrap_or_default(),
-    );
+/// mount(2) of `source` on `target`; names that hold a NUL are refused.
+pub fn try_mount(
+    source: &str,
+    target: &str,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: &str,
+) -> std::io::Result<()> {
+    let c = |v: &str| CString::new(v).map_err(|_| std::io::Error::other(format!("NUL in {v:?}")));
+    let (s, t, f, d) = (c(source)?, c(target)?, c(fstype)?, c(data)?);
     // SAFETY: all pointers are to NUL-terminated strings that outlive the call.
     let rc = unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), flags, d.as_ptr().cast()) };
     if rc != 0 {
-        let e = std::io::Error::last_os_error();
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) {
+    let _ = std::fs::create_dir_all(target);
+    if let Err(e) = try_mount(source, target, fstype, flags, data) {
         // Already mounted (e.g. by the kernel) is fine.
         if e.raw_os_error() != Some(libc::EBUSY) {
             eprintln!("microagent-agent: mount {fstype} on {target}: {e}");

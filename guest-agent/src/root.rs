@@ -41,16 +41,8 @@ fn mount(
     data: &str,
 ) -> Result<(), String> {
     std::fs::create_dir_all(target).map_err(|e| format!("creating {target}: {e}"))?;
-    let (s, t, f, d) = (cstr(source)?, cstr(target)?, cstr(fstype)?, cstr(data)?);
-    // SAFETY: all pointers are to NUL-terminated strings that outlive the call.
-    let rc = unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), flags, d.as_ptr().cast()) };
-    if rc != 0 {
-        return Err(format!(
-            "mounting {source} ({fstype}) on {target}: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    Ok(())
+    crate::init::try_mount(source, target, fstype, flags, data)
+        .map_err(|e| format!("mounting {source} ({fstype}) on {target}: {e}"))
 }
 
 /// serial -> /dev/vdX for every virtio-blk disk.

@@ -28,12 +28,13 @@ layout=$(bash scripts/image-busybox.sh)
 export MICROAGENT_HOME=$cache/demo/home
 export MICROAGENT_KERNEL=$kernel_dir/vmlinux
 for ws in demo demo-fork; do "$bin" delete "$ws" --yes --force >/dev/null 2>&1 || true; done
+"$bin" image rm localhost/busybox:setup >/dev/null 2>&1 || true
 
 timed() { local s; s=$(date +%s%N); "$@"; echo "    ($(( ($(date +%s%N) - s) / 1000000 )) ms)"; }
-step "image import: verify blobs, unpack layers, build the cached ext4 root disk"
+step "image import: verify blobs, build one shared read-only layer disk per layer"
 timed "$bin" image import "$layout" --tag localhost/busybox:latest
 "$bin" image ls
-step "create: the workspace gets its own copy of the image's disk, with the guest agent injected"
+step "create: an empty copy-on-write upper over the image's shared layer disks"
 timed "$bin" create demo --image localhost/busybox:latest --vcpus 2 --memory 512
 step "start: a detached VMM; returns once the guest agent answers (about a minute on PVM hosts)"
 timed "$bin" start demo
@@ -57,9 +58,14 @@ step "roll back in place: break the workspace, then start it from the snapshot"
 timed "$bin" halt demo
 timed "$bin" start demo --from-snapshot ready
 timed "$bin" exec demo -- cat /root/setup.txt
+step "diff and commit: the workspace's changes become one more image layer"
+"$bin" diff demo
+timed "$bin" commit demo localhost/busybox:setup
+"$bin" image ls
 step "halt and delete"
 timed "$bin" halt demo-fork
 timed "$bin" delete demo-fork --yes
 timed "$bin" halt demo
 timed "$bin" delete demo --yes
+"$bin" image rm localhost/busybox:setup
 step "done in $(( $(date +%s) - t0 )) s"

@@ -8,6 +8,7 @@ pub mod devices;
 pub mod digest;
 pub mod disk;
 pub mod engine;
+pub mod ext4;
 pub mod image;
 pub mod paths;
 pub mod snapshot;

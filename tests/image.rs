@@ -9,6 +9,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use common::oci::{self, tar_bytes, Registry};
+use common::schema::{assert_each, assert_schema};
 use common::{kvm_available, vmlinux, Home};
 use serde_json::json;
 use tar::EntryType::{Directory as D, Regular as F, Symlink as S};
@@ -528,6 +529,8 @@ fn debian_image_from_registry_boots_with_overlay_semantics() {
     assert_eq!((code, out.as_str()), (0, installed), "{err}");
     home.ok(&["snapshot", "create", "deb", "--tag", "pkg"]);
 
+    let committed = commit_push_and_fork_elsewhere(&home, &registry, &reference, &exec, probe);
+
     // References: the image stays while anything stands on it, and says who.
     let (code, out, err) = home.run(&["image", "rm", &reference, "--json"]);
     assert_eq!(code, 1, "{out}");
@@ -540,8 +543,235 @@ fn debian_image_from_registry_boots_with_overlay_semantics() {
     assert_eq!(layer_disks(&home).len(), 8);
     home.ok(&["delete", "debfork", "--yes", "--force"]);
     home.ok(&["delete", "deb", "--yes", "--force"]);
+    home.ok(&["image", "rm", &committed]);
     home.ok(&["image", "rm", &reference]);
     assert!(layer_disks(&home).is_empty(), "{:?}", layer_disks(&home));
+}
+
+/// Runs `microagent commit` in the background until the workspace reports
+/// `committing`; returns the child (None if it finished before that).
+fn commit_in_background(home: &Home, ws: &str, to: &str) -> Option<std::process::Child> {
+    let mut child = home
+        .cmd()
+        .args(["commit", ws, to, "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    while child.try_wait().unwrap().is_none() {
+        if home.json(&["status", ws])["status"] == "committing" {
+            return Some(child);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    None
+}
+
+/// Seed 000's flow on the running Debian workspace `deb` (a package
+/// installed, /opt/stay deleted, /opt/opaque renamed, /opt/hl/a changed):
+/// diff, a commit refused for a secret, lifecycle refused during a commit,
+/// a killed commit that leaves nothing, a commit, a push, a pull into a
+/// second state directory and a workspace there with the changes, a
+/// chained commit, and refusals by state. Returns the committed reference.
+fn commit_push_and_fork_elsewhere(
+    home: &Home,
+    registry: &Registry,
+    reference: &str,
+    exec: &dyn Fn(&str) -> String,
+    probe: &str,
+) -> String {
+    exec("echo committed > /opt/new-file && sync");
+    let diff = home.json(&["diff", "deb"]);
+    assert_schema("diff", &diff);
+    let changes = diff["changes"].as_array().unwrap();
+    let has = |kind: &str, path: &str| {
+        changes
+            .iter()
+            .any(|c| c["kind"] == kind && c["path"] == path)
+    };
+    for (kind, path) in [
+        ("C", "/opt"),
+        ("D", "/opt/stay"),
+        ("D", "/opt/opaque"),
+        ("A", "/opt/renamed"),
+        ("A", "/opt/new-file"),
+        ("C", "/opt/hl/a"),
+        ("A", "/usr/share/microagent-probe/hello"),
+    ] {
+        assert!(has(kind, path), "no {kind} {path} in {diff}");
+    }
+    assert!(
+        !changes.iter().any(|c| {
+            let p = c["path"].as_str().unwrap();
+            p.starts_with("/tmp/") || p.starts_with("/run/") || p == "/etc/hostname"
+        }),
+        "{diff}"
+    );
+
+    // A secret copied into the filesystem is never committed.
+    let repo = reference.rsplit_once(':').unwrap().0;
+    let committed = format!("{repo}:committed");
+    let set = home
+        .cmd()
+        .env("MA_TEST_SECRET", "commit-secret-7f3a9c51")
+        .args([
+            "secret",
+            "set",
+            "deb",
+            "TOKEN",
+            "--from-env",
+            "MA_TEST_SECRET",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        set.status.success(),
+        "{}",
+        String::from_utf8_lossy(&set.stderr)
+    );
+    exec("cp /run/secrets/TOKEN /root/leak && sync");
+    let images = home.json(&["image", "ls"]);
+    let (code, out, err) = home.run(&["commit", "deb", &committed, "--json"]);
+    assert_eq!(code, 1, "{out} {err}");
+    let e: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(e["error"]["code"], "secret_leak", "{out}");
+    assert_eq!(e["error"]["secret_key"], "TOKEN", "{out}");
+    assert_eq!(e["error"]["file"], "/root/leak", "{out}");
+    assert_eq!(home.json(&["image", "ls"]), images);
+    exec("rm /root/leak && sync");
+
+    // A commit killed midway leaves no image, and the workspace runs on.
+    if let Some(mut child) = commit_in_background(home, "deb", &format!("{repo}:killed")) {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    assert_eq!(home.json(&["image", "ls"]), images);
+    assert_eq!(
+        exec("echo alive > /root/alive && cat /root/alive"),
+        "alive\n"
+    );
+
+    // While a commit runs, the workspace says so and lifecycle commands
+    // are refused, naming the commit.
+    let child = commit_in_background(home, "deb", &committed)
+        .expect("the commit finished before status reported committing");
+    let (code, _, err) = home.run(&["pause", "deb"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("is committing"), "{err}");
+    let ls = home.json(&["image", "ls"]);
+    assert_each("image", &ls);
+    assert!(
+        ls.as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["state"] == "building" && i["refs"] == json!([committed])),
+        "{ls}"
+    );
+    let done = child.wait_with_output().unwrap();
+    let (out, err) = common::text(&done);
+    assert!(done.status.success(), "{err}");
+    let c: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_schema("image-commit", &c);
+    assert_eq!(c["refs"], json!([committed]), "{out}");
+    assert_eq!(c["layers"], 11, "{out}");
+    assert_eq!(c["source"], "commit", "{out}");
+    assert!(c["new_layer"]["entries"].as_u64().unwrap() > 5, "{out}");
+    assert!(c["paused_ms"].is_u64(), "{out}");
+    eprintln!("commit: {}", c["duration_ms"]);
+
+    // Push: the image's own layers are in the registry already.
+    let creds = registry.creds();
+    let p = home.json(&["image", "push", &committed, "--creds", &creds]);
+    assert_schema("image-push", &p);
+    assert_eq!(
+        (p["blobs_pushed"].as_u64(), p["blobs_skipped"].as_u64()),
+        (Some(2), Some(10)),
+        "{p}"
+    );
+    let skopeo = |args: &[&str]| {
+        let out = Command::new("skopeo").args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "skopeo {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let remote = format!("docker://{committed}");
+    let inspect: serde_json::Value = serde_json::from_str(&skopeo(&[
+        "inspect",
+        "--tls-verify=false",
+        "--creds",
+        &creds,
+        &remote,
+    ]))
+    .unwrap();
+    assert_eq!(inspect["Layers"].as_array().unwrap().len(), 11, "{inspect}");
+    let layout = tempfile::tempdir().unwrap();
+    skopeo(&[
+        "copy",
+        "--quiet",
+        "--src-tls-verify=false",
+        "--src-creds",
+        &creds,
+        &remote,
+        &format!("oci:{}:committed", layout.path().display()),
+    ]);
+
+    // The other host: pull, create, and the changes are there.
+    let other = Home::new();
+    other.ok(&["image", "pull", &committed, "--creds", &creds]);
+    let kernel = vmlinux();
+    other.ok(&[
+        "create",
+        "copy",
+        "--image",
+        &committed,
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--memory",
+        "256",
+    ]);
+    other.ok(&["start", "copy"]);
+    let (code, out, err) = other.run(&[
+        "exec", "copy", "--", "sh", "-c",
+        &format!("cat /opt/new-file; test -e /opt/stay || echo stay-gone; ls /opt/renamed; cat /opt/hl/a; echo $IMAGE_GREETING; pwd; {probe}"),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out,
+        "committed\nstay-gone\nupper\nchanged\nhello from the image\n/opt\ninstall ok installed\ninstalled\n"
+    );
+    // A commit of a workspace made from a committed image adds one more;
+    // a halted one's upper is read as its agent left it at power-off.
+    other.ok(&["halt", "copy"]);
+    let chained = other.json(&["commit", "copy"]);
+    assert_eq!(chained["layers"], 12, "{chained}");
+    let tag = chained["refs"][0].as_str().unwrap();
+    assert!(tag.starts_with(&format!("{repo}:20")), "{chained}");
+    // Refused by state, naming it.
+    other.ok(&[
+        "create",
+        "fresh",
+        "--image",
+        &committed,
+        "--kernel",
+        kernel.to_str().unwrap(),
+    ]);
+    let (code, out, _) = other.run(&["commit", "fresh", "--json"]);
+    assert_eq!(code, 1, "{out}");
+    let e: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(e["error"]["code"], "state_conflict", "{out}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("is created"),
+        "{out}"
+    );
+    other.ok(&["delete", "fresh", "--yes"]);
+    other.ok(&["delete", "copy", "--yes", "--force"]);
+    committed
 }
 
 /// `cache prune` collects the boot disks no workspace or snapshot names

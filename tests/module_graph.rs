@@ -11,6 +11,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("paths", 0),
     ("util", 0),
     ("disk", 1),
+    ("ext4", 1),
     ("snapshot", 2),
     ("devices", 2),
     ("vmm", 3),

@@ -227,6 +227,12 @@ pub enum Request {
     },
     /// Scrub every secret: done before guest memory is written anywhere.
     SecretsScrub,
+    /// Freeze the upper filesystem so the host reads it whole and clean;
+    /// answered `frozen`, then thawed (and answered `thawed`) at the next
+    /// frame on this connection, when it closes, or after `timeout_s`.
+    FreezeUpper {
+        timeout_s: u32,
+    },
 }
 
 /// Where secrets live in the guest (a tmpfs, never the root disk).

@@ -6,6 +6,7 @@
 
 mod copy;
 mod exec;
+mod freeze;
 mod init;
 mod reaper;
 mod root;
@@ -98,12 +99,22 @@ fn session(conn: File) {
         }
         Request::SecretsRemove { keys } => reply(&w, result_response(secrets::remove(&keys))),
         Request::SecretsScrub => reply(&w, result_response(secrets::scrub_all())),
+        Request::FreezeUpper { timeout_s } => freeze::serve(timeout_s, reader, |r| {
+            reply(&w, result_response_msg(r));
+        }),
     }
 }
 
 fn result_response(r: Result<(), String>) -> Response {
     match r {
         Ok(()) => response(true, String::new()),
+        Err(e) => response(false, e),
+    }
+}
+
+fn result_response_msg(r: Result<String, String>) -> Response {
+    match r {
+        Ok(m) => response(true, m),
         Err(e) => response(false, e),
     }
 }
@@ -131,6 +142,15 @@ fn power_off() -> ! {
             std::ptr::null(),
         );
         libc::sync();
+    }
+    // The overlay's remount left the upper writable: freezing it leaves
+    // its journal clean, so the host can read a halted workspace's
+    // changes (commit, diff) without replaying it.
+    if let Some(upper) = root::upper() {
+        let _ = freeze::freeze(upper);
+    }
+    // SAFETY: as above.
+    unsafe {
         libc::reboot(libc::RB_AUTOBOOT);
     }
     loop {

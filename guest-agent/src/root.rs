@@ -13,7 +13,9 @@
 
 use std::collections::HashMap;
 use std::ffi::CString;
+use std::fs::File;
 use std::path::Path;
+use std::sync::OnceLock;
 
 pub const LAYERS_KEY: &str = "microagent.layers";
 const BOOT_SERIAL: &str = "microagent-boot";
@@ -22,6 +24,15 @@ const ROOT_SERIAL: &str = "microagent-root";
 /// Where the new root and its parts are mounted (a tmpfs on the boot
 /// disk's /run; it goes away with the old root).
 const STAGE: &str = "/run/microagent";
+
+/// A directory of the mounted upper filesystem, kept open after the
+/// switch (its mount is detached then) so it can be frozen.
+static UPPER: OnceLock<File> = OnceLock::new();
+
+/// The upper filesystem, in an image workspace.
+pub fn upper() -> Option<&'static File> {
+    UPPER.get()
+}
 
 /// What the assembled root brought with it.
 pub struct Assembled {
@@ -101,6 +112,9 @@ pub fn assemble(layers: usize) -> Result<Assembled, String> {
             std::fs::create_dir_all(&p).map_err(|e| format!("creating {p}: {e}"))?;
         }
         entrypoint = std::fs::read(format!("{upper}/meta/entrypoint.json")).ok();
+        if let Ok(dir) = File::open(&upper) {
+            let _ = UPPER.set(dir);
+        }
         // overlayfs lists lower directories top first.
         let mut lower = Vec::with_capacity(layers);
         for i in (0..layers).rev() {

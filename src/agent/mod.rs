@@ -112,6 +112,10 @@ impl AgentConn {
             guest_agent::write_frame(&mut self.stream, Kind::Stdin, p)
                 .map_err(|e| AgentError::Protocol(e.to_string()))?;
         }
+        self.response()
+    }
+
+    fn response(&mut self) -> Result<Response, AgentError> {
         let f = read_frame(&mut self.stream).map_err(|e| AgentError::Protocol(e.to_string()))?;
         match f.kind {
             Kind::Response => f.json().map_err(|e| AgentError::Protocol(e.to_string())),
@@ -119,6 +123,38 @@ impl AgentConn {
             k => Err(AgentError::Protocol(format!(
                 "expected RESPONSE, got {k:?}"
             ))),
+        }
+    }
+
+    /// Freezes the guest's upper filesystem: its data and journal are on
+    /// the disk, clean, until [`FrozenUpper::thaw`], the drop of what this
+    /// returns, or `timeout` (the agent's own guard) thaws it.
+    pub fn freeze_upper(mut self, timeout: Duration) -> Result<FrozenUpper, AgentError> {
+        let timeout_s = u32::try_from(timeout.as_secs()).unwrap_or(u32::MAX).max(1);
+        self.send(&Request::FreezeUpper { timeout_s })?;
+        let r = self.response()?;
+        if !r.ok {
+            return Err(AgentError::Remote(r.message));
+        }
+        Ok(FrozenUpper { conn: self })
+    }
+}
+
+/// The guest's upper filesystem while it is frozen (see
+/// [`AgentConn::freeze_upper`]); dropping it closes the connection, which
+/// thaws it too.
+pub struct FrozenUpper {
+    conn: AgentConn,
+}
+
+impl FrozenUpper {
+    pub fn thaw(mut self) -> Result<(), AgentError> {
+        self.conn.send(&Request::Ping)?;
+        let r = self.conn.response()?;
+        if r.ok {
+            Ok(())
+        } else {
+            Err(AgentError::Remote(r.message))
         }
     }
 }

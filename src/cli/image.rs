@@ -1,4 +1,4 @@
-//! `image pull|import|ls|rm`.
+//! `image pull|import|push|ls|rm`.
 
 use std::path::PathBuf;
 
@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 use super::output::Out;
 use crate::engine::create::RegistryOptions;
 use crate::engine::Engine;
+use crate::image::building::Building;
 use crate::image::ops::Ready;
 use crate::image::store::ImageRecord;
 
@@ -18,6 +19,8 @@ pub enum ImageCommand {
     Pull(PullArgs),
     /// Import an OCI layout directory, an oci-archive or a docker-archive tarball.
     Import(ImportArgs),
+    /// Push a local image to a registry (only the blobs it lacks).
+    Push(PushArgs),
     /// List local images.
     #[command(alias = "list")]
     Ls,
@@ -71,6 +74,16 @@ pub struct ImportArgs {
 }
 
 #[derive(Args)]
+pub struct PushArgs {
+    /// Local image: reference, digest or ID.
+    image: String,
+    /// Where to push (default: the image's own reference).
+    dest: Option<String>,
+    #[command(flatten)]
+    registry: RegistryArgs,
+}
+
+#[derive(Args)]
 pub struct RmArgs {
     /// Reference, digest or ID.
     image: String,
@@ -87,22 +100,53 @@ pub fn run(engine: &Engine, cmd: ImageCommand, out: &Out) -> Result<i32> {
                 engine.image_import(&a.path, a.tag.as_deref(), a.ref_name.as_deref(), out)?;
             report(out, "imported", &ready);
         }
+        ImageCommand::Push(a) => {
+            let (rec, p) =
+                engine.image_push(&a.image, a.dest.as_deref(), &a.registry.options(), out)?;
+            let mut v = record_json(&rec);
+            v["pushed_to"] = json!(p.reference);
+            v["pushed_digest"] = json!(p.manifest_digest.to_string());
+            v["blobs_pushed"] = json!(p.blobs_pushed);
+            v["blobs_skipped"] = json!(p.blobs_skipped);
+            v["bytes_pushed"] = json!(p.bytes_pushed);
+            out.done(
+                &format!(
+                    "pushed {} to {}@{} ({} blobs sent, {} already there, {})",
+                    rec.id(),
+                    p.reference,
+                    p.manifest_digest,
+                    p.blobs_pushed,
+                    p.blobs_skipped,
+                    mib(p.bytes_pushed)
+                ),
+                v,
+            );
+        }
         ImageCommand::Ls => {
             let records = engine.image_list()?;
+            let building = engine.image_building();
             if out.json {
-                println!(
-                    "{}",
-                    Value::Array(records.iter().map(record_json).collect())
-                );
+                let all = building
+                    .iter()
+                    .map(building_json)
+                    .chain(records.iter().map(record_json));
+                println!("{}", Value::Array(all.collect()));
             } else if !out.quiet {
                 println!(
-                    "{:<14} {:<10} {:<10} {:<20} REFERENCES",
-                    "ID", "CONTENT", "DISK", "CREATED"
+                    "{:<14} {:<9} {:<10} {:<10} {:<20} REFERENCES",
+                    "ID", "STATE", "CONTENT", "DISK", "CREATED"
                 );
+                for b in &building {
+                    println!(
+                        "{:<14} {:<9} {:<10} {:<10} {:<20} {} (from {})",
+                        "-", "building", "-", "-", b.since, b.reference, b.source
+                    );
+                }
                 for r in &records {
                     println!(
-                        "{:<14} {:<10} {:<10} {:<20} {}",
+                        "{:<14} {:<9} {:<10} {:<10} {:<20} {}",
                         r.id(),
+                        "ready",
                         mib(r.content_bytes),
                         mib(r.disk_bytes),
                         r.created,
@@ -139,6 +183,23 @@ pub fn record_json(r: &ImageRecord) -> Value {
         "disk_bytes": r.disk_bytes,
         "created": r.created,
         "config": r.run,
+        "state": "ready",
+    })
+}
+
+/// An image a commit is still making: what is known of it so far.
+fn building_json(b: &Building) -> Value {
+    json!({
+        "id": null,
+        "digest": null,
+        "refs": [b.reference],
+        "source": b.source,
+        "layers": null,
+        "content_bytes": null,
+        "disk_bytes": null,
+        "created": b.since,
+        "config": null,
+        "state": "building",
     })
 }
 

@@ -6,6 +6,7 @@
 
 mod cache;
 mod checkpoint;
+mod commit;
 mod confirm;
 mod cp;
 mod create;
@@ -83,6 +84,11 @@ enum Command {
     /// Run a setup once per set of inputs and fork from its snapshot:
     /// checkpoint NAME --image REF [--file F]… [--fork NEW] -- COMMAND…
     Checkpoint(checkpoint::CheckpointArgs),
+    /// Save a workspace's changes as a new image: its image's layers plus
+    /// one (commit NAME [REF]).
+    Commit(commit::CommitArgs),
+    /// List what changed in a workspace against its image (A, C, D).
+    Diff(commit::DiffArgs),
     /// Secrets delivered to /run/secrets: set, ls, rm.
     #[command(subcommand)]
     Secret(secret::SecretCommand),
@@ -127,6 +133,8 @@ pub fn run() -> i32 {
         Command::Secret(c) => secret::run(&engine, c, &out),
         Command::Cache(c) => cache::run(&engine, c, &out),
         Command::Checkpoint(a) => checkpoint::checkpoint(&engine, a, &out),
+        Command::Commit(a) => commit::commit(&engine, a, &out),
+        Command::Diff(a) => commit::diff(&engine, a, &out),
         Command::Vmm(VmmCommand::Run(a)) => vmm_run::run(a, cli.json),
         Command::Vmm(VmmCommand::Supervise(a)) => vmm_serve::supervise(a),
         Command::Vmm(VmmCommand::Serve(a)) => vmm_serve::serve(a),

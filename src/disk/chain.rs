@@ -73,6 +73,20 @@ pub struct Chain {
 impl Chain {
     /// Opens the chain described by `dir/chain.json`, its top writable.
     pub fn open(dir: &Path) -> Result<Chain, ChainError> {
+        Chain::open_mode(dir, true)
+    }
+
+    /// Opens a chain only to read it (a halted workspace's, whose files
+    /// are not to be written): its top is read as one more frozen delta.
+    pub fn open_read_only(dir: &Path) -> Result<Chain, ChainError> {
+        let mut chain = Chain::open_mode(dir, false)?;
+        if let Some(top) = chain.top.take() {
+            chain.lower.push(top);
+        }
+        Ok(chain)
+    }
+
+    fn open_mode(dir: &Path, writable: bool) -> Result<Chain, ChainError> {
         let spec = ChainSpec::read(dir)?;
         let bs = u64::from(spec.block_size);
         let open_layer = |name: &str, write: bool| -> Result<Layer, ChainError> {
@@ -103,7 +117,7 @@ impl Chain {
         let top = spec
             .top
             .as_deref()
-            .map(|t| open_layer(t, true))
+            .map(|t| open_layer(t, writable))
             .transpose()?;
         Ok(Chain {
             dir: dir.to_path_buf(),

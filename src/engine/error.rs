@@ -126,6 +126,15 @@ pub enum Error {
         file: String,
         encoding: &'static str,
     },
+    #[error("secret {key} ({encoding}) is in {path} of workspace {workspace}: secrets never go into an image; remove it and commit again (nothing was kept)")]
+    SecretInLayer {
+        workspace: String,
+        key: String,
+        path: String,
+        encoding: &'static str,
+    },
+    #[error(transparent)]
+    Upper(#[from] crate::image::upper::UpperError),
     #[error("workspace {workspace} failed to start: {reason}")]
     StartFailed { workspace: String, reason: String },
     #[error("{context}: {source}")]
@@ -201,7 +210,8 @@ impl Error {
             }
             Error::ConfirmationRequired { .. } => Code::ConfirmationRequired,
             Error::SnapshotUnsupported { .. } => Code::SnapshotUnsupported,
-            Error::SecretLeak { .. } => Code::SecretLeak,
+            Error::SecretLeak { .. } | Error::SecretInLayer { .. } => Code::SecretLeak,
+            Error::Upper(_) => Code::Internal,
             Error::Context { source, .. } => source.code(),
             Error::Store(e) => match e {
                 StoreError::InvalidName(_) => Code::InvalidInput,
@@ -278,6 +288,12 @@ impl Error {
             }
             Error::SnapshotUnsupported { missing } => json!({ "missing": missing }),
             Error::SecretLeak { key, file, .. } => json!({ "secret_key": key, "file": file }),
+            Error::SecretInLayer {
+                workspace,
+                key,
+                path,
+                ..
+            } => json!({ "workspace": workspace, "secret_key": key, "file": path }),
             Error::Store(StoreError::NotFound(n)) => json!({ "kind": "workspace", "name": n }),
             Error::Store(StoreError::Exists(n)) => json!({ "kind": "workspace", "name": n }),
             Error::Transition(t) => json!({ "workspace": t.name, "status": t.status.name() }),

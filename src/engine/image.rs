@@ -3,8 +3,11 @@
 use std::path::Path;
 
 use super::create::RegistryOptions;
-use super::{Engine, Error, Reporter, Result};
+use super::{invalid, Engine, Error, Reporter, Result};
+use crate::image::building::{self, Building};
 use crate::image::ops::{self, Ready};
+use crate::image::push::{self, Pushed};
+use crate::image::reference;
 use crate::image::store::{ImageRecord, ImageStore};
 use crate::image::ImageError;
 
@@ -46,8 +49,46 @@ impl Engine {
         )?)
     }
 
+    /// Pushes a local image to `dest` (default: its own reference),
+    /// skipping the blobs the registry already has.
+    pub fn image_push(
+        &self,
+        query: &str,
+        dest: Option<&str>,
+        registry: &RegistryOptions,
+        report: &dyn Reporter,
+    ) -> Result<(ImageRecord, Pushed)> {
+        let store = self.images();
+        let rec = store
+            .find(query)?
+            .ok_or_else(|| ImageError::NotFound(query.to_string()))?;
+        let dest = match dest {
+            Some(d) => d.to_string(),
+            None => rec.refs.first().cloned().ok_or_else(|| {
+                invalid(format!(
+                    "image {query} has no reference to push to: name a destination (image push {query} REGISTRY/REPO:TAG)"
+                ))
+            })?,
+        };
+        let dest = reference::parse(&reference::normalise(&dest)?)?;
+        report.step(&format!("pushing {} to {}", rec.id(), dest.whole()));
+        let pushed = push::push(
+            &store,
+            &rec,
+            &dest,
+            &registry.pull_options(),
+            report.image_progress(),
+        )?;
+        Ok((rec, pushed))
+    }
+
     pub fn image_list(&self) -> Result<Vec<ImageRecord>> {
         Ok(self.images().records()?)
+    }
+
+    /// Images a running commit is making (not in the store yet).
+    pub fn image_building(&self) -> Vec<Building> {
+        building::list(&self.images())
     }
 
     /// Removes an image and the layer disks nothing else uses. Refused

@@ -7,6 +7,7 @@
 
 pub mod cache;
 pub mod checkpoint;
+pub mod commit;
 pub mod copy;
 pub mod create;
 mod error;
@@ -167,6 +168,9 @@ pub(crate) fn view(ws: WorkspaceDir, rec: WorkspaceRecord) -> WorkspaceView {
         if busy::current(&ws).is_some_and(|b| b.op == "snapshotting") {
             status = Status::Snapshotting;
         }
+    }
+    if busy::current(&ws).is_some_and(|b| b.op == "committing") {
+        status = Status::Committing;
     }
     WorkspaceView {
         dir: ws,

@@ -66,6 +66,15 @@ impl BlobStore {
         w.commit()
     }
 
+    /// Moves `file` (on the store's filesystem, already hashed to
+    /// `digest` by the caller that wrote it) into the store.
+    pub fn adopt(&self, file: &Path, digest: &Digest) -> Result<PathBuf> {
+        std::fs::create_dir_all(&self.dir).map_err(ImageError::io(&self.dir))?;
+        let dest = self.path(digest);
+        std::fs::rename(file, &dest).map_err(ImageError::io(&dest))?;
+        Ok(dest)
+    }
+
     /// Reads a small stored JSON blob, refusing anything over `limit`.
     pub fn read_small(&self, digest: &Digest, limit: u64) -> Result<Vec<u8>> {
         let path = self.path(digest);

@@ -10,6 +10,8 @@
 pub mod auth;
 pub mod blob;
 pub mod build;
+pub mod building;
+pub mod commit;
 pub mod config;
 pub mod digest;
 pub mod import;
@@ -18,9 +20,11 @@ pub mod layout;
 pub mod ops;
 pub mod progress;
 pub mod pull;
+pub mod push;
 pub mod reference;
 pub mod store;
 pub mod unpack;
+pub mod upper;
 
 use std::path::PathBuf;
 

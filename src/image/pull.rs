@@ -36,16 +36,10 @@ pub fn pull(
     opts: &PullOptions,
     progress: &Progress,
 ) -> Result<Pulled> {
-    // A process default is what rustls builds its client configs from.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(ImageError::io("tokio runtime"))?;
-    rt.block_on(pull_async(reference, blobs, opts, progress))
+    runtime()?.block_on(pull_async(reference, blobs, opts, progress))
 }
 
-fn registry_error(reference: &Reference, e: OciDistributionError) -> ImageError {
+pub(super) fn registry_error(reference: &Reference, e: OciDistributionError) -> ImageError {
     let registry = reference.registry().to_string();
     let reason = match &e {
         OciDistributionError::UnauthorizedError { .. }
@@ -78,7 +72,7 @@ fn transient(e: &OciDistributionError) -> bool {
     }
 }
 
-async fn retry<T, F, Fut>(reference: &Reference, mut op: F) -> Result<T>
+pub(super) async fn retry<T, F, Fut>(reference: &Reference, mut op: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, OciDistributionError>>,
@@ -97,18 +91,15 @@ where
     unreachable!("the last attempt returns")
 }
 
-async fn pull_async(
-    reference: &Reference,
-    blobs: &BlobStore,
-    opts: &PullOptions<'_>,
-    progress: &Progress,
-) -> Result<Pulled> {
+/// A registry client for `reference`: HTTPS, except for loopback
+/// registries and those named insecure.
+pub(super) fn client_for(reference: &Reference, insecure_registries: &[String]) -> Client {
     let registry = reference.resolve_registry().to_string();
-    let mut plain_http: Vec<String> = opts.insecure_registries.to_vec();
+    let mut plain_http: Vec<String> = insecure_registries.to_vec();
     if reference::is_loopback_registry(&registry) {
         plain_http.push(registry.clone());
     }
-    let client = Client::new(ClientConfig {
+    Client::new(ClientConfig {
         protocol: ClientProtocol::HttpsExcept(plain_http),
         // We resolve indexes ourselves, to name what an index offers when
         // linux/amd64 is missing.
@@ -116,7 +107,26 @@ async fn pull_async(
         connect_timeout: Some(Duration::from_secs(15)),
         read_timeout: Some(Duration::from_secs(120)),
         ..Default::default()
-    });
+    })
+}
+
+/// A current-thread runtime for one registry operation.
+pub(super) fn runtime() -> Result<tokio::runtime::Runtime> {
+    // A process default is what rustls builds its client configs from.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(ImageError::io("tokio runtime"))
+}
+
+async fn pull_async(
+    reference: &Reference,
+    blobs: &BlobStore,
+    opts: &PullOptions<'_>,
+    progress: &Progress,
+) -> Result<Pulled> {
+    let client = client_for(reference, opts.insecure_registries);
     let auth = super::auth::resolve(reference.registry(), opts.creds)?;
     let accepted = [OCI_MANIFEST, DOCKER_MANIFEST, OCI_INDEX, DOCKER_LIST];
 

@@ -1,7 +1,7 @@
 //! The VMM's control socket (`<workspace>/control.sock`): JSON lines, one
 //! request and one response per line, versioned, with a bounded request size.
 //!
-//! Request:  {"v":2,"op":"status"|"pause"|"resume"|"halt"|"snapshot"}
+//! Request:  {"v":2,"op":"status"|"pause"|"resume"|"halt"|"snapshot"|"freeze_disk"}
 //! Response: {"v":2,"ok":true,"state":"running"|"paused","pid":N,...}
 //!           {"v":2,"ok":false,"error":"..."}
 //!
@@ -51,6 +51,11 @@ pub enum Op {
     /// resumes the VM if it wants, then syncs the files. Nothing is synced
     /// yet.
     Snapshot,
+    /// Freeze the root disk's chain as a snapshot does, without memory:
+    /// the frozen chain is linked into a new staging directory's `disk/`
+    /// (named in the reply), the guest paused only meanwhile. For
+    /// `commit`, which reads the frozen upper while the guest runs on.
+    FreezeDisk,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -266,6 +271,25 @@ fn save(server: &Server) -> Response {
     }
 }
 
+fn freeze_staged(server: &Server) -> Response {
+    let (name, _dir) = match make_staging(server) {
+        Ok(x) => x,
+        Err(e) => return Response::err(format!("freezing the disk failed: {e}")),
+    };
+    let staging = server.info.snapshots_dir.join(&name);
+    match server.vm.freeze_disks(&staging) {
+        Ok(()) => {
+            let mut r = Response::ok(server.vm.state());
+            r.staging = Some(name);
+            r
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&staging);
+            Response::err(format!("freezing the disk failed: {e}"))
+        }
+    }
+}
+
 fn handle(server: &Server, req: &Request) -> Response {
     let vm = &server.vm;
     match req.op {
@@ -281,10 +305,11 @@ fn handle(server: &Server, req: &Request) -> Response {
             vm.halt("halted by request");
             Response::ok(vm.state())
         }
-        Op::Snapshot | Op::Pause | Op::Resume => {
+        Op::Snapshot | Op::FreezeDisk | Op::Pause | Op::Resume => {
             let _serial = server.ops.lock().unwrap_or_else(|p| p.into_inner());
             match req.op {
                 Op::Snapshot => save(server),
+                Op::FreezeDisk => freeze_staged(server),
                 Op::Pause => match vm.pause() {
                     Ok(()) => Response::ok(RunState::Paused),
                     Err(e) => Response::err(format!("pause failed: {e}")),
@@ -412,19 +437,30 @@ pub struct SnapshotReply {
 /// Asks the VMM to save the VM; it stays paused (see [`Op::Snapshot`]).
 pub fn snapshot(path: &Path, timeout: Duration) -> Result<SnapshotReply, ClientError> {
     let resp = request(path, Op::Snapshot, timeout)?;
-    let staging = resp
-        .staging
-        .filter(|s| s.starts_with(STAGING_PREFIX) && !s.contains('/') && !s.contains(".."))
-        .ok_or_else(|| ClientError::Protocol {
-            path: path.display().to_string(),
-            reason: "snapshot reply names no valid staging directory".into(),
-        })?;
+    let staging = staging_of(path, resp.staging.clone())?;
     Ok(SnapshotReply {
         staging,
         was_running: resp.was.as_deref() == Some("running"),
         tsc_khz: resp.tsc_khz,
         guest_cpuid: resp.guest_cpuid.unwrap_or_default(),
     })
+}
+
+/// The staging directory a reply names: one component with our prefix.
+fn staging_of(path: &Path, staging: Option<String>) -> Result<String, ClientError> {
+    staging
+        .filter(|s| s.starts_with(STAGING_PREFIX) && !s.contains('/') && !s.contains(".."))
+        .ok_or_else(|| ClientError::Protocol {
+            path: path.display().to_string(),
+            reason: "the reply names no valid staging directory".into(),
+        })
+}
+
+/// Asks the VMM to freeze its root disk's chain (see [`Op::FreezeDisk`]);
+/// returns the staging directory's name under the snapshots directory.
+pub fn freeze_disk(path: &Path, timeout: Duration) -> Result<String, ClientError> {
+    let resp = request(path, Op::FreezeDisk, timeout)?;
+    staging_of(path, resp.staging)
 }
 
 pub fn request_with(path: &Path, req: Request, timeout: Duration) -> Result<Response, ClientError> {

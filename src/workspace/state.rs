@@ -18,6 +18,9 @@ pub enum Status {
     /// Reported while a snapshot holds the workspace (never recorded:
     /// the record keeps running/paused; see workspace::busy).
     Snapshotting,
+    /// Reported while a commit holds the workspace (never recorded
+    /// either; the workspace may be running, paused or halted).
+    Committing,
 }
 
 impl Status {
@@ -29,6 +32,7 @@ impl Status {
             Status::Halted => "halted",
             Status::Crashed => "crashed",
             Status::Snapshotting => "snapshotting",
+            Status::Committing => "committing",
         }
     }
 
@@ -69,6 +73,7 @@ pub fn check(name: &str, status: Status, op: Op) -> Result<(), TransitionError> 
     use Status::*;
     let hint = match (op, status) {
         (_, Snapshotting) => "a snapshot is being taken; try again when it finishes",
+        (_, Committing) => "a commit is being made; try again when it finishes",
         (Op::Start, Created | Halted | Crashed) => return Ok(()),
         (Op::Start, Running | Paused) => "it is already running (halt it first to restart)",
         (Op::Pause, Running) => return Ok(()),

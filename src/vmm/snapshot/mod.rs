@@ -153,6 +153,28 @@ fn write_memory(mem: &GuestMemoryMmap, file: &mut File) -> Result<Vec<RegionSnap
 }
 
 impl VmHandle {
+    /// Freezes the writable disks' chains into `staging` (see
+    /// `Block::snapshot_disk`), pausing the guest only while it does.
+    pub fn freeze_disks(&self, staging: &std::path::Path) -> Result<(), SaveError> {
+        let was_running = self.state() != RunState::Paused;
+        if was_running {
+            self.pause()?;
+        }
+        let result = self.devices.iter().try_for_each(|(id, t)| {
+            lock(t)
+                .device_mut()
+                .prepare_snapshot(staging)
+                .map_err(|source| SaveError::Device {
+                    id: id.clone(),
+                    source,
+                })
+        });
+        if was_running {
+            self.resume();
+        }
+        result
+    }
+
     /// Saves the whole VM: its state is returned, guest memory goes to
     /// `memory_file`, a new empty file the caller opened (not synced
     /// here), and devices put what they keep outside guest memory (the

@@ -540,7 +540,9 @@ fn debian_image_from_registry_boots_with_overlay_semantics() {
         e["error"]["used_by"],
         json!(["workspace deb", "snapshot deb:pkg", "workspace debfork"])
     );
-    assert_eq!(layer_disks(&home).len(), 8);
+    // The image's 8, and the committed image's own: its layer and, over
+    // 8 layers, its merged lowest disk.
+    assert_eq!(layer_disks(&home).len(), 10);
     home.ok(&["delete", "debfork", "--yes", "--force"]);
     home.ok(&["delete", "deb", "--yes", "--force"]);
     home.ok(&["image", "rm", &committed]);
@@ -771,6 +773,26 @@ fn commit_push_and_fork_elsewhere(
     );
     other.ok(&["delete", "fresh", "--yes"]);
     other.ok(&["delete", "copy", "--yes", "--force"]);
+
+    // So is a crashed one.
+    let pid = home.json(&["status", "deb"])["pid"].as_i64().unwrap();
+    // SAFETY: sending a signal to the VMM process this test started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let t = Instant::now();
+    while home.json(&["status", "deb"])["status"] != "crashed" {
+        assert!(t.elapsed().as_secs() < 20, "never crashed");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let (code, out, _) = home.run(&["commit", "deb", "--json"]);
+    assert_eq!(code, 1, "{out}");
+    let e: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("is crashed"),
+        "{out}"
+    );
     committed
 }
 

@@ -130,6 +130,9 @@ fn with_upper<T>(
         let chain = read_only_chain(&ws.disk_dir())?;
         return Ok((read(&open_fs(chain)?)?, None));
     }
+    // Under the workspace lock, a staging directory is one a killed
+    // commit or snapshot left.
+    super::snapshot::remove_staging(&ws.snapshots());
     let sock = ws.control_socket();
     let paused = status == Status::Paused;
     if paused {

@@ -226,7 +226,7 @@ fn remove_leftovers(snapshots: &Path) {
 }
 
 /// Staging directories the VMM made; under the workspace lock.
-fn remove_staging(snapshots: &Path) {
+pub(crate) fn remove_staging(snapshots: &Path) {
     remove_prefixed(snapshots, &[control::STAGING_PREFIX]);
 }
 

@@ -498,4 +498,4 @@ impl<R: ReadAt> std::io::Read for FileReader<'_, R> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

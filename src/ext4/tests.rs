@@ -169,7 +169,8 @@ fn reads_back_what_mkfs_wrote() {
     }
 }
 
-fn xattr_set(path: &Path, name: &str, value: &[u8]) {
+/// Sets an xattr on a host file (test trees for mkfs.ext4 -d).
+pub(crate) fn xattr_set(path: &Path, name: &str, value: &[u8]) {
     let p = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
     let n = std::ffi::CString::new(name).unwrap();
     // SAFETY: valid C strings and a value slice with its length.

@@ -4,30 +4,10 @@ use std::os::unix::fs::symlink;
 use std::path::Path;
 
 use super::*;
+use crate::ext4::tests::xattr_set;
 
 fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
-}
-
-fn xattr_set(path: &Path, name: &str, value: &[u8]) {
-    let p = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
-    let n = std::ffi::CString::new(name).unwrap();
-    // SAFETY: valid C strings and a value slice with its length.
-    let rc = unsafe {
-        libc::setxattr(
-            p.as_ptr(),
-            n.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
-    assert_eq!(
-        rc,
-        0,
-        "setxattr {name}: {}",
-        std::io::Error::last_os_error()
-    );
 }
 
 /// An upper disk as overlayfs leaves it: `upper/` with changes, whiteouts

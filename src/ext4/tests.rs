@@ -5,7 +5,8 @@ use std::process::Command;
 
 use super::*;
 
-fn mkfs(tree: &Path, image: &Path, mib: u64) {
+/// `mkfs.ext4 -d tree` into a new `mib`-MiB image (test fixtures).
+pub(crate) fn mkfs(tree: &Path, image: &Path, mib: u64) {
     let out = Command::new("mkfs.ext4")
         .args(["-q", "-F", "-b", "4096", "-d"])
         .arg(tree)

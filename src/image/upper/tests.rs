@@ -4,7 +4,7 @@ use std::os::unix::fs::symlink;
 use std::path::Path;
 
 use super::*;
-use crate::ext4::tests::xattr_set;
+use crate::ext4::tests::{mkfs, xattr_set};
 
 fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
@@ -33,18 +33,7 @@ fn upper_disk(dir: &Path) -> std::fs::File {
         xattr_set(&up.join("opt/opaque"), "trusted.overlay.opaque", b"y");
     }
     let image = dir.join("upper.ext4");
-    let out = std::process::Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-b", "4096", "-d"])
-        .arg(&tree)
-        .arg(&image)
-        .arg("32M")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    mkfs(&tree, &image, 32);
     std::fs::File::open(&image).unwrap()
 }
 

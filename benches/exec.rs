@@ -53,6 +53,9 @@ fn main() {
         "256",
         "--init",
         "/init",
+        // Halts here end runs; their automatic snapshots are not measured.
+        "--auto-snapshot-on-stop",
+        "false",
     ]);
     home.ok(&["start", "bench"]);
 

@@ -108,7 +108,7 @@ fn main() {
         .unwrap_or(3);
     let home = common::Home::new();
     let shared = common::SharedConfig::new(home.dir.path());
-    home.ok(&shared.create_args("bench", &[]));
+    home.ok(&shared.create_args("bench", &["--auto-snapshot-on-stop", "false"]));
     home.ok(&["start", "bench"]);
 
     let host = host_servers();

@@ -79,6 +79,9 @@ fn ours(memory_mib: u64, runs: usize) {
         &mem,
         "--init",
         "/init",
+        // Halts here end runs; their automatic snapshots are not measured.
+        "--auto-snapshot-on-stop",
+        "false",
     ]);
     home.ok(&["start", "src"]);
     home.ok(&[

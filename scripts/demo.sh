@@ -2,7 +2,7 @@
 # The main job, for a newcomer on a fresh machine: installs what is missing,
 # builds the guest kernel (cached), builds microagent, builds the default image
 # (busybox-static as an OCI layout), then create -> start -> exec -> snapshot
-# -> fork -> roll back, with timings.
+# -> fork -> roll back -> commit -> the HTTP API, with timings.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -62,6 +62,17 @@ step "diff and commit: the workspace's changes become one more image layer"
 "$bin" diff demo
 timed "$bin" commit demo localhost/busybox:setup
 "$bin" image ls
+step "the HTTP API: the same engine over a unix socket (microagent serve)"
+sock=$cache/demo/api.sock
+"$bin" serve --listen "unix:$sock" 2>/dev/null &
+api_pid=$!
+for _ in $(seq 200); do curl -sf --unix-socket "$sock" http://demo/v1/openapi.json >/dev/null && break; sleep 0.1; done
+echo "    GET /api/vps/snapshots/demo/latest (seed 002's route):"
+curl -sf --unix-socket "$sock" http://demo/api/vps/snapshots/demo/latest | sed 's/^/    /'; echo
+echo "    POST /v1/workspaces/demo/exec (NDJSON as the output comes):"
+curl -sfN --unix-socket "$sock" -X POST http://demo/v1/workspaces/demo/exec \
+  -d '{"argv":["sh","-c","echo hello over HTTP from $(hostname); echo to stderr >&2"]}' | sed 's/^/    /'
+kill "$api_pid"; wait "$api_pid" 2>/dev/null || true
 step "halt and delete"
 timed "$bin" halt demo-fork
 timed "$bin" delete demo-fork --yes

@@ -5,7 +5,7 @@
 set -euo pipefail
 # docker-registry, skopeo and apache2-utils (htpasswd) serve test images from a
 # local registry; debootstrap builds the Debian minbase image.
-packages=(busybox-static e2fsprogs erofs-utils file util-linux xfsprogs docker-registry skopeo apache2-utils debootstrap passt python3)
+packages=(busybox-static e2fsprogs erofs-utils file util-linux xfsprogs docker-registry skopeo apache2-utils debootstrap passt python3 curl)
 if [ "${1:-}" = "--with-qemu" ]; then
   packages+=(qemu-system-x86)
 fi

@@ -3,6 +3,7 @@
 //! [`cli::run`]; tests and benches use the library directly.
 
 pub mod agent;
+pub mod api;
 pub mod cli;
 pub mod devices;
 pub mod digest;
@@ -11,6 +12,7 @@ pub mod engine;
 pub mod ext4;
 pub mod image;
 pub mod paths;
+pub mod render;
 pub mod snapshot;
 pub mod util;
 pub mod vmm;

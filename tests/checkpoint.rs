@@ -169,7 +169,7 @@ fn checkpoint_miss_hit_forks_prune_and_json() {
     let cp = home.json(&["cp", lock.to_str().unwrap(), "job:/tmp"]);
     assert_schema("cp", &cp);
     assert_eq!(sh(&home, "job", "cat /tmp/deps.lock"), "dep-a 1.1");
-    assert_schema("workspace", &home.json(&["halt", "job"]));
+    assert_schema("workspace-halt", &home.json(&["halt", "job"]));
     let started = home.json(&["start", "job", "--from-snapshot", "t1"]);
     assert_schema("workspace-start", &started);
     assert_eq!(started["boot"], "snapshot");

@@ -411,6 +411,10 @@ fn debian_image_from_registry_boots_with_overlay_semantics() {
             kernel.to_str().unwrap(),
             "--memory",
             "256",
+            // The snapshots this test rolls back to and counts as users
+            // of the image are the ones it makes by hand.
+            "--auto-snapshot-on-stop",
+            "false",
         ],
         None,
     );

@@ -19,8 +19,11 @@ const LAYERS: &[(&str, u32)] = &[
     ("workspace", 5),
     ("agent", 6),
     ("engine", 7),
-    ("cli", 8),
-    ("api", 8),
+    ("render", 8),
+    // Two front ends of one engine; `microagent serve` is how the CLI
+    // starts the API, so the CLI sits on top.
+    ("api", 9),
+    ("cli", 10),
 ];
 
 fn rust_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {

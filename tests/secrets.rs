@@ -185,12 +185,7 @@ fn secrets_delivered_scrubbed_proven_and_rehydrated() {
     );
     outputs.borrow_mut().push_str(&stdout);
     outputs.borrow_mut().push_str(&stderr);
-    let left: Vec<_> = std::fs::read_dir(ws_dir.join("snapshots"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    assert_eq!(left, ["s1"]);
+    assert_eq!(snapshot_names(&ws_dir), ["s1"]);
     assert_eq!(home.json(&["status", "sec"])["status"], "running");
     assert_eq!(sh(&home, "sec", "cat /run/secrets/API_TOKEN"), v2);
     sh(&home, "sec", "rm /dev/shm/copy");
@@ -227,4 +222,28 @@ fn secrets_delivered_scrubbed_proven_and_rehydrated() {
     ));
     // Never written to the root disk.
     assert!(!contains(&workspace_disk(&ws_dir), v2.as_bytes()));
+
+    // A halt whose automatic snapshot fails (a copy of the value again)
+    // still halts, says why, and keeps nothing of that snapshot.
+    sh(&home, "sec", "cat /run/secrets/API_TOKEN > /dev/shm/copy");
+    let halted = json(&["halt", "sec"]);
+    assert_eq!(halted["status"], "halted", "{halted}");
+    assert_eq!(halted["auto_snapshot"], serde_json::Value::Null, "{halted}");
+    let why = halted["auto_snapshot_error"].as_str().unwrap_or_default();
+    assert!(why.contains("API_TOKEN"), "{halted}");
+    assert!(!why.contains(v2.as_str()));
+    assert_eq!(snapshot_names(&ws_dir), ["clean", "s1"]);
+}
+
+/// The workspace's snapshot directory entries, sorted, leaving out the
+/// automatic ones halt takes (`auto-…`); temp names would show.
+fn snapshot_names(ws_dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(ws_dir.join("snapshots"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with("auto-"))
+        .collect();
+    names.sort();
+    names
 }

@@ -4,7 +4,6 @@ use anyhow::Result;
 use clap::Args;
 use serde_json::json;
 
-use super::image::record_json;
 use super::output::{human_size, Out};
 use crate::engine::Engine;
 
@@ -24,17 +23,7 @@ pub struct DiffArgs {
 
 pub fn commit(engine: &Engine, a: CommitArgs, out: &Out) -> Result<i32> {
     let c = engine.commit(&a.name, a.reference.as_deref(), out)?;
-    let mut v = record_json(&c.image);
-    v["workspace"] = json!(c.workspace);
-    v["new_layer"] = json!({
-        "digest": c.layer.blob.digest.to_string(),
-        "diff_id": c.layer.diff_id.to_string(),
-        "size": c.layer.blob.size,
-        "uncompressed_bytes": c.layer.uncompressed_bytes,
-        "entries": c.entries,
-    });
-    v["duration_ms"] = json!(c.duration_ms);
-    v["paused_ms"] = json!(c.paused_ms);
+    let v = crate::render::image_committed(&c);
     let paused = c
         .paused_ms
         .map_or(String::new(), |ms| format!(", writes held {ms} ms"));

@@ -8,6 +8,7 @@ use clap::Args;
 
 use super::output::{print_record, Out};
 use crate::devices::virtio::net::config::PortMap;
+use crate::engine::auto_snapshot::Settings;
 use crate::engine::create::{CreateOptions, RootSource};
 use crate::engine::fork::ForkOptions;
 use crate::engine::Engine;
@@ -75,6 +76,29 @@ pub struct CreateArgs {
     /// secrets; --secret overrides them key by key.
     #[arg(long = "secret", value_name = "KEY=@FILE")]
     secrets: Vec<String>,
+    #[command(flatten)]
+    snapshots: SnapshotSettingsArgs,
+}
+
+/// The automatic-snapshot settings, as `create` and `update` take them.
+#[derive(Args)]
+pub struct SnapshotSettingsArgs {
+    /// Halt takes a memory snapshot tagged auto-<UTC time> first (default: true).
+    #[arg(long, value_name = "true|false", action = clap::ArgAction::Set)]
+    auto_snapshot_on_stop: Option<bool>,
+    /// How many automatic snapshots halt keeps, oldest deleted first
+    /// (default: 5; tags you chose are never deleted).
+    #[arg(long, value_name = "N")]
+    max_snapshots: Option<u32>,
+}
+
+impl SnapshotSettingsArgs {
+    pub fn settings(&self) -> Settings {
+        Settings {
+            auto_snapshot_on_stop: self.auto_snapshot_on_stop,
+            max_snapshots: self.max_snapshots,
+        }
+    }
 }
 
 /// Reads `--secret KEY=@FILE` arguments (before anything is created).
@@ -124,6 +148,7 @@ pub fn create(engine: &Engine, args: CreateArgs, out: &Out) -> Result<i32> {
             wait: (!args.no_wait).then(|| Duration::from_secs(600)),
             secret_overrides: &secret_values,
             ports: &args.publish,
+            settings: args.snapshots.settings(),
         };
         let v = engine.fork(&args.name, &fork, out)?;
         print_record(
@@ -155,7 +180,8 @@ pub fn create(engine: &Engine, args: CreateArgs, out: &Out) -> Result<i32> {
         publish: args.publish.clone(),
         secrets: secret_values,
         ..CreateOptions::new(source)
-    };
+    }
+    .with_settings(&args.snapshots.settings());
     let v = engine.create(&args.name, &opts, out)?;
     print_record(out, &v, &format!("workspace {} created", args.name));
     Ok(0)

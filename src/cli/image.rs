@@ -4,14 +4,12 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::output::Out;
 use crate::engine::create::RegistryOptions;
 use crate::engine::Engine;
-use crate::image::building::Building;
 use crate::image::ops::Ready;
-use crate::image::store::ImageRecord;
 
 #[derive(Subcommand)]
 pub enum ImageCommand {
@@ -103,12 +101,7 @@ pub fn run(engine: &Engine, cmd: ImageCommand, out: &Out) -> Result<i32> {
         ImageCommand::Push(a) => {
             let (rec, p) =
                 engine.image_push(&a.image, a.dest.as_deref(), &a.registry.options(), out)?;
-            let mut v = record_json(&rec);
-            v["pushed_to"] = json!(p.reference);
-            v["pushed_digest"] = json!(p.manifest_digest.to_string());
-            v["blobs_pushed"] = json!(p.blobs_pushed);
-            v["blobs_skipped"] = json!(p.blobs_skipped);
-            v["bytes_pushed"] = json!(p.bytes_pushed);
+            let v = crate::render::image_pushed(&rec, &p);
             out.done(
                 &format!(
                     "pushed {} to {}@{} ({} blobs sent, {} already there, {})",
@@ -128,8 +121,8 @@ pub fn run(engine: &Engine, cmd: ImageCommand, out: &Out) -> Result<i32> {
             if out.json {
                 let all = building
                     .iter()
-                    .map(building_json)
-                    .chain(records.iter().map(record_json));
+                    .map(crate::render::image_building)
+                    .chain(records.iter().map(crate::render::image));
                 println!("{}", Value::Array(all.collect()));
             } else if !out.quiet {
                 println!(
@@ -161,7 +154,10 @@ pub fn run(engine: &Engine, cmd: ImageCommand, out: &Out) -> Result<i32> {
         }
         ImageCommand::Rm(a) => {
             let rec = engine.image_remove(&a.image)?;
-            out.done(&format!("removed image {}", rec.digest), record_json(&rec));
+            out.done(
+                &format!("removed image {}", rec.digest),
+                crate::render::image(&rec),
+            );
         }
     }
     Ok(0)
@@ -171,43 +167,9 @@ fn mib(bytes: u64) -> String {
     format!("{:.1}MiB", bytes as f64 / (1 << 20) as f64)
 }
 
-/// The documented JSON shape of one image (README, "JSON output").
-pub fn record_json(r: &ImageRecord) -> Value {
-    json!({
-        "id": r.id(),
-        "digest": r.digest.to_string(),
-        "refs": r.refs,
-        "source": r.source,
-        "layers": r.layers.len(),
-        "content_bytes": r.content_bytes,
-        "disk_bytes": r.disk_bytes,
-        "created": r.created,
-        "config": r.run,
-        "state": "ready",
-    })
-}
-
-/// An image a commit is still making: what is known of it so far.
-fn building_json(b: &Building) -> Value {
-    json!({
-        "id": null,
-        "digest": null,
-        "refs": [b.reference],
-        "source": b.source,
-        "layers": null,
-        "content_bytes": null,
-        "disk_bytes": null,
-        "created": b.since,
-        "config": null,
-        "state": "building",
-    })
-}
-
 fn report(out: &Out, verb: &str, ready: &Ready) {
     let r = &ready.record;
-    let mut v = record_json(r);
-    v["cached"] = json!(ready.cached);
-    v["seconds"] = json!(ready.seconds);
+    let v = crate::render::image_fetched(ready);
     out.done(
         &format!(
             "{verb} {} ({}, {} layers, {} of files, disk {}){} in {:.1}s",

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 
 use super::lifecycle::NameArgs;
-use super::output::{record_json, Out};
+use super::output::Out;
 use crate::engine::{Engine, WorkspaceView};
 
 #[derive(Args)]
@@ -50,7 +50,7 @@ pub fn list(engine: &Engine, args: ListArgs, out: &Out) -> Result<i32> {
         .filter(|v| args.wants(v))
         .collect();
     if out.json {
-        let v: Vec<_> = rows.iter().map(record_json).collect();
+        let v: Vec<_> = rows.iter().map(crate::render::workspace).collect();
         println!("{}", serde_json::Value::Array(v));
         return Ok(0);
     }
@@ -81,8 +81,7 @@ pub fn list(engine: &Engine, args: ListArgs, out: &Out) -> Result<i32> {
 pub fn status(engine: &Engine, args: NameArgs, out: &Out) -> Result<i32> {
     let l = engine.status(&args.name)?;
     let rec = &l.record;
-    let mut v = record_json(&l);
-    v["network_state"] = l.network_state.clone().into();
+    let v = crate::render::workspace_status(&l);
     if out.json {
         println!("{v}");
     } else {
@@ -92,6 +91,15 @@ pub fn status(engine: &Engine, args: NameArgs, out: &Out) -> Result<i32> {
         }
         println!("  vcpus:   {}", rec.vcpus);
         println!("  memory:  {} MiB", rec.memory_mib);
+        println!(
+            "  auto snapshot on stop: {} (keeps {})",
+            if rec.auto_snapshot_on_stop {
+                "on"
+            } else {
+                "off"
+            },
+            rec.max_snapshots
+        );
         if let Some(p) = l.pid {
             println!("  pid:     {p}");
         }

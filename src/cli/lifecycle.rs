@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::Args;
 
-use super::output::{print_record, record_json, Out};
+use super::output::{print_record, Out};
 use crate::engine::lifecycle::StartOptions;
 use crate::engine::{Boot, Engine};
 
@@ -48,10 +48,7 @@ pub fn start(engine: &Engine, args: StartArgs, out: &Out) -> Result<i32> {
         (None, _, Some(_)) => " (cold boot)".to_string(),
         _ => String::new(),
     };
-    let mut json = record_json(&s.workspace);
-    json["boot"] = s.boot.name().into();
-    json["running_ms"] = s.running_ms.into();
-    json["start_ms"] = s.start_ms.into();
+    let json = crate::render::started(&s);
     out.done(
         &format!(
             "workspace {} started{how} in {:.1}s",
@@ -72,5 +69,32 @@ pub fn pause(engine: &Engine, args: NameArgs, out: &Out) -> Result<i32> {
 pub fn resume(engine: &Engine, args: NameArgs, out: &Out) -> Result<i32> {
     let v = engine.resume(&args.name)?;
     print_record(out, &v, &format!("workspace {} resumed", args.name));
+    Ok(0)
+}
+
+#[derive(Args)]
+pub struct UpdateArgs {
+    name: String,
+    #[command(flatten)]
+    settings: super::create::SnapshotSettingsArgs,
+}
+
+pub fn update(engine: &Engine, args: UpdateArgs, out: &Out) -> Result<i32> {
+    let v = engine.update(&args.name, &args.settings.settings())?;
+    let rec = &v.record;
+    print_record(
+        out,
+        &v,
+        &format!(
+            "workspace {}: auto snapshot on stop {}, keeps {}",
+            args.name,
+            if rec.auto_snapshot_on_stop {
+                "on"
+            } else {
+                "off"
+            },
+            rec.max_snapshots
+        ),
+    );
     Ok(0)
 }

@@ -16,6 +16,7 @@ mod inspect;
 mod lifecycle;
 mod output;
 mod secret;
+mod serve;
 mod snapshot;
 mod stop;
 mod vmm_run;
@@ -63,6 +64,8 @@ enum Command {
     List(inspect::ListArgs),
     /// Show one workspace.
     Status(lifecycle::NameArgs),
+    /// Change a workspace's settings (automatic snapshots on halt).
+    Update(lifecycle::UpdateArgs),
     /// Print a workspace's serial console.
     Logs(inspect::LogsArgs),
     /// Run a command in a running workspace (exit status passes through).
@@ -89,6 +92,9 @@ enum Command {
     Commit(commit::CommitArgs),
     /// List what changed in a workspace against its image (A, C, D).
     Diff(commit::DiffArgs),
+    /// Serve the HTTP API (docs/openapi.json) until SIGTERM; workspaces
+    /// keep running when it stops.
+    Serve(serve::ServeArgs),
     /// Secrets delivered to /run/secrets: set, ls, rm.
     #[command(subcommand)]
     Secret(secret::SecretCommand),
@@ -124,6 +130,7 @@ pub fn run() -> i32 {
         Command::Delete(a) => stop::delete(&engine, a, &out),
         Command::List(a) => inspect::list(&engine, a, &out),
         Command::Status(a) => inspect::status(&engine, a, &out),
+        Command::Update(a) => lifecycle::update(&engine, a, &out),
         Command::Logs(a) => inspect::logs(&engine, a),
         Command::Exec(a) => exec::exec(&engine, a),
         Command::Shell(a) => exec::shell(&engine, a),
@@ -135,6 +142,7 @@ pub fn run() -> i32 {
         Command::Checkpoint(a) => checkpoint::checkpoint(&engine, a, &out),
         Command::Commit(a) => commit::commit(&engine, a, &out),
         Command::Diff(a) => commit::diff(&engine, a, &out),
+        Command::Serve(a) => serve::serve(engine, a),
         Command::Vmm(VmmCommand::Run(a)) => vmm_run::run(a, cli.json),
         Command::Vmm(VmmCommand::Supervise(a)) => vmm_serve::supervise(a),
         Command::Vmm(VmmCommand::Serve(a)) => vmm_serve::serve(a),

@@ -1,7 +1,7 @@
 //! Human and `--json` output. JSON goes to stdout as one document; human
 //! messages go to stdout too; progress, warnings and errors to stderr.
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::engine::{Reporter, WorkspaceView};
 use crate::image::progress::Progress;
@@ -49,32 +49,8 @@ impl Reporter for Out {
     }
 }
 
-/// The documented JSON shape of one workspace (docs/json.md, "workspace").
-pub fn record_json(v: &WorkspaceView) -> Value {
-    let rec = &v.record;
-    json!({
-        "name": rec.name,
-        "status": v.status.name(),
-        "crash_reason": v.crash_reason,
-        "image": rec.image,
-        "image_digest": rec.image_digest,
-        "rootfs_source": rec.rootfs_source,
-        "vcpus": rec.vcpus,
-        "memory_mib": rec.memory_mib,
-        "kernel": rec.kernel,
-        "kernel_sha256": rec.kernel_sha256,
-        "cmdline": rec.cmdline,
-        "cpu_template": rec.cpu_template,
-        "network": rec.network.name(),
-        "ports": rec.ports.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
-        "created": rec.created,
-        "pid": v.pid,
-        "dir": v.dir.dir.display().to_string(),
-    })
-}
-
 pub fn print_record(out: &Out, v: &WorkspaceView, human: &str) {
-    out.done(human, record_json(v));
+    out.done(human, crate::render::workspace(v));
 }
 
 pub fn human_size(bytes: u64) -> String {

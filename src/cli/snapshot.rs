@@ -6,7 +6,6 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 
 use super::output::{human_size, Out};
-use crate::engine::snapshot::SnapshotInfo;
 use crate::engine::Engine;
 
 #[derive(Subcommand)]
@@ -66,29 +65,9 @@ fn create(engine: &Engine, args: CreateArgs, out: &Out) -> Result<i32> {
             "snapshot {} created ({} MiB RAM, {} vCPU) at {}{scrubbed}",
             m.tag, m.memory_mib, m.vcpus, m.created
         ),
-        json!({
-            "workspace": c.snapshot.workspace,
-            "tag": m.tag,
-            "created": m.created,
-            "vcpus": m.vcpus,
-            "memory_mib": m.memory_mib,
-            "size_bytes": c.snapshot.size_bytes,
-            "dir": c.snapshot.dir.display().to_string(),
-            "duration_ms": c.duration_ms,
-            "paused_ms": c.paused_ms,
-            "secrets_scrubbed": c.secrets_scrubbed,
-        }),
+        crate::render::snapshot_created(&c),
     );
     Ok(0)
-}
-
-fn entry_json(s: &SnapshotInfo) -> serde_json::Value {
-    let m = &s.manifest;
-    json!({
-        "tag": m.tag, "size_bytes": s.size_bytes, "created": m.created,
-        "image": m.image, "vcpus": m.vcpus, "memory_mib": m.memory_mib,
-        "kernel_sha256": m.kernel_sha256,
-    })
 }
 
 fn list(engine: &Engine, args: ListArgs, out: &Out) -> Result<i32> {
@@ -96,7 +75,7 @@ fn list(engine: &Engine, args: ListArgs, out: &Out) -> Result<i32> {
     if out.json {
         println!(
             "{}",
-            serde_json::Value::Array(rows.iter().map(entry_json).collect())
+            serde_json::Value::Array(rows.iter().map(crate::render::snapshot_entry).collect())
         );
         return Ok(0);
     }

@@ -5,7 +5,8 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::Args;
 
-use super::output::{print_record, Out};
+use super::output::Out;
+use crate::engine::auto_snapshot::AutoSnapshot;
 use crate::engine::Engine;
 
 #[derive(Args)]
@@ -17,16 +18,26 @@ pub struct HaltArgs {
 }
 
 pub fn halt(engine: &Engine, args: HaltArgs, out: &Out) -> Result<i32> {
-    let h = engine.halt(&args.name, Duration::from_secs(args.timeout))?;
-    let msg = if h.forced {
-        format!(
-            "workspace {} halted (forced after {}s)",
-            args.name, args.timeout
-        )
-    } else {
-        format!("workspace {} halted", args.name)
-    };
-    print_record(out, &h.workspace, &msg);
+    let h = engine.halt(&args.name, Duration::from_secs(args.timeout), out)?;
+    let mut msg = format!("workspace {} halted", args.name);
+    if h.forced {
+        msg += &format!(" (forced after {}s)", args.timeout);
+    }
+    match &h.auto_snapshot {
+        AutoSnapshot::Taken {
+            created,
+            rotated_out,
+        } => {
+            msg += &format!("; snapshot {}", created.snapshot.manifest.tag);
+            if !rotated_out.is_empty() {
+                msg += &format!(" (rotated out: {})", rotated_out.join(", "));
+            }
+        }
+        // Already warned about on stderr.
+        AutoSnapshot::Failed(_) => msg += "; automatic snapshot failed",
+        AutoSnapshot::Skipped => {}
+    }
+    out.done(&msg, crate::render::halted(&h));
     Ok(0)
 }
 

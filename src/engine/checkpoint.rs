@@ -182,6 +182,8 @@ fn build(
     create.memory = opts.memory;
     create.network = opts.network;
     create.kernel = Some(kernel.to_path_buf());
+    // Its one snapshot is the checkpoint; halting it keeps nothing more.
+    create.auto_snapshot_on_stop = false;
     engine.create(holder, &create, report)?;
     report.step(&format!("starting {holder}"));
     let start = StartOptions {
@@ -214,7 +216,7 @@ fn build(
     let setup_ms = ms_since(t);
     report.step(&format!("setup done in {setup_ms} ms; snapshotting"));
     engine.snapshot_create(holder, Some(TAG), report)?;
-    engine.halt(holder, Duration::from_secs(10))?;
+    engine.halt(holder, Duration::from_secs(10), report)?;
     Ok(Ok(setup_ms))
 }
 
@@ -339,6 +341,7 @@ impl Engine {
                 wait: Some(Duration::from_secs(600)),
                 secret_overrides: &[],
                 ports: &[],
+                settings: Default::default(),
             };
             self.fork(new, &fork, report)?;
             fork_ms = Some(ms_since(t));

@@ -1,5 +1,6 @@
 //! create: a workspace from an image or a root disk, with its boot cache key.
 
+use super::auto_snapshot::{check_max_snapshots, Settings};
 use std::path::{Path, PathBuf};
 
 use super::{
@@ -76,6 +77,10 @@ pub struct CreateOptions {
     pub network: NetworkMode,
     pub publish: Vec<PortMap>,
     pub secrets: Vec<(String, Value)>,
+    /// Halt snapshots memory first (tagged `auto-<UTC>`).
+    pub auto_snapshot_on_stop: bool,
+    /// Automatic snapshots kept; older ones are deleted by halt.
+    pub max_snapshots: u32,
 }
 
 impl CreateOptions {
@@ -96,7 +101,22 @@ impl CreateOptions {
             network: NetworkMode::User,
             publish: Vec::new(),
             secrets: Vec::new(),
+            auto_snapshot_on_stop: true,
+            max_snapshots: crate::workspace::store::MAX_SNAPSHOTS_DEFAULT,
         }
+    }
+}
+
+impl CreateOptions {
+    /// These options with the given snapshot settings (unset: default).
+    pub fn with_settings(mut self, s: &Settings) -> CreateOptions {
+        if let Some(on) = s.auto_snapshot_on_stop {
+            self.auto_snapshot_on_stop = on;
+        }
+        if let Some(n) = s.max_snapshots {
+            self.max_snapshots = n;
+        }
+        self
     }
 }
 
@@ -125,6 +145,7 @@ impl Engine {
     ) -> Result<WorkspaceView> {
         let ws = self.state.workspace(name)?;
         check_unique(&opts.publish).map_err(invalid)?;
+        check_max_snapshots(opts.max_snapshots)?;
         if opts.network == NetworkMode::None && !opts.publish.is_empty() {
             return Err(invalid("--publish needs a network: drop --network none"));
         }
@@ -300,7 +321,8 @@ fn populate(
     // entrypoint.
     let key = BaseInputs {
         source: match source {
-            DiskSource::Image(..) => "empty upper",
+            // "2": inode tables zeroed at build, 16 MiB unwritten journal.
+            DiskSource::Image(..) => "empty upper 2",
             DiskSource::File(_) => &disk_source,
         },
         agent_sha256: "-",
@@ -338,9 +360,15 @@ fn populate(
     let kernel = std::fs::canonicalize(kernel).io_ctx(|| format!("kernel {}", kernel.display()))?;
     let kernel_sha256 = sha256_file_cached(&kernel, &hashes)
         .io_ctx(|| format!("hashing kernel {}", kernel.display()))?;
+    // A boot snapshot carries the disks it booted from, so the base (how
+    // the empty upper was made) is part of what an equal boot means.
+    let boot_disk_source = match source {
+        DiskSource::Image(..) => format!("{disk_source} base {key}"),
+        DiskSource::File(_) => disk_source.clone(),
+    };
     let boot_key = BootInputs {
         kernel_sha256: &kernel_sha256,
-        disk_source: &disk_source,
+        disk_source: &boot_disk_source,
         disk_bytes: chain.size,
         agent_sha256: &agent_sha256,
         entrypoint_sha256: entrypoint_sha256.as_deref(),
@@ -391,6 +419,8 @@ fn populate(
         status: Status::Created,
         vmm_pid: None,
         crash_reason: None,
+        auto_snapshot_on_stop: opts.auto_snapshot_on_stop,
+        max_snapshots: opts.max_snapshots,
     };
     ws.write(&rec)?;
     Ok(rec)

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use super::auto_snapshot::{check_max_snapshots, Settings};
 use super::launch::{kill_strays, launch, AfterReady};
 use super::snapshot::{check_snapshot, snapshot_dir};
 use super::{claim_workspace_dir, invalid, written, Engine, Reporter, Result, WorkspaceView};
@@ -11,7 +12,9 @@ use crate::util::lock::FileLock;
 use crate::workspace::disk::restore_from;
 use crate::workspace::secrets::{SecretStore, Value};
 use crate::workspace::state::Status;
-use crate::workspace::store::{now_rfc3339, NetworkMode, WorkspaceRecord, RECORD_VERSION};
+use crate::workspace::store::{
+    now_rfc3339, NetworkMode, WorkspaceRecord, MAX_SNAPSHOTS_DEFAULT, RECORD_VERSION,
+};
 
 /// What a fork asks for.
 pub struct ForkOptions<'a> {
@@ -24,6 +27,9 @@ pub struct ForkOptions<'a> {
     /// The fork's own published ports (the source's are never inherited:
     /// both would want the same host ports).
     pub ports: &'a [PortMap],
+    /// Its automatic-snapshot settings (unset: the defaults, not the
+    /// source's).
+    pub settings: Settings,
 }
 
 impl Engine {
@@ -42,6 +48,8 @@ impl Engine {
             ))
         })?;
         check_unique(opts.ports).map_err(invalid)?;
+        let max_snapshots = opts.settings.max_snapshots.unwrap_or(MAX_SNAPSHOTS_DEFAULT);
+        check_max_snapshots(max_snapshots)?;
         let ws = self.state.workspace(name)?;
         let src = self.state.existing(src_name)?;
         let dir = snapshot_dir(&src, tag)?;
@@ -65,6 +73,8 @@ impl Engine {
                 crash_reason: None,
                 rootfs_source: Some(format!("{src_name}:{tag}")),
                 ports: opts.ports.to_vec(),
+                auto_snapshot_on_stop: opts.settings.auto_snapshot_on_stop.unwrap_or(true),
+                max_snapshots,
                 ..src_rec.clone()
             };
             ws.write(&rec)?;

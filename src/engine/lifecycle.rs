@@ -2,6 +2,7 @@
 
 use std::time::{Duration, Instant};
 
+use super::auto_snapshot::AutoSnapshot;
 use super::launch::{deliver_secrets, has_secrets, kill_strays, launch, AfterReady};
 use super::snapshot::{check_snapshot, snapshot_dir};
 use super::warm::{self, Boot};
@@ -49,6 +50,7 @@ pub struct Halted {
     pub workspace: WorkspaceView,
     /// The VMM did not stop within the timeout and was killed.
     pub forced: bool,
+    pub auto_snapshot: AutoSnapshot,
 }
 
 /// Stops the VMM: asks the agent to power off, then the VMM to halt, and
@@ -173,8 +175,10 @@ impl Engine {
         self.pause_or_resume(name, false)
     }
 
-    /// Stops a running or paused workspace, forced after `timeout`.
-    pub fn halt(&self, name: &str, timeout: Duration) -> Result<Halted> {
+    /// Stops a running or paused workspace, forced after `timeout`; first
+    /// takes its automatic snapshot when that setting is on (a failed one
+    /// is reported in the result, and the halt goes on).
+    pub fn halt(&self, name: &str, timeout: Duration, report: &dyn Reporter) -> Result<Halted> {
         let super::Opened {
             ws,
             lock: _lock,
@@ -182,6 +186,7 @@ impl Engine {
             status,
         } = open(&self.state, name)?;
         check(&ws.name, status, Op::Halt)?;
+        let auto_snapshot = self.auto_snapshot(&ws, &rec, status, report);
         let forced = stop_vmm(&ws, rec.vmm_pid.unwrap_or(0), timeout);
         let _ = std::fs::remove_file(ws.control_socket());
         rec.status = Status::Halted;
@@ -191,6 +196,7 @@ impl Engine {
         Ok(Halted {
             workspace: written(&ws, &rec, None),
             forced,
+            auto_snapshot,
         })
     }
 

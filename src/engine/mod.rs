@@ -5,6 +5,7 @@
 //!
 //! Calls go down: engine -> {workspace, image, snapshot, agent, vmm client}.
 
+pub mod auto_snapshot;
 pub mod cache;
 pub mod checkpoint;
 pub mod commit;
@@ -20,6 +21,7 @@ mod references;
 pub mod secrets;
 pub mod snapshot;
 mod snapshot_files;
+mod snapshot_query;
 pub mod vmm_process;
 mod warm;
 

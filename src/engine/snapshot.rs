@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use super::launch::deliver_secrets;
 use super::snapshot_files::{disk_entry, manifest_files, snapshot_size};
+use super::snapshot_query::newest;
 use super::{
     conflict, invalid, open, Context, Engine, Error, IoContext, Reporter, Result, CONTROL_TIMEOUT,
 };
@@ -27,7 +28,7 @@ use crate::snapshot::scan::{scan, MIN_SCANNABLE};
 use crate::vmm::arch::x86_64::cpuid::CpuTemplate;
 use crate::vmm::control::{self, Op as CtlOp, SnapshotReply};
 use crate::vmm::host;
-use crate::workspace::busy::{self, BusyGuard};
+use crate::workspace::busy::BusyGuard;
 use crate::workspace::secrets::{SecretStore, Value};
 use crate::workspace::state::Status;
 use crate::workspace::store::{now_rfc3339, StateDir, WorkspaceDir, WorkspaceRecord};
@@ -60,9 +61,20 @@ pub fn default_tag() -> String {
     now_rfc3339().replace([':', '-'], "")
 }
 
-/// Snapshot TAG of a workspace, which must exist.
+/// The tag that names a workspace's newest snapshot (never a real tag).
+pub const LATEST: &str = "latest";
+
+/// Snapshot TAG of a workspace, which must exist; `latest` is its newest.
 pub(crate) fn snapshot_dir(ws: &WorkspaceDir, tag: &str) -> Result<PathBuf> {
     validate_tag(tag).map_err(invalid)?;
+    if tag == LATEST {
+        return newest(ws)
+            .map(|s| s.dir)
+            .ok_or_else(|| Error::SnapshotNotFound {
+                workspace: ws.name.clone(),
+                tag: tag.to_string(),
+            });
+    }
     let dir = ws.snapshots().join(tag);
     if !dir.join(MANIFEST).is_file() {
         return Err(Error::SnapshotNotFound {
@@ -372,6 +384,11 @@ impl Engine {
     ) -> Result<Created> {
         let tag = tag.map(str::to_string).unwrap_or_else(default_tag);
         validate_tag(&tag).map_err(invalid)?;
+        if tag == LATEST {
+            return Err(invalid(format!(
+                "snapshot tag {LATEST:?} is reserved: it names a workspace's newest snapshot"
+            )));
+        }
         // Refused before anything is written (the lock file, the busy
         // marker, the snapshot) when this host cannot do it at all.
         host::snapshot_support().map_err(|missing| Error::SnapshotUnsupported { missing })?;
@@ -381,6 +398,20 @@ impl Engine {
             rec,
             status,
         } = open(&self.state, name)?;
+        self.snapshot_locked(&ws, &rec, status, &tag, report)
+    }
+
+    /// `snapshot_create` once the workspace is locked (halt's automatic
+    /// snapshot holds the lock across the snapshot and the power-off).
+    pub(crate) fn snapshot_locked(
+        &self,
+        ws: &WorkspaceDir,
+        rec: &WorkspaceRecord,
+        status: Status,
+        tag: &str,
+        report: &dyn Reporter,
+    ) -> Result<Created> {
+        let tag = tag.to_string();
         match status {
             Status::Running | Status::Paused => {}
             s => {
@@ -400,14 +431,14 @@ impl Engine {
                 tag: tag.clone(),
             });
         }
-        let _busy = BusyGuard::mark(&ws, "snapshotting", &format!("tag {tag}"))?;
+        let _busy = BusyGuard::mark(ws, "snapshotting", &format!("tag {tag}"))?;
         std::fs::create_dir_all(ws.snapshots())
             .io_ctx(|| format!("creating {}", ws.snapshots().display()))?;
         remove_leftovers(&ws.snapshots());
         let tmp = ws
             .snapshots()
             .join(format!(".creating-{tag}-{}", std::process::id()));
-        let secrets = SecretStore::of(&ws).all()?;
+        let secrets = SecretStore::of(ws).all()?;
         let orig_paused = status == Status::Paused;
         for (key, value) in &secrets {
             if value.len() < MIN_SCANNABLE {
@@ -424,13 +455,13 @@ impl Engine {
                 if orig_paused {
                     control::request(&ws.control_socket(), CtlOp::Resume, CONTROL_TIMEOUT)?;
                 }
-                agent_secrets::scrub(&ws)
+                agent_secrets::scrub(ws)
                     .ctx(|| "scrubbing secrets before guest memory is written".into())?;
             }
             let (m, paused) = capture(
                 &self.state.hash_cache(),
-                &ws,
-                &rec,
+                ws,
+                rec,
                 &tmp,
                 &tag,
                 &secrets,
@@ -445,7 +476,7 @@ impl Engine {
             Ok((m, paused))
         })();
         if !secrets.is_empty() {
-            rehydrate_after_snapshot(&ws, orig_paused, report);
+            rehydrate_after_snapshot(ws, orig_paused, report);
         }
         let (m, paused) = result.map_err(|e| {
             let _ = std::fs::remove_dir_all(&tmp);
@@ -468,56 +499,6 @@ impl Engine {
             paused_ms: paused.map(|d| d.as_millis() as u64),
             secrets_scrubbed: secrets.len(),
         })
-    }
-
-    /// A workspace's snapshots, oldest first (tags starting with `prefix`).
-    pub fn snapshot_list(&self, name: &str, prefix: Option<&str>) -> Result<Vec<SnapshotInfo>> {
-        let ws = self.state.existing(name)?;
-        let mut rows = Vec::new();
-        if let Ok(entries) = std::fs::read_dir(ws.snapshots()) {
-            for e in entries.flatten() {
-                let tag = e.file_name().to_string_lossy().into_owned();
-                if validate_tag(&tag).is_err() || prefix.is_some_and(|p| !tag.starts_with(p)) {
-                    continue;
-                }
-                let Ok(m) = Manifest::read(&e.path()) else {
-                    continue;
-                };
-                rows.push(SnapshotInfo {
-                    workspace: ws.name.clone(),
-                    size_bytes: snapshot_size(&e.path()),
-                    manifest: m,
-                    dir: e.path(),
-                });
-            }
-        }
-        rows.sort_by(|a, b| {
-            (a.manifest.created.as_str(), a.manifest.tag.as_str())
-                .cmp(&(b.manifest.created.as_str(), b.manifest.tag.as_str()))
-        });
-        Ok(rows)
-    }
-
-    /// Deletes one snapshot. `confirm` runs under the workspace lock once
-    /// the snapshot is known to exist (a prompt cannot race a change).
-    pub fn snapshot_delete(
-        &self,
-        name: &str,
-        tag: &str,
-        confirm: &dyn Fn() -> Result<()>,
-    ) -> Result<()> {
-        let ws = self.state.existing(name)?;
-        // The lock first: a workspace busy snapshotting is refused naming
-        // what runs (the tag being made does not exist yet).
-        let _lock = busy::lock(&ws)?;
-        let dir = snapshot_dir(&ws, tag)?;
-        confirm()?;
-        let doomed = ws
-            .snapshots()
-            .join(format!(".deleting-{tag}-{}", std::process::id()));
-        std::fs::rename(&dir, &doomed).io_ctx(|| format!("removing {}", dir.display()))?;
-        std::fs::remove_dir_all(&doomed).io_ctx(|| format!("removing {}", doomed.display()))?;
-        Ok(())
     }
 }
 

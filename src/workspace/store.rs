@@ -99,6 +99,25 @@ pub struct WorkspaceRecord {
     pub vmm_pid: Option<i32>,
     /// Why the workspace is crashed, when it is.
     pub crash_reason: Option<String>,
+    /// Halt takes a memory snapshot tagged `auto-<UTC>` first (records
+    /// from before this setting existed get the default, on).
+    #[serde(default = "auto_snapshot_default")]
+    pub auto_snapshot_on_stop: bool,
+    /// How many `auto-` snapshots halt keeps; the oldest go first.
+    #[serde(default = "max_snapshots_default")]
+    pub max_snapshots: u32,
+}
+
+fn auto_snapshot_default() -> bool {
+    true
+}
+
+pub const MAX_SNAPSHOTS_DEFAULT: u32 = 5;
+/// More would only be a typo: each one holds the guest's memory.
+pub const MAX_SNAPSHOTS_LIMIT: u32 = 1000;
+
+fn max_snapshots_default() -> u32 {
+    MAX_SNAPSHOTS_DEFAULT
 }
 
 /// A workspace's network.
@@ -339,6 +358,8 @@ mod tests {
             status: Status::Created,
             vmm_pid: None,
             crash_reason: None,
+            auto_snapshot_on_stop: true,
+            max_snapshots: 5,
         };
         ws.write(&rec).unwrap();
         assert_eq!(ws.read().unwrap(), rec);

@@ -1,0 +1,168 @@
+//! The documented JSON shapes (docs/json.md): one place, so that the CLI's
+//! `--json` and the HTTP API answer with the same documents.
+
+use serde_json::{json, Value};
+
+use crate::engine::auto_snapshot::AutoSnapshot;
+use crate::engine::commit::Committed;
+use crate::engine::lifecycle::{Halted, Started};
+use crate::engine::snapshot::{Created, SnapshotInfo};
+use crate::engine::WorkspaceView;
+use crate::image::building::Building;
+use crate::image::ops::Ready;
+use crate::image::push::Pushed;
+use crate::image::store::ImageRecord;
+
+/// "workspace".
+pub fn workspace(v: &WorkspaceView) -> Value {
+    let rec = &v.record;
+    json!({
+        "name": rec.name,
+        "status": v.status.name(),
+        "crash_reason": v.crash_reason,
+        "image": rec.image,
+        "image_digest": rec.image_digest,
+        "rootfs_source": rec.rootfs_source,
+        "vcpus": rec.vcpus,
+        "memory_mib": rec.memory_mib,
+        "kernel": rec.kernel,
+        "kernel_sha256": rec.kernel_sha256,
+        "cmdline": rec.cmdline,
+        "cpu_template": rec.cpu_template,
+        "network": rec.network.name(),
+        "ports": rec.ports.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+        "auto_snapshot_on_stop": rec.auto_snapshot_on_stop,
+        "max_snapshots": rec.max_snapshots,
+        "created": rec.created,
+        "pid": v.pid,
+        "dir": v.dir.dir.display().to_string(),
+    })
+}
+
+/// "workspace-status".
+pub fn workspace_status(v: &WorkspaceView) -> Value {
+    let mut j = workspace(v);
+    j["network_state"] = json!(v.network_state);
+    j
+}
+
+/// "workspace-start".
+pub fn started(s: &Started) -> Value {
+    let mut j = workspace(&s.workspace);
+    j["boot"] = s.boot.name().into();
+    j["running_ms"] = s.running_ms.into();
+    j["start_ms"] = s.start_ms.into();
+    j
+}
+
+/// "workspace-halt".
+pub fn halted(h: &Halted) -> Value {
+    let mut j = workspace(&h.workspace);
+    j["forced"] = h.forced.into();
+    let (tag, error, rotated): (Option<&str>, Option<&str>, &[String]) = match &h.auto_snapshot {
+        AutoSnapshot::Skipped => (None, None, &[]),
+        AutoSnapshot::Taken {
+            created,
+            rotated_out,
+        } => (Some(&created.snapshot.manifest.tag), None, rotated_out),
+        AutoSnapshot::Failed(why) => (None, Some(why), &[]),
+    };
+    j["auto_snapshot"] = json!(tag);
+    j["auto_snapshot_error"] = json!(error);
+    j["rotated_out"] = json!(rotated);
+    j
+}
+
+/// "image".
+pub fn image(r: &ImageRecord) -> Value {
+    json!({
+        "id": r.id(),
+        "digest": r.digest.to_string(),
+        "refs": r.refs,
+        "source": r.source,
+        "layers": r.layers.len(),
+        "content_bytes": r.content_bytes,
+        "disk_bytes": r.disk_bytes,
+        "created": r.created,
+        "config": r.run,
+        "state": "ready",
+    })
+}
+
+/// "image-fetch".
+pub fn image_fetched(ready: &Ready) -> Value {
+    let mut v = image(&ready.record);
+    v["cached"] = json!(ready.cached);
+    v["seconds"] = json!(ready.seconds);
+    v
+}
+
+/// "image-push".
+pub fn image_pushed(rec: &ImageRecord, p: &Pushed) -> Value {
+    let mut v = image(rec);
+    v["pushed_to"] = json!(p.reference);
+    v["pushed_digest"] = json!(p.manifest_digest.to_string());
+    v["blobs_pushed"] = json!(p.blobs_pushed);
+    v["blobs_skipped"] = json!(p.blobs_skipped);
+    v["bytes_pushed"] = json!(p.bytes_pushed);
+    v
+}
+
+/// "image-commit".
+pub fn image_committed(c: &Committed) -> Value {
+    let mut v = image(&c.image);
+    v["workspace"] = json!(c.workspace);
+    v["new_layer"] = json!({
+        "digest": c.layer.blob.digest.to_string(),
+        "diff_id": c.layer.diff_id.to_string(),
+        "size": c.layer.blob.size,
+        "uncompressed_bytes": c.layer.uncompressed_bytes,
+        "entries": c.entries,
+    });
+    v["duration_ms"] = json!(c.duration_ms);
+    v["paused_ms"] = json!(c.paused_ms);
+    v
+}
+
+/// "image" while a commit is still making it: what is known so far.
+pub fn image_building(b: &Building) -> Value {
+    json!({
+        "id": null,
+        "digest": null,
+        "refs": [b.reference],
+        "source": b.source,
+        "layers": null,
+        "content_bytes": null,
+        "disk_bytes": null,
+        "created": b.since,
+        "config": null,
+        "state": "building",
+    })
+}
+
+/// "snapshot-create".
+pub fn snapshot_created(c: &Created) -> Value {
+    let m = &c.snapshot.manifest;
+    json!({
+        "workspace": c.snapshot.workspace,
+        "tag": m.tag,
+        "created": m.created,
+        "vcpus": m.vcpus,
+        "memory_mib": m.memory_mib,
+        "size_bytes": c.snapshot.size_bytes,
+        "dir": c.snapshot.dir.display().to_string(),
+        "duration_ms": c.duration_ms,
+        "paused_ms": c.paused_ms,
+        "secrets_scrubbed": c.secrets_scrubbed,
+    })
+}
+
+/// "snapshot-entry".
+pub fn snapshot_entry(s: &SnapshotInfo) -> Value {
+    let m = &s.manifest;
+    json!({
+        "tag": m.tag, "size_bytes": s.size_bytes, "created": m.created,
+        "image": m.image, "vcpus": m.vcpus, "memory_mib": m.memory_mib,
+        "kernel_sha256": m.kernel_sha256,
+    })
+}

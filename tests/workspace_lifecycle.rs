@@ -235,9 +235,67 @@ fn full_lifecycle_with_two_workspaces_crash_and_recovery() {
     // The other workspace was never disturbed.
     assert_eq!(status(&home, "second")["status"], "running");
 
+    // The VMM is confined: every thread of it runs under a seccomp filter
+    // (mode 2) with no_new_privs.
+    let vmm = status(&home, "second")["pid"].as_i64().unwrap();
+    let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{vmm}/task"))
+        .unwrap()
+        .map(|t| std::fs::read_to_string(t.unwrap().path().join("status")).unwrap())
+        .collect();
+    assert!(tasks.len() >= 4, "main, 2 vCPUs, control: {}", tasks.len());
+    for st in &tasks {
+        let name = st.lines().next().unwrap_or_default();
+        assert!(st.contains("\nSeccomp:\t2\n"), "{name}: no filter");
+        assert!(st.contains("\nNoNewPrivs:\t1\n"), "{name}: no no_new_privs");
+    }
+    // As root it is also jailed: its own mount namespace, whose root holds
+    // only the path to its workspace directory.
+    if nix::unistd::Uid::effective().is_root() {
+        let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap();
+        assert_ne!(ns(&vmm.to_string()), ns("self"), "no mount namespace");
+        let jail = std::path::PathBuf::from(format!("/proc/{vmm}/root"));
+        let top: Vec<_> = std::fs::read_dir(&jail)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        let ws = std::fs::canonicalize(home.workspace_dir("second")).unwrap();
+        let first = ws.components().nth(1).unwrap().as_os_str().to_owned();
+        assert_eq!(top, vec![first], "the jail's root holds more");
+        let seen = jail.join(ws.strip_prefix("/").unwrap());
+        assert!(seen.join("console.log").is_file(), "{}", seen.display());
+        assert!(!jail.join("proc/self").exists() && !jail.join("dev/kvm").exists());
+    }
+
     // Halt, start again, halt, delete.
     assert_eq!(home.json(&["halt", "builder"])["status"], "halted");
     assert_eq!(status(&home, "builder")["status"], "halted");
+
+    // A call outside the filter kills the VMM, and status names it. The
+    // test switch leaves tgkill, which pause needs, out of the filters.
+    let out = home
+        .cmd()
+        .env("MICROAGENT_TEST_SECCOMP_DENY", "tgkill")
+        .args(["start", "builder", "--no-wait"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    // A pause that lands before the vCPU threads exist fails without
+    // kicking them; the next one kicks.
+    let t = std::time::Instant::now();
+    while status(&home, "builder")["status"] != "crashed" {
+        let (code, _, err) = home.run(&["pause", "builder"]);
+        assert_eq!(code, 1, "pause went through without tgkill: {err}");
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "never crashed: {err}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, text, _) = home.run(&["status", "builder"]);
+    assert!(
+        text.starts_with("builder: crashed: seccomp violation (syscall tgkill)\n"),
+        "{text}"
+    );
     assert_eq!(
         home.json(&["start", "builder", "--no-wait"])["status"],
         "running"

@@ -85,9 +85,10 @@ pub fn status(engine: &Engine, args: NameArgs, out: &Out) -> Result<i32> {
     if out.json {
         println!("{v}");
     } else {
-        println!("{}: {}", rec.name, l.status);
-        if let Some(r) = &l.crash_reason {
-            println!("  reason:  {r}");
+        // `w: crashed: seccomp violation (syscall mkdir)`
+        match &l.crash_reason {
+            Some(r) => println!("{}: {}: {r}", rec.name, l.status),
+            None => println!("{}: {}", rec.name, l.status),
         }
         println!("  vcpus:   {}", rec.vcpus);
         println!("  memory:  {} MiB", rec.memory_mib);

@@ -19,6 +19,8 @@ use crate::snapshot::format;
 use crate::snapshot::manifest::{MEMORY, VMSTATE};
 use crate::vmm::control::{self, ServeInfo};
 use crate::vmm::host;
+use crate::vmm::jail;
+use crate::vmm::seccomp;
 use crate::vmm::snapshot::VmSnapshot;
 use crate::vmm::vcpu::GuestStop;
 use crate::vmm::vm::{DiskConfig, DiskFormat, Vm, VmConfig, VsockConfig};
@@ -78,8 +80,15 @@ pub fn supervise(workspace_dir: &Path, restore_from: Option<&Path>) -> Result<i3
             Ok(())
         });
     }
-    let status = cmd.status().io_ctx(|| "starting the VMM".into())?;
+    let mut child = cmd.spawn().io_ctx(|| "starting the VMM".into())?;
+    let vmm_pid = child.id();
+    let status = child.wait().io_ctx(|| "waiting for the VMM".into())?;
     let (clean, reason) = match (status.code(), status.signal()) {
+        // The SIGSYS handler's last words name the syscall.
+        (Some(seccomp::EXIT_SECCOMP), _) => (
+            false,
+            last_log_line(&ws).unwrap_or_else(|| "seccomp violation".into()),
+        ),
         (Some(0), _) => (
             true,
             last_log_line(&ws).unwrap_or_else(|| "VMM exited".into()),
@@ -90,6 +99,16 @@ pub fn supervise(workspace_dir: &Path, restore_from: Option<&Path>) -> Result<i3
                 "VMM exited with status {code}: {}",
                 last_log_line(&ws).unwrap_or_else(|| "no message".into())
             ),
+        ),
+        // A SIGSYS the handler could not take (blocked at the time).
+        (None, Some(libc::SIGSYS)) => (
+            false,
+            match seccomp::audited_violation(vmm_pid) {
+                Some(name) => format!("seccomp violation (syscall {name})"),
+                None => {
+                    "seccomp violation (SIGSYS; the kernel's audit log names no syscall)".into()
+                }
+            },
         ),
         (None, Some(sig)) => (false, format!("VMM killed by signal {sig}")),
         (None, None) => (false, "VMM ended for an unknown reason".into()),
@@ -132,6 +151,7 @@ fn guest_cmdline(rec: &crate::workspace::store::WorkspaceRecord) -> String {
 pub fn serve(workspace_dir: &Path, restore_from: Option<&Path>) -> Result<GuestStop> {
     let ws = self::workspace_dir(workspace_dir)?;
     let rec = ws.read()?;
+    prepare_seccomp()?;
     let cfg = VmConfig {
         kernel: rec.kernel.clone().into(),
         disks: match &rec.layout {
@@ -169,6 +189,16 @@ pub fn serve(workspace_dir: &Path, restore_from: Option<&Path>) -> Result<GuestS
         }
         None => Vm::boot(&cfg).ctx(|| "booting the VM".into())?,
     };
+    // Still one thread: the jail must come before the control and vCPU
+    // threads, which inherit it.
+    if jail::wanted() {
+        jail::enter(&ws.dir).map_err(|e| invalid(e.to_string()))?;
+    } else if nix::unistd::Uid::effective().is_root() {
+        eprintln!(
+            "warning: {}=0: the VMM runs in the host's mount namespace",
+            jail::JAIL_ENV
+        );
+    }
     let info = ServeInfo {
         cmdline: vm.cmdline.clone(),
         mem_mib: cfg.mem_mib,
@@ -180,12 +210,29 @@ pub fn serve(workspace_dir: &Path, restore_from: Option<&Path>) -> Result<GuestS
     vm.run(None).ctx(|| "running the VM".into())
 }
 
+/// Builds the VMM's seccomp filters, which its threads install once the
+/// VM is set up; `MICROAGENT_VMM_SECCOMP` can turn them off or to logging
+/// only, which the VMM's log then says.
+pub fn prepare_seccomp() -> Result<()> {
+    let mode = seccomp::mode();
+    let what = match mode {
+        seccomp::Mode::Off => "off: the VMM runs unconfined",
+        seccomp::Mode::Log => "logging only: calls outside them go through",
+        seccomp::Mode::Enforce => "",
+    };
+    if !what.is_empty() {
+        eprintln!("warning: {}: seccomp filters {what}", seccomp::SECCOMP_ENV);
+    }
+    seccomp::prepare(mode).map_err(|e| invalid(e.to_string()))
+}
+
 /// `vmm run`: boots `cfg` in this process and runs it until the guest
 /// stops; returns why, and the full kernel command line it booted with.
 pub fn run_foreground(
     cfg: &VmConfig,
     dump_state_every: Option<std::time::Duration>,
 ) -> Result<(GuestStop, String)> {
+    prepare_seccomp()?;
     let vm = Vm::boot(cfg).ctx(|| "booting the VM".into())?;
     let cmdline = vm.cmdline.clone();
     let stop = vm.run(dump_state_every).ctx(|| "running the VM".into())?;

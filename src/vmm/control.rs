@@ -26,6 +26,7 @@ use nix::fcntl::{openat, OFlag};
 use nix::sys::stat::{mkdirat, Mode};
 use serde::{Deserialize, Serialize};
 
+use super::seccomp::{confine, ThreadKind};
 use super::snapshot::SaveError;
 use super::vm::{RunState, VmHandle};
 use crate::snapshot::cpuid::CpuidLeaf;
@@ -382,9 +383,17 @@ pub fn spawn_server(path: &Path, vm: VmHandle, info: ServeInfo) -> std::io::Resu
         ops: Mutex::new(()),
         staged: AtomicU32::new(0),
     });
+    let (confined_tx, confined) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
+            // Client threads inherit this filter.
+            let result = confine(ThreadKind::Control);
+            let ok = result.is_ok();
+            let _ = confined_tx.send(result);
+            if !ok {
+                return;
+            }
             for stream in listener.incoming().flatten() {
                 if !crate::util::peer::trusted(&stream) {
                     continue; // Dropping it closes it.
@@ -396,7 +405,11 @@ pub fn spawn_server(path: &Path, vm: VmHandle, info: ServeInfo) -> std::io::Resu
                     .spawn(move || serve_connection(&server, stream));
             }
         })?;
-    Ok(())
+    match confined.recv() {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(std::io::Error::other(e)),
+        Err(_) => Err(std::io::Error::other("the control thread ended at start")),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

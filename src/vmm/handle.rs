@@ -7,8 +7,8 @@ use std::time::Duration;
 use kvm_ioctls::VmFd;
 use vm_memory::GuestMemoryMmap;
 
+use super::vcpu::kick_signal;
 use super::vcpu::{GuestStop, StopSignal};
-use super::vm::kick_signal;
 use crate::devices::bus::lock;
 use crate::devices::serial::SerialDevice;
 use crate::devices::virtio::mmio::MmioTransport;

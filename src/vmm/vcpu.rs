@@ -456,3 +456,35 @@ impl Vcpu {
         }
     }
 }
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+pub(super) fn kick_signal() -> i32 {
+    libc::SIGRTMIN()
+}
+
+/// A no-op handler so the kick signal interrupts KVM_RUN (EINTR) instead of
+/// killing the process.
+pub(super) fn install_kick_handler() {
+    // Registering twice is harmless; failure only means slower teardown.
+    let _ = vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler);
+}
+
+pub(super) fn stop_vcpu_threads(threads: Vec<std::thread::JoinHandle<()>>) {
+    use std::os::unix::thread::JoinHandleExt;
+    for t in threads {
+        // Kick until the thread notices the stop reason: a kick that lands
+        // just before KVM_RUN is lost, the next one is not.
+        for _ in 0..200 {
+            if t.is_finished() {
+                break;
+            }
+            // SAFETY: the pthread_t belongs to a thread we spawned and have
+            // not joined yet, so it is valid.
+            unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        if t.is_finished() {
+            let _ = t.join();
+        }
+    }
+}

@@ -19,7 +19,11 @@ use super::arch::x86_64::mptable;
 use super::boot::{self, BootError};
 use super::devices::{Devices, QueueKick, VirtioSet};
 use super::memory::{self, MemoryError};
-use super::vcpu::{GuestStop, IoBuses, StopSignal, Vcpu, VcpuError};
+use super::seccomp::{confine, ThreadKind};
+use super::vcpu::{
+    install_kick_handler, kick_signal, stop_vcpu_threads, GuestStop, IoBuses, StopSignal, Vcpu,
+    VcpuError,
+};
 use crate::devices::bus::lock;
 use crate::devices::serial::SerialDevice;
 use crate::devices::virtio::block::BlockError;
@@ -331,7 +335,14 @@ impl Vm {
         if let Some(after) = dump_state_after {
             self.spawn_state_dumper(after, &threads);
         }
-        let result = self.event_loop();
+        // Setup is over: from here the main thread only serves devices.
+        let result = match confine(ThreadKind::EventLoop) {
+            Ok(()) => self.event_loop(),
+            Err(e) => {
+                self.stop.stop(GuestStop::Error(e.to_string()));
+                Ok(())
+            }
+        };
         if self.stop.reason().is_none() {
             self.stop.stop(GuestStop::Error("event loop ended".into()));
         }
@@ -351,21 +362,27 @@ impl Vm {
         let tids: Vec<libc::pthread_t> = threads.iter().map(|t| t.as_pthread_t()).collect();
         let _ = std::thread::Builder::new()
             .name("state-dump".into())
-            .spawn(move || loop {
-                std::thread::sleep(period);
-                if stop.reason().is_some() {
+            .spawn(move || {
+                // It only sleeps and kicks vCPUs, as vCPUs do.
+                if confine(ThreadKind::Vcpu).is_err() {
                     return;
                 }
-                stop.dump_state
-                    .store(true, std::sync::atomic::Ordering::SeqCst);
-                for t in &tids {
-                    // SAFETY: the vCPU threads outlive this loop until a stop
-                    // reason is set, which ends the loop first.
-                    unsafe { libc::pthread_kill(*t, kick_signal()) };
+                loop {
+                    std::thread::sleep(period);
+                    if stop.reason().is_some() {
+                        return;
+                    }
+                    stop.dump_state
+                        .store(true, std::sync::atomic::Ordering::SeqCst);
+                    for t in &tids {
+                        // SAFETY: the vCPU threads outlive this loop until a
+                        // stop reason is set, which ends the loop first.
+                        unsafe { libc::pthread_kill(*t, kick_signal()) };
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                    stop.dump_state
+                        .store(false, std::sync::atomic::Ordering::SeqCst);
                 }
-                std::thread::sleep(Duration::from_millis(200));
-                stop.dump_state
-                    .store(false, std::sync::atomic::Ordering::SeqCst);
             });
     }
 
@@ -378,7 +395,10 @@ impl Vm {
             let stop = self.stop.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{}", vcpu.index))
-                .spawn(move || vcpu.run_loop(buses, mem, stop))
+                .spawn(move || match confine(ThreadKind::Vcpu) {
+                    Ok(()) => vcpu.run_loop(buses, mem, stop),
+                    Err(e) => stop.stop(GuestStop::Error(e.to_string())),
+                })
                 .map_err(VmError::EventLoop)?;
             threads.push(handle);
         }
@@ -483,39 +503,6 @@ fn full_cmdline(cfg: &VmConfig, tsc_khz: Option<u32>, device_args: &[String]) ->
         parts.push(cfg.cmdline.trim().into());
     }
     parts.join(" ")
-}
-
-extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-
-pub(super) fn kick_signal() -> i32 {
-    libc::SIGRTMIN()
-}
-
-/// A no-op handler so the kick signal interrupts KVM_RUN (EINTR) instead of
-/// killing the process.
-fn install_kick_handler() {
-    // Registering twice is harmless; failure only means slower teardown.
-    let _ = vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler);
-}
-
-fn stop_vcpu_threads(threads: Vec<JoinHandle<()>>) {
-    use std::os::unix::thread::JoinHandleExt;
-    for t in threads {
-        // Kick until the thread notices the stop reason: a kick that lands
-        // just before KVM_RUN is lost, the next one is not.
-        for _ in 0..200 {
-            if t.is_finished() {
-                break;
-            }
-            // SAFETY: the pthread_t belongs to a thread we spawned and have
-            // not joined yet, so it is valid.
-            unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        if t.is_finished() {
-            let _ = t.join();
-        }
-    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,107 @@
+//! The VMM's jail, in the manner of Firecracker's jailer: once the VM is
+//! set up (KVM, memory, disks, sockets and passt all open), the VMM's main
+//! thread, before it starts any other thread, enters its own mount
+//! namespace and pivots into a new root, a small read-only tmpfs where
+//! only the workspace directory is visible, at its own path. Every path
+//! the VMM still uses (snapshot files, the console log's rotation, the
+//! disk chain's next delta and chain.json) lies in that directory, so
+//! none changes; everything else on the host (other workspaces, the image
+//! store, /proc, /dev, /etc) is gone from its view. Threads started
+//! afterwards inherit the namespace and root.
+//!
+//! This needs CAP_SYS_ADMIN: a VMM run by another user with access to
+//! /dev/kvm skips it and keeps its seccomp filters and no_new_privs.
+//! Dropping root to a VMM user is not done yet: snapshots hard-link the
+//! disk chain's files, some shared read-only between workspaces, and the
+//! kernel's protected_hardlinks refuses that to a non-owner.
+
+use std::path::Path;
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sched::{unshare, CloneFlags};
+
+/// `0` leaves the VMM in the host's mount namespace (a debugging aid; the
+/// VMM's log says so).
+pub const JAIL_ENV: &str = "MICROAGENT_VMM_JAIL";
+
+/// The empty directory of the workspace the new root is mounted on (only
+/// in the VMM's namespace: the host sees an empty directory).
+pub const MOUNTPOINT: &str = ".jail";
+
+#[derive(Debug, thiserror::Error)]
+#[error("entering the VMM's jail: {step}: {source}")]
+pub struct JailError {
+    step: String,
+    source: std::io::Error,
+}
+
+fn at<E: Into<std::io::Error>>(step: impl Into<String>) -> impl FnOnce(E) -> JailError {
+    let step = step.into();
+    move |e| JailError {
+        step,
+        source: e.into(),
+    }
+}
+
+/// Whether this VMM jails itself: it can (root) and was not told not to.
+pub fn wanted() -> bool {
+    nix::unistd::Uid::effective().is_root() && std::env::var(JAIL_ENV).as_deref() != Ok("0")
+}
+
+/// Enters the jail of workspace directory `dir` (see the module doc).
+/// Must run while the process has one thread: other threads would stay
+/// in the host's namespace.
+pub fn enter(dir: &Path) -> Result<(), JailError> {
+    let dir = std::fs::canonicalize(dir).map_err(at(format!("resolving {}", dir.display())))?;
+    unshare(CloneFlags::CLONE_NEWNS).map_err(at("unshare(CLONE_NEWNS)"))?;
+    // Nothing mounted from here on may reach the host's namespace.
+    let none = None::<&str>;
+    mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
+        .map_err(at("making / private"))?;
+    let root = dir.join(MOUNTPOINT);
+    match std::fs::create_dir(&root) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+            return Err(at(format!("mkdir {}", root.display()))(e))
+        }
+        _ => {}
+    }
+    let hardened = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mount(
+        Some("tmpfs"),
+        &root,
+        Some("tmpfs"),
+        hardened,
+        Some("size=64k,mode=0755"),
+    )
+    .map_err(at("mounting the new root (tmpfs)"))?;
+    // The workspace, at its own path inside the new root.
+    let inside = root.join(dir.strip_prefix("/").unwrap_or(&dir));
+    std::fs::create_dir_all(&inside).map_err(at(format!("mkdir {}", inside.display())))?;
+    mount(Some(&dir), &inside, none, MsFlags::MS_BIND, none)
+        .map_err(at("bind-mounting the workspace"))?;
+    mount(
+        none,
+        &inside,
+        none,
+        MsFlags::MS_REMOUNT | MsFlags::MS_BIND | hardened,
+        none,
+    )
+    .map_err(at("hardening the workspace mount"))?;
+    let old = root.join("old");
+    std::fs::create_dir(&old).map_err(at("mkdir old root"))?;
+    nix::unistd::pivot_root(&root, &old).map_err(at("pivot_root"))?;
+    nix::unistd::chdir("/").map_err(at("chdir /"))?;
+    umount2("/old", MntFlags::MNT_DETACH).map_err(at("detaching the old root"))?;
+    std::fs::remove_dir("/old").map_err(at("rmdir /old"))?;
+    // The new root's own directories become read-only (the workspace
+    // mount keeps its own flags).
+    mount(
+        none,
+        "/",
+        none,
+        MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | hardened,
+        none,
+    )
+    .map_err(at("making the new root read-only"))?;
+    Ok(())
+}

@@ -165,8 +165,13 @@ fn secrets_delivered_scrubbed_proven_and_rehydrated() {
     // A guest copy of the secret: the snapshot fails naming the key (not
     // the value), nothing is left behind, the workspace runs on with its
     // secret. Once the copy is gone, the next snapshot passes: its freed
-    // pages were zeroed (init_on_free=1).
-    sh(&home, "sec", "cat /run/secrets/API_TOKEN > /dev/shm/copy");
+    // pages were zeroed (init_on_free=1). The copy straddles the file's
+    // first two pages, which the guest need not place side by side.
+    sh(
+        &home,
+        "sec",
+        "{ head -c 4090 /dev/zero; cat /run/secrets/API_TOKEN; } > /dev/shm/copy",
+    );
     let out = home
         .cmd()
         .args(["snapshot", "create", "sec", "--tag", "leaky", "--json"])

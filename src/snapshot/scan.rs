@@ -58,6 +58,50 @@ pub fn encodings(value: &[u8]) -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
+/// Guest pages (and disk blocks) that are neighbours in the guest's view
+/// need not be in the file: a value written across a page boundary lies
+/// in two pages that may be anywhere. So every page's first and last
+/// bytes are also matched against the ends of each value.
+const PAGE: u64 = 4096;
+
+/// The shortest part of a split value matched at a page edge: shorter
+/// ones match by chance. Any split leaves one part of at least half the
+/// value, so values of 12 bytes or more are always found.
+const MIN_EDGE_PART: usize = 6;
+
+/// Whether a page of `buf` (which starts at file offset `at`) begins with
+/// the end of `needle` or ends with its beginning, the larger part of a
+/// split (at least half of it, and at least [`MIN_EDGE_PART`] bytes).
+fn split_at_page_edge(buf: &[u8], at: u64, needle: &[u8]) -> bool {
+    let min = needle.len().div_ceil(2).max(MIN_EDGE_PART);
+    if needle.len() <= min {
+        return false;
+    }
+    let first = (at.div_ceil(PAGE) * PAGE - at) as usize;
+    let mut edge = first;
+    while edge <= buf.len() {
+        let (before, after) = buf.split_at(edge);
+        for part in min..needle.len() {
+            if before.ends_with(&needle[..part])
+                || after.starts_with(&needle[needle.len() - part..])
+            {
+                return true;
+            }
+        }
+        edge += PAGE as usize;
+    }
+    false
+}
+
+fn split_name(encoding: &'static str) -> &'static str {
+    match encoding {
+        "raw" => "raw, split across pages",
+        "base64" => "base64, split across pages",
+        "hex" => "hex, split across pages",
+        _ => "HEX, split across pages",
+    }
+}
+
 /// Searches `files` for every secret; the first hit is returned.
 pub fn scan(
     files: &[&Path],
@@ -91,14 +135,21 @@ pub fn scan(
             while pos < end {
                 let n = ((end - pos) as usize).min(CHUNK + overlap);
                 file.read_exact_at(&mut buf[..n], pos)?;
-                if let Some(p) = patterns.iter().find(|p| p.finder.find(&buf[..n]).is_some()) {
+                let whole = patterns.iter().find(|p| p.finder.find(&buf[..n]).is_some());
+                let found = whole.map(|p| (p, p.encoding)).or_else(|| {
+                    patterns
+                        .iter()
+                        .find(|p| split_at_page_edge(&buf[..n], pos, p.finder.needle()))
+                        .map(|p| (p, split_name(p.encoding)))
+                });
+                if let Some((p, encoding)) = found {
                     return Ok(Some(Leak {
                         key: p.key.to_string(),
                         file: path
                             .file_name()
                             .map(|f| f.to_string_lossy().into_owned())
                             .unwrap_or_default(),
-                        encoding: p.encoding,
+                        encoding,
                     }));
                 }
                 if pos + n as u64 >= end {
@@ -142,6 +193,23 @@ mod tests {
         assert_eq!(scan(&[&p], &secrets).unwrap().unwrap().encoding, "HEX");
         let clean = file_with(dir.path(), "clean.bin", 100, b"nothing to see");
         assert_eq!(scan(&[&clean], &secrets).unwrap(), None);
+        // A value split across two pages that are far apart in the file,
+        // as a guest's virtually contiguous buffer can be.
+        let split = dir.path().join("split.bin");
+        let f = File::create(&split).unwrap();
+        f.set_len(64 << 20).unwrap();
+        f.write_all_at(&secret[..4], 3 * PAGE - 4).unwrap();
+        f.write_all_at(&secret[4..], 9000 * PAGE).unwrap();
+        let leak = scan(&[&split], &secrets).unwrap().unwrap();
+        assert_eq!(leak.encoding, "raw, split across pages");
+        f.write_all_at(&[0; 32], 9000 * PAGE).unwrap();
+        f.write_all_at(&secret[..12], 20 * PAGE - 12).unwrap();
+        let leak = scan(&[&split], &secrets).unwrap().unwrap();
+        assert_eq!(leak.encoding, "raw, split across pages");
+        // Half a value is no leak.
+        f.write_all_at(&[0; 12], 20 * PAGE - 12).unwrap();
+        f.write_all_at(&secret[..8], 20 * PAGE - 8).unwrap();
+        assert_eq!(scan(&[&split], &secrets).unwrap(), None);
         // Too short to search for without false alarms.
         assert!(encodings(b"1234567").is_empty());
     }

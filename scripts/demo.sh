@@ -50,6 +50,7 @@ echo "    host copy says: $(cat "$cache/demo/out/setup.txt")"
 step "snapshot: memory, vCPU and device state, and the disk"
 timed "$bin" snapshot create demo --tag ready
 "$bin" snapshot list demo
+timed "$bin" snapshot verify demo ready
 step "fork: a new workspace resumed from the snapshot (no boot)"
 timed "$bin" create demo-fork --from-snapshot demo:ready
 timed "$bin" exec demo-fork -- sh -c 'echo "$(hostname) sees: $(cat /root/setup.txt)"'

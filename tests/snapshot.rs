@@ -256,8 +256,9 @@ fn seed_transcript_rollback_forks_and_refusals() {
     std::fs::write(bad.join("vmstate.bin"), vmstate).unwrap();
     let (code, _, err) = home.run(&["create", "bad1", "--from-snapshot", "builder-fork:flipped"]);
     assert_eq!(code, 1);
+    // Named by the manifest's sha256 before the state is even decoded.
     assert!(
-        err.contains("sha256 mismatch") || err.contains("corrupted"),
+        err.contains("snapshot file vmstate.bin is damaged: sha256"),
         "{err}"
     );
     assert!(!home.workspace_dir("bad1").exists());
@@ -365,6 +366,66 @@ fn seed_transcript_rollback_forks_and_refusals() {
     assert_eq!(code, 1);
     assert_eq!(home.json(&["status", "fork2"])["status"], "halted");
     assert!(workspace_disk(&home.workspace_dir("fork2")) == disk_before);
+    // The state's sha256 is checked against the manifest on every restore,
+    // even where the state itself still decodes.
+    let pinned = clone_snapshot(&home, "fork2", "x", "repinned");
+    edit_manifest(&pinned, |m| {
+        for f in m["files"].as_array_mut().unwrap() {
+            if f["name"] == "vmstate.bin" {
+                f["sha256"] = "0".repeat(64).into();
+            }
+        }
+    });
+    let (code, _, err) = home.run(&["start", "fork2", "--from-snapshot", "repinned"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("snapshot file vmstate.bin is damaged"),
+        "{err}"
+    );
+    assert_eq!(home.json(&["status", "fork2"])["status"], "halted");
+
+    // `snapshot verify` hashes everything again: a sound snapshot passes,
+    // one byte of guest memory changed is named.
+    let verified = home.json(&["snapshot", "verify", "fork2", "x"]);
+    common::schema::assert_schema("snapshot-verify", &verified);
+    let names: Vec<&str> = verified["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"memory.bin") && names.contains(&"disk/chain.json"),
+        "{names:?}"
+    );
+    let tampered = clone_snapshot(&home, "fork2", "x", "tampered");
+    {
+        use std::os::unix::fs::FileExt;
+        let mem = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(tampered.join("memory.bin"))
+            .unwrap();
+        // A byte of the kernel image (loaded at 16 MiB).
+        let at = 16 << 20;
+        let mut b = [0u8; 1];
+        mem.read_exact_at(&mut b, at).unwrap();
+        mem.write_all_at(&[b[0] ^ 0x01], at).unwrap();
+    }
+    let (code, out, err) = home.run(&["snapshot", "verify", "fork2", "tampered", "--json"]);
+    assert_eq!(code, 1, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["error"]["code"], "snapshot_damaged", "{v}");
+    assert!(
+        err.contains("snapshot tampered of workspace fork2 is damaged: memory.bin does not match its manifest"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("vmstate.bin"),
+        "only memory.bin differs: {err}"
+    );
+    home.ok(&["snapshot", "delete", "fork2", "tampered", "--yes"]);
+    home.ok(&["snapshot", "delete", "fork2", "repinned", "--yes"]);
 
     // 6. Ten forks of one tag at once, each diverging.
     let children: Vec<_> = (0..10)

@@ -1,4 +1,4 @@
-//! `snapshot create|list|delete` (restore: `start --from-snapshot`; fork:
+//! `snapshot create|list|delete|verify` (restore: `start --from-snapshot`; fork:
 //! `create --from-snapshot`).
 
 use anyhow::Result;
@@ -18,6 +18,15 @@ pub enum SnapshotCommand {
     /// Delete one snapshot.
     #[command(alias = "rm")]
     Delete(DeleteArgs),
+    /// Hash every file of a snapshot again and compare with its manifest
+    /// (exit 1 naming each file that differs).
+    Verify(VerifyArgs),
+}
+
+#[derive(Args)]
+pub struct VerifyArgs {
+    name: String,
+    tag: String,
 }
 
 #[derive(Args)]
@@ -50,6 +59,7 @@ pub fn run(engine: &Engine, cmd: SnapshotCommand, out: &Out) -> Result<i32> {
         SnapshotCommand::Create(a) => create(engine, a, out),
         SnapshotCommand::List(a) => list(engine, a, out),
         SnapshotCommand::Delete(a) => delete(engine, a, out),
+        SnapshotCommand::Verify(a) => verify(engine, a, out),
     }
 }
 
@@ -104,6 +114,22 @@ fn delete(engine: &Engine, args: DeleteArgs, out: &Out) -> Result<i32> {
     out.done(
         &format!("snapshot {} of workspace {} deleted", args.tag, args.name),
         json!({"workspace": args.name, "tag": args.tag, "deleted": true}),
+    );
+    Ok(0)
+}
+
+fn verify(engine: &Engine, args: VerifyArgs, out: &Out) -> Result<i32> {
+    let v = engine.snapshot_verify(&args.name, &args.tag)?;
+    let bytes: u64 = v.files.iter().map(|f| f.size).sum();
+    out.done(
+        &format!(
+            "snapshot {} of workspace {} verified: {} files, {} match their manifest",
+            v.tag,
+            v.workspace,
+            v.files.len(),
+            human_size(bytes)
+        ),
+        crate::render::snapshot_verified(&v),
     );
     Ok(0)
 }

@@ -22,6 +22,7 @@ pub mod secrets;
 pub mod snapshot;
 mod snapshot_files;
 mod snapshot_query;
+pub mod snapshot_verify;
 pub mod vmm_process;
 mod warm;
 

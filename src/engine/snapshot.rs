@@ -181,8 +181,25 @@ pub(crate) fn check_snapshot(
             });
         }
     }
-    // The VM state is small: check it whole (magic, version, checksum,
-    // shape) before anything is changed or started.
+    // The VM state and the chain's list are small: check them whole
+    // against the manifest, and the state's own format (magic, version,
+    // checksum, shape), before anything is changed or started. Memory and
+    // disk blocks are read by `snapshot verify` (and on import or pull).
+    for name in [VMSTATE.to_string(), disk_entry(CHAIN_FILE)] {
+        let Some(want) = m.file(&name) else { continue };
+        let path = dir.join(&name);
+        let got =
+            crate::digest::sha256_file(&path).io_ctx(|| format!("reading {}", path.display()))?;
+        if got != want.sha256 {
+            return Err(Error::SnapshotDamaged {
+                message: format!(
+                    "snapshot file {name} is damaged: sha256 {got}, the manifest says {} ({})",
+                    want.sha256,
+                    dir.display()
+                ),
+            });
+        }
+    }
     let bytes = std::fs::read(dir.join(VMSTATE))
         .io_ctx(|| format!("reading {}", dir.join(VMSTATE).display()))?;
     crate::snapshot::format::decode::<crate::vmm::snapshot::VmSnapshot>(&bytes)

@@ -166,3 +166,13 @@ pub fn snapshot_entry(s: &SnapshotInfo) -> Value {
         "kernel_sha256": m.kernel_sha256,
     })
 }
+
+/// `snapshot verify`: schema `snapshot-verify`.
+pub fn snapshot_verified(v: &crate::engine::snapshot_verify::Verified) -> Value {
+    let files: Vec<Value> = v
+        .files
+        .iter()
+        .map(|f| json!({"name": f.name, "size": f.size, "sha256": f.sha256}))
+        .collect();
+    json!({"workspace": v.workspace, "tag": v.tag, "verified": true, "files": files})
+}

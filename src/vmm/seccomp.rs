@@ -135,6 +135,17 @@ const COMMON: &[i64] = &[
     libc::SYS_fcntl,
 ];
 
+/// Positioned reads and writes and flushes of disks and snapshot files:
+/// every kind serves some (vCPUs: see [`VCPU`]).
+const FILE_IO: &[i64] = &[
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_preadv,
+    libc::SYS_pwritev,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
+];
+
 /// A vCPU exits to device code: register writes activate devices (the
 /// vsock then registers and reads its host sockets), and a queue notify
 /// that misses its ioeventfd (a write of another width) is served inline,
@@ -145,12 +156,6 @@ const VCPU: &[i64] = &[
     libc::SYS_recvfrom,
     libc::SYS_sendto,
     libc::SYS_shutdown,
-    libc::SYS_pread64,
-    libc::SYS_pwrite64,
-    libc::SYS_preadv,
-    libc::SYS_pwritev,
-    libc::SYS_fdatasync,
-    libc::SYS_fsync,
 ];
 
 /// Disk I/O, the vsock and passt sockets, eventfds, and the end of the
@@ -160,12 +165,6 @@ const EVENT_LOOP: &[i64] = &[
     libc::SYS_epoll_wait,
     libc::SYS_epoll_pwait,
     libc::SYS_epoll_ctl,
-    libc::SYS_pread64,
-    libc::SYS_pwrite64,
-    libc::SYS_preadv,
-    libc::SYS_pwritev,
-    libc::SYS_fsync,
-    libc::SYS_fdatasync,
     libc::SYS_fallocate,
     libc::SYS_ftruncate,
     libc::SYS_accept4,
@@ -196,12 +195,6 @@ const CONTROL: &[i64] = &[
     libc::SYS_set_robust_list,
     libc::SYS_prctl,
     libc::SYS_tgkill,
-    libc::SYS_pread64,
-    libc::SYS_pwrite64,
-    libc::SYS_preadv,
-    libc::SYS_pwritev,
-    libc::SYS_fsync,
-    libc::SYS_fdatasync,
     libc::SYS_fallocate,
     libc::SYS_ftruncate,
     libc::SYS_mkdir,
@@ -239,13 +232,31 @@ fn ioctl_rules(kind: ThreadKind) -> Result<Vec<SeccompRule>, seccompiler::Backen
     Ok(rules)
 }
 
+/// Signals go to this process's own threads (tgkill) or to one process
+/// by pid (kill: passt at teardown), never to a process group or to
+/// every process (-1), which as root would reach the whole host.
+fn signal_rules(syscall: i64) -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
+    let arg0 = |op, v| SeccompCondition::new(0, SeccompCmpArgLen::Dword, op, v);
+    let rule = if syscall == libc::SYS_tgkill {
+        vec![arg0(SeccompCmpOp::Eq, u64::from(std::process::id()))?]
+    } else {
+        // pid_t is signed: as a Dword, -1 and groups are above PID_MAX.
+        const PID_MAX_LIMIT: u64 = 1 << 22;
+        vec![
+            arg0(SeccompCmpOp::Gt, 0)?,
+            arg0(SeccompCmpOp::Le, PID_MAX_LIMIT)?,
+        ]
+    };
+    Ok(vec![SeccompRule::new(rule)?])
+}
+
 fn syscalls(kind: ThreadKind) -> impl Iterator<Item = i64> {
     let own = match kind {
         ThreadKind::Vcpu => VCPU,
         ThreadKind::EventLoop => EVENT_LOOP,
         ThreadKind::Control => CONTROL,
     };
-    COMMON.iter().chain(own).copied()
+    COMMON.iter().chain(FILE_IO).chain(own).copied()
 }
 
 /// The number of syscalls `kind` may make (ioctl counted once).
@@ -286,6 +297,11 @@ fn build(
         .collect();
     if !deny.contains(&libc::SYS_ioctl) {
         rules.insert(libc::SYS_ioctl, ioctl_rules(kind).map_err(err)?);
+    }
+    for signal in [libc::SYS_tgkill, libc::SYS_kill] {
+        if let Some(r) = rules.get_mut(&signal) {
+            *r = signal_rules(signal).map_err(err)?;
+        }
     }
     let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
         .map_err(err)?;
@@ -472,6 +488,33 @@ mod tests {
         // The README's table of allowlist sizes.
         let sizes = ThreadKind::ALL.map(allowlist_len);
         assert_eq!(sizes, [48, 61, 64], "update the README's seccomp table");
+    }
+
+    #[test]
+    fn signals_reach_only_our_threads_and_single_pids() {
+        let prog = build(ThreadKind::EventLoop, &[], SeccompAction::Trap).unwrap();
+        // SAFETY: the child makes only async-signal-safe calls before _exit.
+        match unsafe { nix::unistd::fork() }.unwrap() {
+            nix::unistd::ForkResult::Child => {
+                install_sigsys_handler().unwrap();
+                // The filter pins tgkill to the pid it was built in: the
+                // parent's, not ours, so build-time pid checks hold.
+                apply_logged(&prog).unwrap();
+                // SAFETY: signal 0 only checks; kill(-1) would be refused
+                // before it reached anyone.
+                unsafe { libc::kill(std::process::id() as i32, 0) };
+                unsafe { libc::kill(-1, 0) };
+                // SAFETY: only reached if the filter let kill(-1) through.
+                unsafe { libc::_exit(0) };
+            }
+            nix::unistd::ForkResult::Parent { child } => {
+                let status = nix::sys::wait::waitpid(child, None).unwrap();
+                assert_eq!(
+                    status,
+                    nix::sys::wait::WaitStatus::Exited(child, EXIT_SECCOMP)
+                );
+            }
+        }
     }
 
     #[test]

@@ -105,3 +105,58 @@ pub fn enter(dir: &Path) -> Result<(), JailError> {
     .map_err(at("making the new root read-only"))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_jail_shows_the_workspace_and_nothing_else() {
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("SKIPPED: the jail needs root (CAP_SYS_ADMIN)");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let ws = dir.path().join("w");
+        std::fs::create_dir(&ws).unwrap();
+        std::fs::write(ws.join("console.log"), b"x").unwrap();
+        // A child process: the jail is for good.
+        // SAFETY: the child touches no lock of the harness's threads but
+        // malloc's, which glibc's fork holds across the fork for the child,
+        // and ends with _exit.
+        match unsafe { nix::unistd::fork() }.unwrap() {
+            nix::unistd::ForkResult::Child => {
+                let code = match super::enter(&ws) {
+                    Err(_) => 2,
+                    Ok(()) => {
+                        let sees_ws = ws.join("console.log").is_file();
+                        let sees_host = std::path::Path::new("/etc").exists()
+                            || std::path::Path::new("/proc/self").exists()
+                            || std::path::Path::new("/dev/kvm").exists();
+                        // The new root is read-only; the workspace is not.
+                        let root_ro = std::fs::write("/planted", b"x").is_err();
+                        let ws_rw = std::fs::write(ws.join("new"), b"x").is_ok();
+                        if sees_ws && !sees_host && root_ro && ws_rw {
+                            0
+                        } else {
+                            1
+                        }
+                    }
+                };
+                // SAFETY: ends the child without running the harness's exit.
+                unsafe { libc::_exit(code) };
+            }
+            nix::unistd::ForkResult::Parent { child } => {
+                let status = nix::sys::wait::waitpid(child, None).unwrap();
+                assert_eq!(status, nix::sys::wait::WaitStatus::Exited(child, 0));
+            }
+        }
+        // The host saw none of it, but the workspace's write.
+        assert!(ws.join("new").is_file());
+        assert!(ws.join(super::MOUNTPOINT).is_dir());
+        assert_eq!(
+            std::fs::read_dir(ws.join(super::MOUNTPOINT))
+                .unwrap()
+                .count(),
+            0
+        );
+    }
+}

@@ -4,6 +4,9 @@
 //! outside it raises SIGSYS; the handler writes `seccomp violation
 //! (syscall NAME)` to the VMM's log and ends the process with
 //! [`EXIT_SECCOMP`], which the supervisor turns into the crash reason.
+//! Where SIGSYS is blocked at that moment the kernel kills the process
+//! outright, and the supervisor names the syscall from the kernel's audit
+//! record instead ([`audited_violation`]).
 //!
 //! The lists were read off `strace -ff` of VMMs (filters in log mode)
 //! serving a cold boot with its boot-cache snapshot, warm and snapshot

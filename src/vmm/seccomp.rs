@@ -493,21 +493,19 @@ mod tests {
         assert_eq!(sizes, [48, 61, 64], "update the README's seccomp table");
     }
 
-    #[test]
-    fn signals_reach_only_our_threads_and_single_pids() {
-        let prog = build(ThreadKind::EventLoop, &[], SeccompAction::Trap).unwrap();
-        // SAFETY: the child makes only async-signal-safe calls before _exit.
+    /// Runs `probe` in a child under `kind`'s filter (the filter and
+    /// SIGSYS must not touch the test harness) and asserts the filter
+    /// ended it: `probe` must make a call outside the list.
+    fn assert_probe_is_stopped(kind: ThreadKind, probe: fn()) {
+        let prog = build(kind, &[], SeccompAction::Trap).unwrap();
+        // SAFETY: the child makes only async-signal-safe calls (sigaction,
+        // prctl, seccomp, the probe's syscalls) before _exit.
         match unsafe { nix::unistd::fork() }.unwrap() {
             nix::unistd::ForkResult::Child => {
                 install_sigsys_handler().unwrap();
-                // The filter pins tgkill to the pid it was built in: the
-                // parent's, not ours, so build-time pid checks hold.
                 apply_logged(&prog).unwrap();
-                // SAFETY: signal 0 only checks; kill(-1) would be refused
-                // before it reached anyone.
-                unsafe { libc::kill(std::process::id() as i32, 0) };
-                unsafe { libc::kill(-1, 0) };
-                // SAFETY: only reached if the filter let kill(-1) through.
+                probe();
+                // SAFETY: only reached if the filter let the probe through.
                 unsafe { libc::_exit(0) };
             }
             nix::unistd::ForkResult::Parent { child } => {
@@ -518,6 +516,17 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn signals_reach_only_our_threads_and_single_pids() {
+        assert_probe_is_stopped(ThreadKind::EventLoop, || {
+            // SAFETY: signal 0 only checks that the pid exists.
+            unsafe { libc::kill(std::process::id() as i32, 0) };
+            // SAFETY: signal 0 again; kill(-1) is refused before it reaches
+            // anyone.
+            unsafe { libc::kill(-1, 0) };
+        });
     }
 
     #[test]
@@ -533,27 +542,10 @@ mod tests {
 
     #[test]
     fn a_filtered_thread_is_stopped_at_the_first_call_outside_its_list() {
-        // A child process: the filter and SIGSYS must not touch the tests.
-        let prog = build(ThreadKind::Vcpu, &[], SeccompAction::Trap).unwrap();
-        // SAFETY: the child makes only async-signal-safe calls (sigaction,
-        // prctl, seccomp, mkdir, _exit) before it ends.
-        match unsafe { nix::unistd::fork() }.unwrap() {
-            nix::unistd::ForkResult::Child => {
-                install_sigsys_handler().unwrap();
-                apply_logged(&prog).unwrap();
-                // mkdir is on no vCPU's list.
-                // SAFETY: a plain syscall with a static path.
-                unsafe { libc::mkdir(c"/nonexistent-seccomp-probe".as_ptr(), 0o700) };
-                // SAFETY: only reached if the filter let mkdir through.
-                unsafe { libc::_exit(0) };
-            }
-            nix::unistd::ForkResult::Parent { child } => {
-                let status = nix::sys::wait::waitpid(child, None).unwrap();
-                assert_eq!(
-                    status,
-                    nix::sys::wait::WaitStatus::Exited(child, EXIT_SECCOMP)
-                );
-            }
-        }
+        assert_probe_is_stopped(ThreadKind::Vcpu, || {
+            // mkdir is on no vCPU's list.
+            // SAFETY: a plain syscall with a static path.
+            unsafe { libc::mkdir(c"/nonexistent-seccomp-probe".as_ptr(), 0o700) };
+        });
     }
 }

@@ -416,6 +416,19 @@ fn api_serves_the_engine_with_real_guests() {
         "/v1/workspaces/api/snapshots",
         json!({"tag": "latest"}),
     );
+    let v = api.expect(
+        200,
+        "POST",
+        "/v1/workspaces/api/snapshots/manual1/verify",
+        json!(null),
+    );
+    assert_schema("snapshot-verify", &v);
+    api.expect(
+        404,
+        "POST",
+        "/v1/workspaces/api/snapshots/nope/verify",
+        json!(null),
+    );
     assert_eq!(
         api.expect(
             409,

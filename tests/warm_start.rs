@@ -1,7 +1,7 @@
 //! Warm starts from the boot snapshot cache, with real guests: the first
 //! start of a boot key cold-boots and caches, equal workspaces then resume
-//! that snapshot with their own identity; --cold, a changed input and a
-//! damaged entry boot cold; `cache prune` frees the space.
+//! that snapshot with their own identity; --cold and a damaged entry boot
+//! cold, a changed input changes the key; `cache prune` frees the space.
 
 mod common;
 
@@ -75,30 +75,27 @@ fn warm_starts_share_one_boot_and_differ_in_identity() {
     let key = boot_key(&home, "a");
     assert_eq!(cache_keys(&home), vec![key.clone()]);
 
-    // In parallel: an equal workspace warm-starts, --cold boots anyway, and
-    // another memory size misses the cache.
+    // In parallel: an equal workspace warm-starts and --cold boots anyway.
+    // Another memory size is another key (a miss boots cold, as the
+    // damaged entry below shows; each cold boot costs CI over a minute).
     for n in ["b", "c"] {
         create(&home, n, &rootfs, "256");
     }
     create(&home, "d", &rootfs, "320");
     assert_eq!(boot_key(&home, "b"), key, "equal inputs, equal key");
     assert_ne!(boot_key(&home, "d"), key, "memory is part of the key");
-    let (b, c, d) = std::thread::scope(|s| {
+    let (b, c) = std::thread::scope(|s| {
         let b = s.spawn(|| start(&home, "b", &[]));
         let c = s.spawn(|| start(&home, "c", &["--cold"]));
-        let d = s.spawn(|| start(&home, "d", &[]));
-        (b.join().unwrap(), c.join().unwrap(), d.join().unwrap())
+        (b.join().unwrap(), c.join().unwrap())
     });
     assert_eq!(b.0["boot"], "warm", "{}", b.1);
     assert_eq!(c.0["boot"], "cold");
-    assert_eq!(d.0["boot"], "cold");
     eprintln!(
         "start ms: cold {} warm {} (--cold in parallel: {})",
         a["start_ms"], b.0["start_ms"], c.0["start_ms"]
     );
-    let key_d = boot_key(&home, "d");
-    let mut want = vec![key.clone(), key_d.clone()];
-    want.sort();
+    let want = vec![key.clone()];
     assert_eq!(cache_keys(&home), want, "--cold caches nothing");
 
     // Same files and processes, different identity.
@@ -118,12 +115,12 @@ fn warm_starts_share_one_boot_and_differ_in_identity() {
     }
 
     // A damaged entry: detected, removed, replaced by a cold boot.
-    let vmstate = cache_dir(&home).join(&key_d).join("vmstate.bin");
+    let vmstate = cache_dir(&home).join(&key).join("vmstate.bin");
     let mut bytes = std::fs::read(&vmstate).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x40;
     std::fs::write(&vmstate, bytes).unwrap();
-    create(&home, "e", &rootfs, "320");
+    create(&home, "e", &rootfs, "256");
     let (e, err) = start(&home, "e", &[]);
     assert_eq!(e["boot"], "cold", "{err}");
     assert!(
@@ -132,7 +129,7 @@ fn warm_starts_share_one_boot_and_differ_in_identity() {
     );
     assert_eq!(sh(&home, "e", "cat /run/init-ran"), "booted");
     assert_eq!(cache_keys(&home), want, "the entry was cached again");
-    create(&home, "f", &rootfs, "320");
+    create(&home, "f", &rootfs, "256");
     let (f, err) = start(&home, "f", &[]);
     assert_eq!(f["boot"], "warm", "the new entry is sound: {err}");
 
@@ -140,7 +137,7 @@ fn warm_starts_share_one_boot_and_differ_in_identity() {
     let (code, _, err) = home.run(&["cache", "prune"]);
     assert_eq!(code, 2, "prune without --yes and no terminal: {err}");
     let pruned = home.json(&["cache", "prune", "--yes"]);
-    assert_eq!(pruned["removed"].as_array().unwrap().len(), 2, "{pruned}");
+    assert_eq!(pruned["removed"].as_array().unwrap().len(), 1, "{pruned}");
     assert!(
         pruned["freed_bytes"].as_u64().unwrap() > 10 << 20,
         "{pruned}"

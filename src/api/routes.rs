@@ -96,6 +96,10 @@ pub(super) fn v1() -> Router<super::State> {
             post(rollback),
         )
         .route("/v1/workspaces/{name}/snapshots/{tag}/fork", post(fork))
+        .route(
+            "/v1/workspaces/{name}/snapshots/{tag}/verify",
+            post(snapshot_verify),
+        )
         .route("/v1/workspaces/{name}/secrets", get(secret_list))
         .route(
             "/v1/workspaces/{name}/secrets/{key}",
@@ -354,6 +358,16 @@ async fn rollback(
     };
     let st = blocking(&s, move |e| e.start(&name, &opts, &ServerReport::new())).await?;
     ok(render::started(&st))
+}
+
+/// Hashes every file of the snapshot again (`snapshot verify`): 200 with
+/// the files, or 422 `snapshot_damaged` naming each one that differs.
+async fn snapshot_verify(
+    State(s): State<super::State>,
+    Path((name, tag)): Path<(String, String)>,
+) -> Answer {
+    let v = blocking(&s, move |e| e.snapshot_verify(&name, &tag)).await?;
+    ok(render::snapshot_verified(&v))
 }
 
 #[derive(Deserialize)]

@@ -280,17 +280,9 @@ pub fn fact<'a>(console: &'a str, key: &str) -> Option<&'a str> {
 
 /// Runs `sh -c SCRIPT` in a workspace, requires success, returns stdout trimmed.
 pub fn sh(home: &Home, ws: &str, script: &str) -> String {
-    let out = home
-        .cmd()
-        .args(["exec", ws, "--", "sh", "-c", script])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "exec in {ws} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    let (code, out, err) = home.run(&["exec", ws, "--", "sh", "-c", script]);
+    assert_eq!(code, 0, "exec in {ws} failed: {err}");
+    out.trim().to_string()
 }
 
 /// A private state directory (`MICROAGENT_HOME`) for one test. Its boot
@@ -333,7 +325,16 @@ impl Home {
 
     /// Runs `microagent ARGS` with this home; returns (exit code, stdout, stderr).
     pub fn run(&self, args: &[&str]) -> (i32, String, String) {
+        let t = std::time::Instant::now();
         let out = self.cmd().args(args).output().expect("running microagent");
+        // Where a VM test's minutes go (shown with --nocapture or on failure).
+        if t.elapsed() > std::time::Duration::from_secs(2) {
+            eprintln!(
+                "[{:>6.1} s] microagent {}",
+                t.elapsed().as_secs_f64(),
+                args.join(" ")
+            );
+        }
         let (o, e) = text(&out);
         assert!(!e.contains("panicked"), "microagent panicked: {e}");
         (out.status.code().unwrap_or(-1), o, e)

@@ -10,6 +10,7 @@ pub mod digest;
 pub mod disk;
 pub mod engine;
 pub mod ext4;
+pub mod fuzzing;
 pub mod image;
 pub mod paths;
 pub mod render;

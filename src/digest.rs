@@ -1,6 +1,7 @@
 //! sha256 of files and bytes, as lowercase hex.
 
 use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use sha2::{Digest, Sha256};
@@ -60,7 +61,14 @@ pub fn sha256_file_cached(path: &Path, cache_dir: &Path) -> std::io::Result<Stri
         && std::fs::create_dir_all(cache_dir).is_ok()
     {
         let tmp = cache_dir.join(format!(".{id}.{}", std::process::id()));
-        if std::fs::write(&tmp, &sha).is_ok() && std::fs::rename(&tmp, &entry).is_err() {
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, sha.as_bytes()));
+        if written.is_ok() && std::fs::rename(&tmp, &entry).is_err() {
             let _ = std::fs::remove_file(&tmp);
         }
     }

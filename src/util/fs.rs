@@ -1,6 +1,7 @@
 //! Small files written whole or not at all, and read with a bound.
 
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 /// Records, manifests and markers are small; anything bigger is not ours.
@@ -60,7 +61,14 @@ fn write_replacing(path: &Path, data: &[u8], sync: bool) -> std::io::Result<()> 
         .unwrap_or_default();
     let tmp = dir.join(format!(".{file_name}.tmp.{}", std::process::id()));
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
+        // Records, manifests and chain specs describe guest data: private
+        // whatever the caller's umask.
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
         f.write_all(data)?;
         if sync {
             f.sync_all()?;

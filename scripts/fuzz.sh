@@ -29,14 +29,19 @@ if [ $# -gt 0 ]; then
 else
   mapfile -t targets < <(ls fuzz/corpus)
 fi
-export AFL_SKIP_CPUFREQ=1 AFL_NO_UI=1 AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1 AFL_SKIP_BIN_CHECK=1
+export AFL_SKIP_CPUFREQ=1 AFL_NO_UI=1 AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1
+# The whole crate is instrumented: a coverage map larger than AFL's default.
+AFL_MAP_SIZE=$(AFL_DUMP_MAP_SIZE=1 "$bin" control || true)
+export AFL_MAP_SIZE
 run() {
   local t=$1 out=target/fuzz/$1
   mkdir -p "$out"
   # -V: stop after SECONDS; an existing output dir resumes ("-i -").
   local input=(-i "fuzz/corpus/$t")
   [ -f "$out/default/fuzzer_stats" ] && input=(-i -)
-  cargo afl fuzz -V "$secs" "${input[@]}" -o "$out" -- "$bin" "$t" \
+  # -t: generous per-input time (devices and tars make directories), and
+  # inputs over it are skipped rather than fatal.
+  cargo afl fuzz -V "$secs" -t 2000+ "${input[@]}" -o "$out" -- "$bin" "$t" \
     > "$out.log" 2>&1 || { echo "fuzz: $t: afl-fuzz failed, see $out.log" >&2; return 1; }
 }
 pids=()

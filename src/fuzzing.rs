@@ -11,7 +11,6 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use sha2::{Digest as _, Sha256};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -45,15 +44,7 @@ pub fn vmstate(data: &[u8]) {
     use crate::snapshot::format;
     use crate::vmm::snapshot::VmSnapshot;
     let _ = format::decode::<VmSnapshot>(data);
-    let mut wrapped = Vec::with_capacity(format::HEADER_LEN + data.len());
-    wrapped.extend_from_slice(format::MAGIC);
-    wrapped.extend_from_slice(&format::FORMAT_MAJOR.to_le_bytes());
-    wrapped.extend_from_slice(&format::FORMAT_MINOR.to_le_bytes());
-    wrapped.extend_from_slice(&0u32.to_le_bytes());
-    wrapped.extend_from_slice(&(data.len() as u64).to_le_bytes());
-    wrapped.extend_from_slice(&Sha256::digest(data));
-    wrapped.extend_from_slice(data);
-    let _ = format::decode::<VmSnapshot>(&wrapped);
+    let _ = format::decode::<VmSnapshot>(&format::with_header(data));
 }
 
 /// `manifest.json`, then the compatibility check a restore runs on it.

@@ -41,15 +41,21 @@ pub fn encode<T: serde::Serialize>(body: &T) -> Result<Vec<u8>, FormatError> {
     if json.len() as u64 > MAX_BODY {
         return Err(FormatError::TooLarge(json.len() as u64));
     }
-    let mut out = Vec::with_capacity(HEADER_LEN + json.len());
+    Ok(with_header(&json))
+}
+
+/// `body` behind this build's header: its length and sha256. Bounds are
+/// the caller's (`encode`); the fuzz target frames arbitrary bodies.
+pub fn with_header(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + body.len());
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&FORMAT_MAJOR.to_le_bytes());
     out.extend_from_slice(&FORMAT_MINOR.to_le_bytes());
     out.extend_from_slice(&0u32.to_le_bytes());
-    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
-    out.extend_from_slice(&Sha256::digest(&json));
-    out.extend_from_slice(&json);
-    Ok(out)
+    out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    out.extend_from_slice(&Sha256::digest(body));
+    out.extend_from_slice(body);
+    out
 }
 
 /// Validates the header and checksum, then parses the body.

@@ -42,6 +42,48 @@ fn console_len(home: &Home, name: &str) -> u64 {
     std::fs::metadata(home.workspace_dir(name).join("console.log")).map_or(0, |m| m.len())
 }
 
+/// As root, the engine drops each VMM to the `microagent-vmm` system user
+/// (made on first use): no root, no capability, and it may write only
+/// what the engine gave it (its chain directory, new files in a sticky
+/// workspace directory); the records stay root's. Another user's VMM
+/// runs as that user.
+fn vmm_runs_unprivileged(home: &Home, pid: i64) {
+    use std::os::unix::fs::MetadataExt;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| -> Vec<u64> {
+        let line = status.lines().find_map(|l| l.strip_prefix(name)).unwrap();
+        line.split_whitespace()
+            .map(|v| u64::from_str_radix(v, if name == "CapEff:" { 16 } else { 10 }).unwrap())
+            .collect()
+    };
+    let me = nix::unistd::Uid::effective();
+    if !me.is_root() {
+        assert_eq!(field("Uid:"), vec![u64::from(me.as_raw()); 4], "{status}");
+        return;
+    }
+    let vmm = nix::unistd::User::from_name("microagent-vmm")
+        .unwrap()
+        .expect("the engine made the VMM user");
+    let (uid, gid) = (vmm.uid.as_raw(), vmm.gid.as_raw());
+    assert_ne!(uid, 0);
+    assert_eq!(field("Uid:"), vec![u64::from(uid); 4], "{status}");
+    assert_eq!(field("Gid:"), vec![u64::from(gid); 4], "{status}");
+    assert_eq!(field("CapEff:"), vec![0], "{status}");
+    let ws = home.workspace_dir("builder");
+    let md = |p: &std::path::Path| std::fs::symlink_metadata(p).unwrap();
+    let dir = md(&ws);
+    assert_eq!(
+        (dir.mode() & 0o7777, dir.uid(), dir.gid()),
+        (0o1770, 0, gid),
+        "workspace directory: sticky, group-writable for the VMM only"
+    );
+    let disk = md(&ws.join("disk"));
+    assert_eq!((disk.mode() & 0o777, disk.uid()), (0o700, uid));
+    let record = md(&ws.join("workspace.json"));
+    assert_eq!((record.mode() & 0o777, record.uid()), (0o600, 0));
+    assert_eq!(md(&ws.join("console.log")).uid(), uid);
+}
+
 #[test]
 fn full_lifecycle_with_two_workspaces_crash_and_recovery() {
     if !kvm_available() {
@@ -138,6 +180,7 @@ fn full_lifecycle_with_two_workspaces_crash_and_recovery() {
     let pid = status(&home, "builder")["pid"]
         .as_i64()
         .expect("running workspace has a pid");
+    vmm_runs_unprivileged(&home, pid);
     // SAFETY: sending a signal to the VMM process this test started.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     let t = std::time::Instant::now();
@@ -188,7 +231,9 @@ fn full_lifecycle_with_two_workspaces_crash_and_recovery() {
         );
     }
     assert_eq!(std::fs::read_dir(elsewhere.path()).unwrap().count(), 0);
-    assert!(!home.workspace_dir("builder").join("snapshots").exists());
+    // (The VMM's snapshots directory exists, made for it, and is empty.)
+    let snapshots = home.workspace_dir("builder").join("snapshots");
+    assert!(std::fs::read_dir(&snapshots).map_or(true, |mut d| d.next().is_none()));
     assert_eq!(status(&home, "builder")["status"], "running");
 
     // kill -9 of the supervisor: the VMM dies with it (never an orphan

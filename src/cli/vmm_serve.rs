@@ -7,6 +7,7 @@ use anyhow::Result;
 use clap::Args;
 
 use crate::engine::vmm_process;
+use crate::vmm::jail::RunAs;
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -15,19 +16,27 @@ pub struct ServeArgs {
     /// Resume from this snapshot directory instead of booting.
     #[arg(long)]
     restore_from: Option<PathBuf>,
+    /// Drop root to this UID:GID once the VM is built and jailed.
+    #[arg(long)]
+    run_as: Option<RunAs>,
 }
 
 pub fn supervise(args: ServeArgs) -> Result<i32> {
     Ok(vmm_process::supervise(
         &args.workspace_dir,
         args.restore_from.as_deref(),
+        args.run_as,
     )?)
 }
 
 /// The last line of the VMM's log says why it ended (the supervisor reads
 /// it into the exit record).
 pub fn serve(args: ServeArgs) -> Result<i32> {
-    let stop = vmm_process::serve(&args.workspace_dir, args.restore_from.as_deref())?;
+    let stop = vmm_process::serve(
+        &args.workspace_dir,
+        args.restore_from.as_deref(),
+        args.run_as,
+    )?;
     if stop.is_clean() {
         println!("guest stopped: {}", stop.reason());
         Ok(0)

@@ -11,13 +11,13 @@
 //! `flush` (fdatasync) makes every completed write durable.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::blockset::BlockSet;
 use super::spec::{ChainSpec, SpecError, CHAIN_FILE};
-use super::{create_delta, link_files, new_delta_name};
+use super::{create_delta, new_delta_name};
 use crate::util::copy::data_extents;
 
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +94,7 @@ impl Chain {
             let file = File::options()
                 .read(true)
                 .write(write)
+                .custom_flags(libc::O_NOFOLLOW)
                 .open(&path)
                 .map_err(io_at(&path))?;
             let len = file.metadata().map_err(io_at(&path))?.len();
@@ -107,7 +108,7 @@ impl Chain {
             Ok(Layer { file, blocks })
         };
         let base_path = dir.join(&spec.base);
-        let base = File::open(&base_path).map_err(io_at(&base_path))?;
+        let base = crate::util::fs::open_nofollow(&base_path).map_err(io_at(&base_path))?;
         let base_len = base.metadata().map_err(io_at(&base_path))?.len();
         let lower = spec
             .deltas
@@ -292,11 +293,14 @@ impl Chain {
 
     /// Freezes the top delta (it joins the read-only deltas) and continues
     /// on a new empty one; `chain.json` says so before this returns. With
-    /// `link_into`, the frozen chain's files and its `chain.json` are also
-    /// hard-linked into that directory, which must be empty: that is a
-    /// snapshot's disk, made without copying a byte. The caller must
-    /// have stopped all I/O (the guest is paused).
-    pub fn freeze(&mut self, link_into: Option<&Path>) -> Result<ChainSpec, ChainError> {
+    /// `spec_into`, the frozen chain's `chain.json` is also written into
+    /// that directory; [`super::link_frozen`] then hard-links its files
+    /// there: that is a snapshot's disk, made without copying a byte. The
+    /// links are left to the caller (the engine, not the jailed VMM: a
+    /// chain may hold files of other owners, which the kernel's
+    /// protected_hardlinks refuses to link for an unprivileged VMM user).
+    /// The caller must have stopped all I/O (the guest is paused).
+    pub fn freeze(&mut self, spec_into: Option<&Path>) -> Result<ChainSpec, ChainError> {
         let Some(old_top) = self.spec.top.clone() else {
             return Err(ChainError::Frozen {
                 dir: self.dir.display().to_string(),
@@ -335,8 +339,7 @@ impl Chain {
             top: None,
             ..self.spec.clone()
         };
-        if let Some(dst) = link_into {
-            link_files(&self.dir, &frozen, dst)?;
+        if let Some(dst) = spec_into {
             // The engine rewrites it with digests, synced, before commit.
             frozen.write_unsynced(dst)?;
         }

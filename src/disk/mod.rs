@@ -72,7 +72,7 @@ pub fn block_size_for(dir: &Path) -> std::io::Result<u32> {
 fn link_or_copy(src: &Path, dst: &Path) -> std::io::Result<()> {
     match std::fs::hard_link(src, dst) {
         Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
-            let s = File::open(src)?;
+            let s = crate::util::fs::open_nofollow(src)?;
             let d = File::options().write(true).create_new(true).open(dst)?;
             let len = s.metadata()?.len();
             d.set_len(len)?;
@@ -104,6 +104,16 @@ pub(crate) fn link_files(src: &Path, spec: &ChainSpec, dst: &Path) -> Result<(),
         link_or_copy(&src.join(name), &to).map_err(io_at(&to))?;
     }
     Ok(())
+}
+
+/// Completes the snapshot disk `Chain::freeze` described in `dst` (its
+/// `chain.json`): hard-links the frozen files there from the workspace's
+/// chain directory `src`. Frozen files never change, so this may come
+/// after the guest runs again; it is the engine's part, not the VMM's.
+pub fn link_frozen(src: &Path, dst: &Path) -> Result<ChainSpec, ChainError> {
+    let spec = ChainSpec::read(dst)?;
+    link_files(src, &spec, dst)?;
+    Ok(spec)
 }
 
 fn sync_dir(dir: &Path) -> Result<(), ChainError> {

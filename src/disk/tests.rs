@@ -77,6 +77,7 @@ fn reads_match_a_flat_model_through_freezes_reopens_and_forks() {
         let snap = dir.path().join(format!("snap{i}"));
         std::fs::create_dir(&snap).unwrap();
         let frozen = chain.freeze(Some(&snap)).unwrap();
+        link_frozen(&ws, &snap).unwrap();
         assert_eq!(frozen.deltas.len(), i + 1);
         assert_eq!(ChainSpec::read(&snap).unwrap(), frozen);
         snaps.push((snap, model.clone()));
@@ -126,6 +127,7 @@ fn deep_chains_merge_into_one_delta_with_the_same_content() {
     let snap = dir.path().join("snap");
     std::fs::create_dir(&snap).unwrap();
     let frozen = chain.freeze(Some(&snap)).unwrap();
+    link_frozen(&ws, &snap).unwrap();
     assert!(frozen.deltas.len() > MERGE_DEPTH);
     let fork = dir.path().join("fork");
     let spec = instantiate(&snap, &fork).unwrap();
@@ -143,6 +145,7 @@ fn rollback_swaps_whole_chains_and_recovers_from_a_crash_midway() {
     let snap = dir.path().join("snap");
     std::fs::create_dir(&snap).unwrap();
     chain.freeze(Some(&snap)).unwrap();
+    link_frozen(&ws, &snap).unwrap();
     chain.write_at(&[0xAB; 8192], 4096).unwrap();
     drop(chain);
     replace(&snap, &ws).unwrap();

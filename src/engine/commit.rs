@@ -12,10 +12,11 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use super::vmm_user::take_back;
 use super::{conflict, invalid, open, Engine, Error, IoContext, Reporter, Result, CONTROL_TIMEOUT};
 use crate::agent::AgentConn;
 use crate::devices::virtio::block::SNAPSHOT_DISK_DIR;
-use crate::disk::Chain;
+use crate::disk::{link_frozen, Chain};
 use crate::ext4::{Ext4, Ext4Error};
 use crate::image::building;
 use crate::image::commit::{self, CommitInput, LayerBlob};
@@ -158,7 +159,13 @@ fn with_upper<T>(
                 frozen.thaw()?;
                 let held = started.elapsed();
                 let staging = Staging(ws.snapshots().join(staging?));
-                let chain = read_only_chain(&staging.0.join(SNAPSHOT_DISK_DIR))?;
+                let disk = staging.0.join(SNAPSHOT_DISK_DIR);
+                let what = format!("the VMM's frozen disk of workspace {}", ws.name);
+                link_frozen(&ws.disk_dir(), &disk).map_err(|e| Error::SnapshotDamaged {
+                    message: format!("{what}: {e}"),
+                })?;
+                take_back(&staging.0, &what)?;
+                let chain = read_only_chain(&disk)?;
                 Ok((read(&open_fs(chain)?)?, held))
             }
         }

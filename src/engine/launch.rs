@@ -2,6 +2,7 @@
 //! agent, and what every ready guest gets: identity, clock, entropy and
 //! its secrets.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -71,9 +72,13 @@ pub fn launch(
     crate::workspace::disk::ensure_chain(ws)?;
     let _ = std::fs::remove_file(ws.exit_record());
     let _ = std::fs::remove_file(ws.control_socket());
+    let run_as = super::vmm_user::resolve()?;
+    // Not through a link: the jailed VMM's user can create names here.
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(ws.vmm_log())
         .io_ctx(|| format!("opening {}", ws.vmm_log().display()))?;
     let exe = std::env::current_exe().io_ctx(|| "locating the microagent binary".into())?;
@@ -88,6 +93,9 @@ pub fn launch(
         .stderr(log);
     if let Some(dir) = restore_from {
         cmd.arg("--restore-from").arg(dir);
+    }
+    if let Some(who) = run_as {
+        cmd.arg("--run-as").arg(who.to_string());
     }
     // SAFETY: setsid is async-signal-safe and the closure touches nothing
     // else; it detaches the VMM from the caller's session and terminal.

@@ -24,6 +24,7 @@ mod snapshot_files;
 mod snapshot_query;
 pub mod snapshot_verify;
 pub mod vmm_process;
+pub mod vmm_user;
 mod warm;
 
 use std::time::Duration;

@@ -14,13 +14,14 @@ use std::time::{Duration, Instant};
 use super::launch::deliver_secrets;
 use super::snapshot_files::{disk_entry, manifest_files, snapshot_size};
 use super::snapshot_query::newest;
+use super::vmm_user::take_back;
 use super::{
     conflict, invalid, open, Context, Engine, Error, IoContext, Reporter, Result, CONTROL_TIMEOUT,
 };
 use crate::agent::secrets as agent_secrets;
 use crate::devices::virtio::block::SNAPSHOT_DISK_DIR;
 use crate::digest::sha256_file_cached;
-use crate::disk::{ChainSpec, CHAIN_FILE};
+use crate::disk::{link_frozen, ChainSpec, CHAIN_FILE};
 use crate::snapshot::manifest::{
     validate_tag, HostCpu, Manifest, Origin, MANIFEST, MEMORY, ROOTFS, VMSTATE,
 };
@@ -335,10 +336,15 @@ pub(crate) fn capture(
         let _ = std::fs::remove_dir_all(&staging);
         return Err(e);
     }
+    // The VMM described the frozen chain; its files are linked here (by
+    // us: a dropped VMM may not link files it does not own), then all it
+    // wrote is checked and made ours.
     let disk = dest_tmp.join(SNAPSHOT_DISK_DIR);
-    let spec = ChainSpec::read(&disk).map_err(|e| Error::SnapshotDamaged {
-        message: format!("the VMM's snapshot of workspace {}: {e}", ws.name),
+    let what = format!("the VMM's snapshot of workspace {}", ws.name);
+    let spec = link_frozen(&ws.disk_dir(), &disk).map_err(|e| Error::SnapshotDamaged {
+        message: format!("{what}: {e}"),
     })?;
+    take_back(dest_tmp, &what)?;
     // Proof of scrub, before the tag exists: memory, state, and everything
     // the guest wrote since its base (the base is the image and the agent).
     let mut files = vec![dest_tmp.join(MEMORY), dest_tmp.join(VMSTATE)];

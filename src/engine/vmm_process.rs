@@ -13,13 +13,13 @@
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
 
-use super::{invalid, Context, IoContext, Result};
+use super::{invalid, vmm_user, Context, IoContext, Result};
 use crate::devices::virtio::net::NetConfig;
 use crate::snapshot::format;
 use crate::snapshot::manifest::{MEMORY, VMSTATE};
 use crate::vmm::control::{self, ServeInfo};
 use crate::vmm::host;
-use crate::vmm::jail;
+use crate::vmm::jail::{self, RunAs};
 use crate::vmm::seccomp;
 use crate::vmm::snapshot::VmSnapshot;
 use crate::vmm::vcpu::GuestStop;
@@ -56,13 +56,20 @@ fn last_log_line(ws: &WorkspaceDir) -> Option<String> {
 
 /// `vmm supervise`: runs the VMM as a child until it ends for any reason,
 /// then writes the exit record. Returns the exit code.
-pub fn supervise(workspace_dir: &Path, restore_from: Option<&Path>) -> Result<i32> {
+pub fn supervise(
+    workspace_dir: &Path,
+    restore_from: Option<&Path>,
+    run_as: Option<RunAs>,
+) -> Result<i32> {
     let ws = self::workspace_dir(workspace_dir)?;
     let exe = std::env::current_exe().io_ctx(|| "locating the microagent binary".into())?;
     let mut cmd = std::process::Command::new(exe);
     cmd.args(["vmm", "serve", "--workspace-dir"]).arg(&ws.dir);
     if let Some(snap) = restore_from {
         cmd.arg("--restore-from").arg(snap);
+    }
+    if let Some(who) = run_as {
+        cmd.arg("--run-as").arg(who.to_string());
     }
     // The VMM dies with its supervisor: a `kill -9` of the supervisor must
     // never leave a VMM writing the disk with nobody to record its end.
@@ -145,11 +152,17 @@ fn guest_cmdline(rec: &crate::workspace::store::WorkspaceRecord) -> String {
     line
 }
 
-/// `vmm serve`: boots the workspace's VM (or restores `restore_from`) and
-/// serves its control socket until the guest powers off or is halted, and
-/// says why it stopped.
-pub fn serve(workspace_dir: &Path, restore_from: Option<&Path>) -> Result<GuestStop> {
+/// `vmm serve`: boots the workspace's VM (or restores `restore_from`),
+/// jails itself and drops to `run_as`, and serves its control socket
+/// until the guest powers off or is halted, and says why it stopped.
+pub fn serve(
+    workspace_dir: &Path,
+    restore_from: Option<&Path>,
+    run_as: Option<RunAs>,
+) -> Result<GuestStop> {
     let ws = self::workspace_dir(workspace_dir)?;
+    // Whatever it creates (sockets, snapshot files, deltas) is its own.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let rec = ws.read()?;
     prepare_seccomp()?;
     let cfg = VmConfig {
@@ -189,25 +202,55 @@ pub fn serve(workspace_dir: &Path, restore_from: Option<&Path>) -> Result<GuestS
         }
         None => Vm::boot(&cfg).ctx(|| "booting the VM".into())?,
     };
-    // Still one thread: the jail must come before the control and vCPU
-    // threads, which inherit it.
-    if jail::wanted() {
-        jail::enter(&ws.dir).map_err(|e| invalid(e.to_string()))?;
-    } else if nix::unistd::Uid::effective().is_root() {
-        eprintln!(
-            "warning: {}=0: the VMM runs in the host's mount namespace",
-            jail::JAIL_ENV
-        );
-    }
+    // Bound while root: a socket left by a crashed run is root's.
+    let control_listener = control::bind(&ws.control_socket())
+        .io_ctx(|| format!("binding {}", ws.control_socket().display()))?;
+    confine(&ws, run_as)?;
     let info = ServeInfo {
         cmdline: vm.cmdline.clone(),
         mem_mib: cfg.mem_mib,
         snapshots_dir: ws.snapshots(),
         tsc_khz: vm.tsc_khz(),
     };
-    control::spawn_server(&ws.control_socket(), vm.handle(), info)
+    control::spawn_server(control_listener, vm.handle(), info)
         .io_ctx(|| format!("serving {}", ws.control_socket().display()))?;
     vm.run(None).ctx(|| "running the VM".into())
+}
+
+/// Jails the VMM and drops root to `run_as` (see `vmm::jail`). Still one
+/// thread: both must come before the control and vCPU threads, which
+/// inherit them. The drop needs the jail: outside it the VMM user could
+/// not reach its workspace through the state directory.
+fn confine(ws: &WorkspaceDir, run_as: Option<RunAs>) -> Result<()> {
+    let root = nix::unistd::Uid::effective().is_root();
+    let jailed = jail::wanted();
+    if jailed {
+        if let Some(who) = run_as {
+            vmm_user::give_workspace(ws, who)
+                .io_ctx(|| format!("giving {} to the VMM user {who}", ws.dir.display()))?;
+        }
+        jail::enter(&ws.dir).map_err(|e| invalid(e.to_string()))?;
+    } else if root {
+        eprintln!(
+            "warning: {}=0: the VMM runs in the host's mount namespace, as root",
+            jail::JAIL_ENV
+        );
+    }
+    match (run_as, jailed) {
+        (Some(who), true) => jail::drop_to(who).map_err(|e| invalid(e.to_string())),
+        (Some(_), false) => {
+            eprintln!("warning: the VMM keeps root too: outside its jail its user could not reach the workspace");
+            Ok(())
+        }
+        (None, _) if root => {
+            eprintln!(
+                "warning: {}=root: the VMM keeps root",
+                vmm_user::VMM_USER_ENV
+            );
+            Ok(())
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Builds the VMM's seccomp filters, which its threads install once the

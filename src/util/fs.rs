@@ -7,10 +7,20 @@ use std::path::Path;
 /// Records, manifests and markers are small; anything bigger is not ours.
 pub const MAX_RECORD_BYTES: u64 = 1 << 20;
 
+/// Opens `path` for reading, refusing a symbolic link as its last
+/// component: workspace directories are writable by the jailed VMM's
+/// user, which must not point a root-run read at another file.
+pub fn open_nofollow(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
 /// Reads a small file, refusing anything over MAX_RECORD_BYTES.
 pub fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
-    let f = std::fs::File::open(path)?;
+    let f = open_nofollow(path)?;
     let mut buf = Vec::new();
     f.take(MAX_RECORD_BYTES + 1).read_to_end(&mut buf)?;
     if buf.len() as u64 > MAX_RECORD_BYTES {
@@ -26,7 +36,7 @@ pub fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
 /// make grow are read from their end, never whole.
 pub fn read_tail(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
     use std::io::{Read, Seek, SeekFrom};
-    let mut f = std::fs::File::open(path)?;
+    let mut f = open_nofollow(path)?;
     let len = f.metadata()?.len();
     f.seek(SeekFrom::Start(len.saturating_sub(max)))?;
     let mut buf = Vec::new();
@@ -62,12 +72,14 @@ fn write_replacing(path: &Path, data: &[u8], sync: bool) -> std::io::Result<()> 
     let tmp = dir.join(format!(".{file_name}.tmp.{}", std::process::id()));
     let result = (|| {
         // Records, manifests and chain specs describe guest data: private
-        // whatever the caller's umask.
+        // whatever the caller's umask. Never through a link another user
+        // (the jailed VMM's) planted at the temporary name.
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&tmp)?;
         f.write_all(data)?;
         if sync {
@@ -94,5 +106,23 @@ mod tests {
         std::fs::write(&p, b"0123456789").unwrap();
         assert_eq!(super::read_tail(&p, 4).unwrap(), b"6789");
         assert_eq!(super::read_tail(&p, 100).unwrap(), b"0123456789");
+    }
+
+    #[test]
+    fn links_planted_at_our_names_are_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"keep").unwrap();
+        let rec = dir.path().join("rec.json");
+        std::os::unix::fs::symlink(&victim, &rec).unwrap();
+        assert!(super::read_bounded(&rec).is_err());
+        assert!(super::read_tail(&rec, 4).is_err());
+        let tmp = dir
+            .path()
+            .join(format!(".rec.json.tmp.{}", std::process::id()));
+        std::fs::remove_file(&rec).unwrap();
+        std::os::unix::fs::symlink(&victim, &tmp).unwrap();
+        assert!(super::write_atomic(&rec, b"new").is_err());
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
     }
 }

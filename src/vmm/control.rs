@@ -53,8 +53,8 @@ pub enum Op {
     /// yet.
     Snapshot,
     /// Freeze the root disk's chain as a snapshot does, without memory:
-    /// the frozen chain is linked into a new staging directory's `disk/`
-    /// (named in the reply), the guest paused only meanwhile. For
+    /// the frozen chain is described in a new staging directory's `disk/`
+    /// (named in the reply; the client links its files), the guest paused only meanwhile. For
     /// `commit`, which reads the frozen upper while the guest runs on.
     FreezeDisk,
 }
@@ -373,10 +373,14 @@ fn json_line(resp: &Response) -> String {
         .unwrap_or_else(|_| r#"{"v":2,"ok":false,"error":"encoding"}"#.into())
 }
 
-/// Binds the socket (replacing a stale one) and serves it on a thread.
-pub fn spawn_server(path: &Path, vm: VmHandle, info: ServeInfo) -> std::io::Result<()> {
+/// Binds the control socket, replacing a stale one.
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path)?;
+    UnixListener::bind(path)
+}
+
+/// Serves the control socket `listener` on a thread.
+pub fn spawn_server(listener: UnixListener, vm: VmHandle, info: ServeInfo) -> std::io::Result<()> {
     let server = Arc::new(Server {
         vm,
         info,

@@ -9,11 +9,15 @@
 //! store, /proc, /dev, /etc) is gone from its view. Threads started
 //! afterwards inherit the namespace and root.
 //!
-//! This needs CAP_SYS_ADMIN: a VMM run by another user with access to
-//! /dev/kvm skips it and keeps its seccomp filters and no_new_privs.
-//! Dropping root to a VMM user is not done yet: snapshots hard-link the
-//! disk chain's files, some shared read-only between workspaces, and the
-//! kernel's protected_hardlinks refuses that to a non-owner.
+//! Then, still alone, it drops root for good ([`drop_to`]): to the VMM
+//! user the engine chose (by default the `microagent-vmm` system user),
+//! with no supplementary groups and no capabilities left. The engine gave
+//! that user what the VMM writes from then on (see
+//! `engine::vmm_user`); the VMM's fds (KVM, memory, disks, sockets, passt)
+//! were opened before and stay usable.
+//!
+//! Both need root: a VMM run by another user with access to /dev/kvm
+//! skips them and keeps its seccomp filters and no_new_privs.
 
 use std::path::Path;
 
@@ -27,6 +31,64 @@ pub const JAIL_ENV: &str = "MICROAGENT_VMM_JAIL";
 /// The empty directory of the workspace the new root is mounted on (only
 /// in the VMM's namespace: the host sees an empty directory).
 pub const MOUNTPOINT: &str = ".jail";
+
+/// The unprivileged identity a jailed VMM drops to: `UID:GID` on the
+/// command line the engine builds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RunAs {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl std::str::FromStr for RunAs {
+    type Err = String;
+    fn from_str(s: &str) -> Result<RunAs, String> {
+        let bad = || format!("{s:?} is not UID:GID (two numbers, neither 0)");
+        let (u, g) = s.split_once(':').ok_or_else(bad)?;
+        let (uid, gid) = (u.parse().map_err(|_| bad())?, g.parse().map_err(|_| bad())?);
+        if uid == 0 || gid == 0 {
+            return Err(bad());
+        }
+        Ok(RunAs { uid, gid })
+    }
+}
+
+impl std::fmt::Display for RunAs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.uid, self.gid)
+    }
+}
+
+/// Drops root for good: no supplementary groups, then real, effective
+/// and saved gid and uid (which also clears every capability), then a
+/// check that root cannot be had back. Must run while the process has
+/// one thread, like [`enter`].
+pub fn drop_to(who: RunAs) -> Result<(), JailError> {
+    use nix::unistd::{setgroups, setresgid, setresuid, Gid, Uid};
+    let (uid, gid) = (Uid::from_raw(who.uid), Gid::from_raw(who.gid));
+    // A change of credentials clears the parent-death signal (the VMM
+    // must die with its supervisor): re-armed below.
+    let death = nix::sys::prctl::get_pdeathsig().map_err(at("reading the parent-death signal"))?;
+    let parent = nix::unistd::getppid();
+    setgroups(&[]).map_err(at("setgroups([])"))?;
+    setresgid(gid, gid, gid).map_err(at(format!("setresgid({gid})")))?;
+    setresuid(uid, uid, uid).map_err(at(format!("setresuid({uid})")))?;
+    if nix::unistd::setuid(Uid::from_raw(0)).is_ok() {
+        return Err(at("checking the drop")(std::io::Error::other(
+            "setuid(0) still succeeds",
+        )));
+    }
+    if let Some(signal) = death {
+        nix::sys::prctl::set_pdeathsig(signal).map_err(at("re-arming the parent-death signal"))?;
+        // The parent may have died while it was off.
+        if nix::unistd::getppid() != parent {
+            return Err(at("re-arming the parent-death signal")(
+                std::io::Error::other("the parent process is gone"),
+            ));
+        }
+    }
+    Ok(())
+}
 
 #[derive(Debug, thiserror::Error)]
 #[error("entering the VMM's jail: {step}: {source}")]
@@ -65,6 +127,14 @@ pub fn enter(dir: &Path) -> Result<(), JailError> {
         }
         _ => {}
     }
+    // mount() follows links: what a dropped VMM may have planted in its
+    // workspace directory must not steer it.
+    let md = std::fs::symlink_metadata(&root).map_err(at(format!("stat {}", root.display())))?;
+    if !md.is_dir() {
+        return Err(at(format!("{}", root.display()))(std::io::Error::other(
+            "not a directory",
+        )));
+    }
     let hardened = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mount(
         Some("tmpfs"),
@@ -76,7 +146,13 @@ pub fn enter(dir: &Path) -> Result<(), JailError> {
     .map_err(at("mounting the new root (tmpfs)"))?;
     // The workspace, at its own path inside the new root.
     let inside = root.join(dir.strip_prefix("/").unwrap_or(&dir));
-    std::fs::create_dir_all(&inside).map_err(at(format!("mkdir {}", inside.display())))?;
+    // Traversable by the VMM user it may drop to, whatever the umask (the
+    // VMM's is 077); the tmpfs holds nothing but these directories.
+    use nix::sys::stat::{umask, Mode};
+    let old_umask = umask(Mode::from_bits_truncate(0o022));
+    let made = std::fs::create_dir_all(&inside);
+    umask(old_umask);
+    made.map_err(at(format!("mkdir {}", inside.display())))?;
     mount(Some(&dir), &inside, none, MsFlags::MS_BIND, none)
         .map_err(at("bind-mounting the workspace"))?;
     mount(
@@ -108,6 +184,70 @@ pub fn enter(dir: &Path) -> Result<(), JailError> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn run_as_parses_two_nonzero_ids() {
+        assert_eq!(
+            "998:997".parse::<super::RunAs>(),
+            Ok(super::RunAs { uid: 998, gid: 997 })
+        );
+        for bad in ["0:5", "5:0", "5", "a:b", "5:6:7", ""] {
+            assert!(bad.parse::<super::RunAs>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_drop_leaves_no_way_back_to_root() {
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("SKIPPED: dropping privileges needs root");
+            return;
+        }
+        // SAFETY: as in the jail test below: the child only makes syscalls
+        // and reads a file, and ends with _exit.
+        match unsafe { nix::unistd::fork() }.unwrap() {
+            nix::unistd::ForkResult::Child => {
+                let who = super::RunAs {
+                    uid: 65534,
+                    gid: 65534,
+                };
+                let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
+                let code = match super::drop_to(who) {
+                    Err(_) => 2,
+                    Ok(()) => {
+                        let status =
+                            std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+                        let field = |name: &str| {
+                            status
+                                .lines()
+                                .find_map(|l| l.strip_prefix(name))
+                                .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+                                .unwrap_or_default()
+                        };
+                        let ok = field("Uid:") == "65534 65534 65534 65534"
+                            && field("Gid:") == "65534 65534 65534 65534"
+                            && field("Groups:").is_empty()
+                            && field("CapEff:") == "0000000000000000"
+                            && field("CapPrm:") == "0000000000000000"
+                            && nix::unistd::setgid(nix::unistd::Gid::from_raw(0)).is_err()
+                            // Still dies with its parent (the supervisor).
+                            && nix::sys::prctl::get_pdeathsig()
+                                == Ok(Some(nix::sys::signal::Signal::SIGKILL));
+                        if ok {
+                            0
+                        } else {
+                            1
+                        }
+                    }
+                };
+                // SAFETY: ends the child without running the harness's exit.
+                unsafe { libc::_exit(code) };
+            }
+            nix::unistd::ForkResult::Parent { child } => {
+                let status = nix::sys::wait::waitpid(child, None).unwrap();
+                assert_eq!(status, nix::sys::wait::WaitStatus::Exited(child, 0));
+            }
+        }
+    }
+
     #[test]
     fn the_jail_shows_the_workspace_and_nothing_else() {
         if !nix::unistd::Uid::effective().is_root() {

@@ -37,9 +37,14 @@ pub const CONSOLE_LOG_CAP: u64 = 32 << 20;
 
 impl ConsoleLog {
     fn open(path: &std::path::Path) -> io::Result<ConsoleLog> {
+        use std::os::unix::fs::OpenOptionsExt;
+        // Never through a link: a dropped VMM of an earlier run could have
+        // left one here for this (root) one.
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(path)?;
         let size = file.metadata()?.len();
         Ok(ConsoleLog {

@@ -234,8 +234,8 @@ impl Block {
     }
 
     /// Before a snapshot, with the guest paused: a chain freezes its top
-    /// (continuing on a new one) and links the frozen chain into
-    /// `staging/disk`; a read-only file has nothing to save; a writable
+    /// (continuing on a new one) and describes the frozen chain in
+    /// `staging/disk` (the engine links its files there); a read-only file has nothing to save; a writable
     /// plain file cannot be captured without a copy, so it is refused.
     pub fn snapshot_disk(&mut self, staging: &Path) -> std::io::Result<()> {
         match &mut self.disk {

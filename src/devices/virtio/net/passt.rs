@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -175,7 +176,14 @@ pub fn spawn(cfg: &NetConfig) -> Result<(UnixStream, Child), PasstError> {
     let pid_dir = PidDir::new().map_err(PasstError::Socket)?;
     let pid_file = pid_dir.0.join("pid");
     let log = match &cfg.passt_log {
-        Some(p) => File::create(p)
+        // Not through a link a dropped VMM of an earlier run left.
+        Some(p) => File::options()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(p)
             .map(Stdio::from)
             .unwrap_or_else(|_| Stdio::null()),
         None => Stdio::null(),

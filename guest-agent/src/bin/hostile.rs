@@ -1,0 +1,107 @@
+//! A hostile guest program, for the test that proves the VMM's bounds on
+//! what a guest can make the host hold (tests/hostile_guest.rs copies it
+//! into a guest; no image ships it). For SECONDS it floods vsock with
+//! connection requests to host ports nobody listens on (each one makes
+//! the VMM queue a reset) and, on another thread, writes to the console
+//! as fast as it can; then it prints what it did as one JSON line.
+//!
+//! Kicking broken queues is not here: that needs the device's MMIO
+//! window, which guest user space cannot map (the guest kernel has no
+//! /dev/mem); the fuzz targets drive the same device code with hostile
+//! rings instead.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+/// The host's vsock CID.
+const HOST_CID: u32 = 2;
+/// The agent's port, which the flood leaves alone.
+const AGENT_PORT: u32 = 52;
+
+#[repr(C)]
+struct SockaddrVm {
+    family: libc::sa_family_t,
+    reserved1: u16,
+    port: u32,
+    cid: u32,
+    zero: [u8; 4],
+}
+
+/// One connection request to `port` of the host, abandoned at once.
+/// Returns whether the guest kernel sent it.
+fn knock(port: u32) -> bool {
+    // SAFETY: plain socket creation; the fd is closed below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_VSOCK,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return false;
+    }
+    let addr = SockaddrVm {
+        family: libc::AF_VSOCK as libc::sa_family_t,
+        reserved1: 0,
+        port,
+        cid: HOST_CID,
+        zero: [0; 4],
+    };
+    // SAFETY: addr is a valid sockaddr_vm of the size we pass.
+    let rc = unsafe {
+        libc::connect(
+            fd,
+            (&addr as *const SockaddrVm).cast(),
+            std::mem::size_of::<SockaddrVm>() as libc::socklen_t,
+        )
+    };
+    let sent = rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EINPROGRESS);
+    // SAFETY: closing the fd we own.
+    unsafe { libc::close(fd) };
+    sent
+}
+
+fn spam_console(until: Instant) -> u64 {
+    let Ok(mut console) = std::fs::OpenOptions::new().write(true).open("/dev/console") else {
+        return 0;
+    };
+    let line = b"hostile: console spam, as fast as the guest can write it .......\n";
+    let block: Vec<u8> = line.iter().copied().cycle().take(4096).collect();
+    let mut bytes = 0u64;
+    while Instant::now() < until {
+        match console.write(&block) {
+            Ok(n) => bytes += n as u64,
+            Err(_) => break,
+        }
+    }
+    bytes
+}
+
+fn main() {
+    let secs: u64 = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    let started = Instant::now();
+    let until = started + Duration::from_secs(secs);
+    let console = std::thread::spawn(move || spam_console(until));
+    let (mut sent, mut failed) = (0u64, 0u64);
+    let mut port = 1024u32;
+    while Instant::now() < until {
+        port = if port >= 65_000 { 1024 } else { port + 1 };
+        if port == AGENT_PORT {
+            continue;
+        }
+        if knock(port) {
+            sent += 1;
+        } else {
+            failed += 1;
+        }
+    }
+    let console_bytes = console.join().unwrap_or(0);
+    println!(
+        "{{\"seconds\":{:.1},\"vsock_requests\":{sent},\"vsock_failed\":{failed},\"console_bytes\":{console_bytes}}}",
+        started.elapsed().as_secs_f64()
+    );
+}

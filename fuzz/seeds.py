@@ -132,3 +132,11 @@ put("virtio_vsock", "request-rw", memory(
     {0: [desc(0x1000, 0x400, WRITE)],
      1: [desc(0x1400, 44, 0), desc(0x1440, 49, 0)]},
     {0x1400: vsock_hdr(1), 0x1440: vsock_hdr(5, 5) + b"hello"}))
+
+# virtio-net: guest memory (16 KiB: an RX buffer, a TX header and frame),
+# then what passt sends: one length-prefixed frame for the RX buffer.
+rx_frame = b"\xff" * 6 + b"passts" + b"\x08\x06" + b"RX-payload"
+put("virtio_net", "frames-both-ways", memory(
+    {0: [desc(0x1000, 0x400, WRITE)],
+     1: [desc(0x1400, 12, NEXT, 1), desc(0x1440, 13, 0)]},
+    {0x1440: b"guestTX-frame"}, size=0x4000) + struct.pack(">I", len(rx_frame)) + rx_frame)

@@ -61,7 +61,8 @@ pub struct Net {
     /// mac[6], status (unused), max_virtqueue_pairs (unused), mtu.
     pub(super) config: [u8; 12],
     passt: UnixStream,
-    child: Child,
+    /// None when the other end is not a passt we started (fuzzing).
+    child: Option<Child>,
     epoll: Epoll,
     link: LinkState,
     reader: FrameReader,
@@ -134,6 +135,17 @@ impl Net {
     /// Starts this VM's passt and the device in front of it.
     pub fn new(cfg: &NetConfig, link: LinkState) -> Result<Net, PasstError> {
         let (passt, child) = passt::spawn(cfg)?;
+        Net::over(passt, Some(child), link)
+    }
+
+    /// The device in front of `passt`, a non-blocking stream that speaks
+    /// passt's framing: the one [`Net::new`] started, or, for the fuzz
+    /// harness, any socket (`child` None).
+    pub fn over(
+        passt: UnixStream,
+        child: Option<Child>,
+        link: LinkState,
+    ) -> Result<Net, PasstError> {
         let epoll = Epoll::new().map_err(PasstError::Socket)?;
         epoll
             .ctl(
@@ -170,6 +182,13 @@ impl Net {
         Ok(net)
     }
 
+    fn passt_exit_reason(&mut self) -> String {
+        match &mut self.child {
+            Some(child) => passt::exit_reason(child),
+            None => "the backend closed its socket".into(),
+        }
+    }
+
     fn is_up(&self) -> bool {
         self.link.lock().map(|l| l.is_ok()).unwrap_or(false)
     }
@@ -204,7 +223,7 @@ impl Net {
         while self.is_up() && self.rx_backlog.len() < MAX_RX_BACKLOG {
             match self.passt.read(&mut buf) {
                 Ok(0) => {
-                    let why = passt::exit_reason(&mut self.child);
+                    let why = self.passt_exit_reason();
                     self.link_down(why);
                 }
                 Ok(n) => {
@@ -261,7 +280,7 @@ impl Net {
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => {
                     let why = match e.kind() {
-                        ErrorKind::BrokenPipe => passt::exit_reason(&mut self.child),
+                        ErrorKind::BrokenPipe => self.passt_exit_reason(),
                         _ => format!("writing to passt: {e}"),
                     };
                     self.link_down(why);
@@ -360,8 +379,10 @@ impl Net {
 impl Drop for Net {
     fn drop(&mut self) {
         // passt exits once its socket closes; don't leave it to chance.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -442,7 +463,7 @@ impl VirtioDevice for Net {
                 self.flush_tx();
             }
             if set.intersects(EventSet::HANG_UP | EventSet::ERROR) && !set.contains(EventSet::IN) {
-                let why = passt::exit_reason(&mut self.child);
+                let why = self.passt_exit_reason();
                 self.link_down(why);
             }
         }

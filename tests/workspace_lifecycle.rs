@@ -84,6 +84,31 @@ fn vmm_runs_unprivileged(home: &Home, pid: i64) {
     assert_eq!(md(&ws.join("console.log")).uid(), uid);
 }
 
+/// `status` reports the VMM's cgroup v2 limits, or why there are none
+/// (this host keeps memory, cpu and pids on cgroup v1): never silent.
+fn limits_reported(home: &Home, pid: i64) {
+    let s = status(home, "builder");
+    let limits = &s["limits"];
+    match limits["state"].as_str() {
+        Some("limited") => {
+            assert_eq!(limits["memory_max_bytes"], (128u64 + 256) << 20, "{limits}");
+            let cg = std::path::Path::new(limits["cgroup"].as_str().unwrap());
+            let procs = std::fs::read_to_string(cg.join("cgroup.procs")).unwrap();
+            assert!(procs.lines().any(|p| p == pid.to_string()), "{procs}");
+            let max = std::fs::read_to_string(cg.join("memory.max")).unwrap();
+            assert_eq!(max.trim(), ((128u64 + 256) << 20).to_string());
+        }
+        Some("unavailable") => {
+            let reason = limits["reason"].as_str().unwrap();
+            assert!(!reason.is_empty(), "{limits}");
+            eprintln!("limits unavailable here: {reason}");
+            let (_, text, _) = home.run(&["status", "builder"]);
+            assert!(text.contains(&format!("limits:  none: {reason}")), "{text}");
+        }
+        _ => panic!("status has no limits: {s}"),
+    }
+}
+
 #[test]
 fn full_lifecycle_with_two_workspaces_crash_and_recovery() {
     if !kvm_available() {
@@ -181,6 +206,7 @@ fn full_lifecycle_with_two_workspaces_crash_and_recovery() {
         .as_i64()
         .expect("running workspace has a pid");
     vmm_runs_unprivileged(&home, pid);
+    limits_reported(&home, pid);
     // SAFETY: sending a signal to the VMM process this test started.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     let t = std::time::Instant::now();

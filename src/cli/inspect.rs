@@ -9,6 +9,7 @@ use clap::Args;
 use super::lifecycle::NameArgs;
 use super::output::Out;
 use crate::engine::{Engine, WorkspaceView};
+use crate::vmm::cgroup::Placement;
 
 #[derive(Args)]
 pub struct ListArgs {
@@ -107,6 +108,16 @@ pub fn status(engine: &Engine, args: NameArgs, out: &Out) -> Result<i32> {
         match (&l.network_state, rec.network.name()) {
             (Some(state), mode) => println!("  network: {mode} ({state})"),
             (None, mode) => println!("  network: {mode}"),
+        }
+        match &l.limits {
+            Some(Placement::Limited { cgroup, limits }) => println!(
+                "  limits:  memory {} MiB, cpu weight {}, pids {} (cgroup {cgroup})",
+                limits.memory_max_bytes >> 20,
+                limits.cpu_weight,
+                limits.pids_max
+            ),
+            Some(Placement::Unavailable { reason }) => println!("  limits:  none: {reason}"),
+            None => {}
         }
         if !rec.ports.is_empty() {
             let ports: Vec<String> = rec.ports.iter().map(|p| p.to_string()).collect();

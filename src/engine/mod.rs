@@ -85,6 +85,8 @@ pub struct WorkspaceView {
     pub pid: Option<u32>,
     /// From the running VMM: "up", or "down: why" (passt gone).
     pub network_state: Option<String>,
+    /// The running VMM's cgroup limits, or why it has none.
+    pub limits: Option<crate::vmm::cgroup::Placement>,
 }
 
 impl Engine {
@@ -176,6 +178,11 @@ pub(crate) fn view(ws: WorkspaceDir, rec: WorkspaceRecord) -> WorkspaceView {
     if busy::current(&ws).is_some_and(|b| b.op == "committing") {
         status = Status::Committing;
     }
+    let limits = status
+        .is_live()
+        .then(|| crate::util::fs::read_bounded(&ws.limits_record()).ok())
+        .flatten()
+        .and_then(|b| serde_json::from_slice(&b).ok());
     WorkspaceView {
         dir: ws,
         record: rec,
@@ -183,6 +190,7 @@ pub(crate) fn view(ws: WorkspaceDir, rec: WorkspaceRecord) -> WorkspaceView {
         crash_reason,
         pid,
         network_state,
+        limits,
     }
 }
 
@@ -195,5 +203,6 @@ pub(crate) fn written(ws: &WorkspaceDir, rec: &WorkspaceRecord, pid: Option<u32>
         crash_reason: rec.crash_reason.clone(),
         pid,
         network_state: None,
+        limits: None,
     }
 }

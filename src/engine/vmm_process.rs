@@ -10,6 +10,7 @@
 //! The directory and snapshot path come from the command line `launch`
 //! builds, never from a control request.
 
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
 
@@ -17,6 +18,7 @@ use super::{invalid, vmm_user, Context, IoContext, Result};
 use crate::devices::virtio::net::NetConfig;
 use crate::snapshot::format;
 use crate::snapshot::manifest::{MEMORY, VMSTATE};
+use crate::vmm::cgroup::{self, Limits, Placement};
 use crate::vmm::control::{self, ServeInfo};
 use crate::vmm::host;
 use crate::vmm::jail::{self, RunAs};
@@ -71,11 +73,25 @@ pub fn supervise(
     if let Some(who) = run_as {
         cmd.arg("--run-as").arg(who.to_string());
     }
+    let (placement, cgroup_dir) = limits_for(&ws);
+    let json = serde_json::to_vec_pretty(&placement).map_err(std::io::Error::other);
+    write_atomic(
+        &ws.limits_record(),
+        &json.io_ctx(|| "encoding the limits".into())?,
+    )?;
+    // Joined by the VMM itself before exec, so passt, which it starts,
+    // is inside too.
+    let procs = cgroup_dir
+        .as_ref()
+        .map(|d| std::ffi::CString::new(d.join("cgroup.procs").into_os_string().into_vec()))
+        .transpose()
+        .map_err(|e| invalid(format!("cgroup path: {e}")))?;
     // The VMM dies with its supervisor: a `kill -9` of the supervisor must
     // never leave a VMM writing the disk with nobody to record its end.
     let supervisor = nix::unistd::getpid();
-    // SAFETY: prctl and getppid are async-signal-safe; the closure touches
-    // nothing else between fork and exec.
+    // SAFETY: prctl, getppid, open, write and close are async-signal-safe;
+    // the closure touches nothing else between fork and exec (the path was
+    // made before the fork).
     unsafe {
         cmd.pre_exec(move || {
             nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
@@ -84,12 +100,27 @@ pub fn supervise(
             if nix::unistd::getppid() != supervisor {
                 return Err(std::io::Error::other("the VMM supervisor is gone"));
             }
+            if let Some(procs) = &procs {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                libc::close(fd);
+                if written != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             Ok(())
         });
     }
     let mut child = cmd.spawn().io_ctx(|| "starting the VMM".into())?;
     let vmm_pid = child.id();
-    let status = child.wait().io_ctx(|| "waiting for the VMM".into())?;
+    let status = child.wait().io_ctx(|| "waiting for the VMM".into());
+    if let Some(dir) = &cgroup_dir {
+        cgroup::remove(dir);
+    }
+    let status = status?;
     let (clean, reason) = match (status.code(), status.signal()) {
         // The SIGSYS handler's last words name the syscall.
         (Some(seccomp::EXIT_SECCOMP), _) => (
@@ -132,6 +163,18 @@ pub fn supervise(
     let json = json.io_ctx(|| "encoding the exit record".into())?;
     write_atomic(&ws.exit_record(), &json)?;
     Ok(if clean { 0 } else { 1 })
+}
+
+/// This VMM's cgroup (see `vmm::cgroup`), or why it has none.
+fn limits_for(ws: &WorkspaceDir) -> (Placement, Option<std::path::PathBuf>) {
+    let limits = ws
+        .read()
+        .map_err(|e| e.to_string())
+        .and_then(|rec| Limits::for_guest(rec.memory_mib));
+    match limits {
+        Ok(limits) => cgroup::place(&format!("{}-{}", ws.name, std::process::id()), &limits),
+        Err(reason) => (Placement::Unavailable { reason }, None),
+    }
 }
 
 /// The user's arguments, then the root the disk layout boots (a workspace

@@ -43,6 +43,7 @@ pub fn workspace(v: &WorkspaceView) -> Value {
 pub fn workspace_status(v: &WorkspaceView) -> Value {
     let mut j = workspace(v);
     j["network_state"] = json!(v.network_state);
+    j["limits"] = json!(v.limits);
     j
 }
 

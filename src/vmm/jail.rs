@@ -1,7 +1,7 @@
 //! The VMM's jail, in the manner of Firecracker's jailer: once the VM is
 //! set up (KVM, memory, disks, sockets and passt all open), the VMM's main
-//! thread, before it starts any other thread, enters its own mount
-//! namespace and pivots into a new root, a small read-only tmpfs where
+//! thread, before it starts any other thread, enters its own mount,
+//! network and IPC namespaces and pivots into a new root, a small read-only tmpfs where
 //! only the workspace directory is visible, at its own path. Every path
 //! the VMM still uses (snapshot files, the console log's rotation, the
 //! disk chain's next delta and chain.json) lies in that directory, so
@@ -115,7 +115,13 @@ pub fn wanted() -> bool {
 /// in the host's namespace.
 pub fn enter(dir: &Path) -> Result<(), JailError> {
     let dir = std::fs::canonicalize(dir).map_err(at(format!("resolving {}", dir.display())))?;
-    unshare(CloneFlags::CLONE_NEWNS).map_err(at("unshare(CLONE_NEWNS)"))?;
+    // Its own network and IPC namespaces too, where they cost nothing: the
+    // VMM's sockets (control, vsock, passt's socketpair) are open already
+    // and it opens no other (its seccomp filters refuse socket() anyway).
+    // A pid namespace would do nothing: the VMM starts no process after
+    // this point.
+    unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWNET | CloneFlags::CLONE_NEWIPC)
+        .map_err(at("unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC)"))?;
     // Nothing mounted from here on may reach the host's namespace.
     let none = None::<&str>;
     mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
@@ -258,6 +264,8 @@ mod tests {
         let ws = dir.path().join("w");
         std::fs::create_dir(&ws).unwrap();
         std::fs::write(ws.join("console.log"), b"x").unwrap();
+        let host_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let host_port = host_listener.local_addr().unwrap();
         // A child process: the jail is for good.
         // SAFETY: the child touches no lock of the harness's threads but
         // malloc's, which glibc's fork holds across the fork for the child,
@@ -274,7 +282,10 @@ mod tests {
                         // The new root is read-only; the workspace is not.
                         let root_ro = std::fs::write("/planted", b"x").is_err();
                         let ws_rw = std::fs::write(ws.join("new"), b"x").is_ok();
-                        if sees_ws && !sees_host && root_ro && ws_rw {
+                        // A new network namespace: the host's listener
+                        // is not there.
+                        let own_net = std::net::TcpStream::connect(host_port).is_err();
+                        if sees_ws && !sees_host && root_ro && ws_rw && own_net {
                             0
                         } else {
                             1

@@ -2,6 +2,7 @@
 
 pub mod arch;
 pub mod boot;
+pub mod cgroup;
 pub mod control;
 mod devices;
 pub mod handle;

@@ -254,6 +254,10 @@ impl WorkspaceDir {
     pub fn exit_record(&self) -> PathBuf {
         self.dir.join("vmm-exit.json")
     }
+    /// Where the running VMM's resource limits are (`vmm::cgroup`).
+    pub fn limits_record(&self) -> PathBuf {
+        self.dir.join("limits.json")
+    }
     pub fn lock_path(&self) -> PathBuf {
         self.dir.join("lock")
     }

@@ -10,6 +10,8 @@
 //! guest streams STDOUT/STDERR and ends with EXIT (or ERROR). Non-exec
 //! requests get one RESPONSE.
 
+pub mod vsock;
+
 use std::io::{self, Read, Write};
 
 use serde::{Deserialize, Serialize};

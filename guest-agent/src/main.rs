@@ -11,7 +11,6 @@ mod init;
 mod reaper;
 mod root;
 mod secrets;
-mod vsock;
 mod zeroing_alloc;
 
 #[global_allocator]
@@ -20,6 +19,7 @@ static ALLOC: zeroing_alloc::ZeroOnFree = zeroing_alloc::ZeroOnFree;
 use std::fs::File;
 use std::sync::{Arc, Mutex};
 
+use guest_agent::vsock;
 use guest_agent::{
     read_frame, write_json, Hello, Kind, Request, Response, AGENT_PORT, PROTOCOL_VERSION,
 };

@@ -13,53 +13,16 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
+/// The agent's port, which the flood leaves alone.
+use guest_agent::AGENT_PORT;
+
 /// The host's vsock CID.
 const HOST_CID: u32 = 2;
-/// The agent's port, which the flood leaves alone.
-const AGENT_PORT: u32 = 52;
-
-#[repr(C)]
-struct SockaddrVm {
-    family: libc::sa_family_t,
-    reserved1: u16,
-    port: u32,
-    cid: u32,
-    zero: [u8; 4],
-}
 
 /// One connection request to `port` of the host, abandoned at once.
 /// Returns whether the guest kernel sent it.
 fn knock(port: u32) -> bool {
-    // SAFETY: plain socket creation; the fd is closed below.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_VSOCK,
-            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    };
-    if fd < 0 {
-        return false;
-    }
-    let addr = SockaddrVm {
-        family: libc::AF_VSOCK as libc::sa_family_t,
-        reserved1: 0,
-        port,
-        cid: HOST_CID,
-        zero: [0; 4],
-    };
-    // SAFETY: addr is a valid sockaddr_vm of the size we pass.
-    let rc = unsafe {
-        libc::connect(
-            fd,
-            (&addr as *const SockaddrVm).cast(),
-            std::mem::size_of::<SockaddrVm>() as libc::socklen_t,
-        )
-    };
-    let sent = rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EINPROGRESS);
-    // SAFETY: closing the fd we own.
-    unsafe { libc::close(fd) };
-    sent
+    guest_agent::vsock::connect_nonblocking(HOST_CID, port).is_ok()
 }
 
 fn spam_console(until: Instant) -> u64 {

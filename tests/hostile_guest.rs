@@ -1,7 +1,9 @@
 //! A hostile program inside a real guest against the VMM's bounds: for 60
 //! seconds it floods vsock with connection requests to host ports nobody
-//! listens on (every one makes the VMM queue a reset) and spams the
-//! console (guest-agent/src/bin/hostile.rs). Afterwards the VMM's own
+//! listens on (every one makes the VMM queue a reset), spams the console,
+//! and through /dev/mem kicks queues no device has and breaks the network
+//! device: reset and re-driven over rings of garbage, and activated with
+//! rings outside guest memory (guest-agent/src/bin/hostile/). Afterwards the VMM's own
 //! memory (its RSS outside guest RAM) and the workspace's logs have grown
 //! by no more than their bounds, and the VMM still serves: control,
 //! exec, a snapshot. Prints the figures as one JSON line. One warm start
@@ -113,6 +115,10 @@ fn a_hostile_guest_leaves_the_host_bounded_and_the_vmm_serving() {
     );
     assert!(did["vsock_requests"].as_u64().unwrap() > 0, "{did}");
     assert!(did["console_bytes"].as_u64().unwrap() > 0, "{did}");
+    assert_eq!(did["mmio_error"], serde_json::Value::Null, "{did}");
+    assert!(did["mmio_devices"].as_u64().unwrap() >= 3, "{did}");
+    assert!(did["mmio_kicks"].as_u64().unwrap() > 0, "{did}");
+    assert!(did["bogus_activations"].as_u64().unwrap() > 8, "{did}");
 
     // Bounded: the reset queue and per-connection buffers are capped, the
     // console log rotates at its cap (one rotated copy), device logging
@@ -125,6 +131,13 @@ fn a_hostile_guest_leaves_the_host_bounded_and_the_vmm_serving() {
     assert!(
         logs_after <= 2 * cap + (1 << 20),
         "logs hold {logs_after} bytes (console cap {cap})"
+    );
+    // The refused activations were logged within the device's budget.
+    let vmm_log = std::fs::read_to_string(ws.join("vmm.log")).unwrap();
+    let refused = vmm_log.matches("queue 0 invalid; needs reset").count();
+    assert!(
+        (1..=8).contains(&refused) && vmm_log.contains("are suppressed"),
+        "{refused} refusals logged: {vmm_log}"
     );
 
     // Still serving: control, exec, and a snapshot of the same guest.

@@ -2,13 +2,12 @@
 //! what a guest can make the host hold (tests/hostile_guest.rs copies it
 //! into a guest; no image ships it). For SECONDS it floods vsock with
 //! connection requests to host ports nobody listens on (each one makes
-//! the VMM queue a reset) and, on another thread, writes to the console
-//! as fast as it can; then it prints what it did as one JSON line.
-//!
-//! Kicking broken queues is not here: that needs the device's MMIO
-//! window, which guest user space cannot map (the guest kernel has no
-//! /dev/mem); the fuzz targets drive the same device code with hostile
-//! rings instead.
+//! the VMM queue a reset), on another thread writes to the console as
+//! fast as it can, and on a third kicks the devices' registers and breaks
+//! the network device's queues (`mmio.rs`); then it prints what it did as
+//! one JSON line.
+
+mod mmio;
 
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -49,6 +48,7 @@ fn main() {
     let started = Instant::now();
     let until = started + Duration::from_secs(secs);
     let console = std::thread::spawn(move || spam_console(until));
+    let kicks = std::thread::spawn(move || mmio::kick(until));
     let (mut sent, mut failed) = (0u64, 0u64);
     let mut port = 1024u32;
     while Instant::now() < until {
@@ -63,8 +63,22 @@ fn main() {
         }
     }
     let console_bytes = console.join().unwrap_or(0);
+    let mmio = kicks.join().unwrap_or_default();
+    let mmio_error = match mmio.error {
+        Some(e) => serde_json::Value::String(e),
+        None => serde_json::Value::Null,
+    };
     println!(
-        "{{\"seconds\":{:.1},\"vsock_requests\":{sent},\"vsock_failed\":{failed},\"console_bytes\":{console_bytes}}}",
-        started.elapsed().as_secs_f64()
+        "{}",
+        serde_json::json!({
+            "seconds": (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+            "vsock_requests": sent,
+            "vsock_failed": failed,
+            "console_bytes": console_bytes,
+            "mmio_devices": mmio.devices,
+            "mmio_kicks": mmio.kicks,
+            "bogus_activations": mmio.bogus_activations,
+            "mmio_error": mmio_error,
+        })
     );
 }

@@ -715,7 +715,6 @@ fn large_guest_busy_status_kill_and_clock() {
 /// which ext4 does not keep current while mounted); anything else fails
 /// it with exit 4. Returns the fsck output and the lines.
 fn host_fsck(home: &Home, ws: &str, files: &[&str]) -> (String, Vec<String>) {
-    use sha2::Digest;
     let scratch = home.dir.path().join(format!("{ws}-fsck.img"));
     std::fs::write(&scratch, workspace_disk(&home.workspace_dir(ws))).unwrap();
     let out = std::process::Command::new("e2fsck")
@@ -744,8 +743,7 @@ fn host_fsck(home: &Home, ws: &str, files: &[&str]) -> (String, Vec<String>) {
                 cat.status.success() && !cat.stdout.is_empty(),
                 "debugfs cat {f}"
             );
-            let sum = microagent::digest::hex(&sha2::Sha256::digest(&cat.stdout));
-            format!("{sum}  {f}")
+            format!("{}  {f}", microagent::digest::sha256_bytes(&cat.stdout))
         })
         .collect();
     std::fs::remove_file(&scratch).unwrap();

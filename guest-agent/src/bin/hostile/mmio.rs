@@ -15,6 +15,9 @@ use std::os::fd::AsRawFd;
 use std::time::Instant;
 
 const PAGE: usize = 4096;
+// The virtio-mmio register layout (virtio 1.2, 4.2.2). The VMM's side is
+// src/devices/virtio/mmio.rs, in a crate this static guest program does
+// not link.
 const REG_DEVICE_ID: usize = 0x008;
 const REG_DRIVER_FEATURES: usize = 0x020;
 const REG_DRIVER_FEATURES_SEL: usize = 0x024;

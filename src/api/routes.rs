@@ -160,6 +160,7 @@ async fn create(State(s): State<super::State>, Body(b): Body<CreateBody>) -> Ans
                 secret_overrides: &[],
                 ports: &[],
                 settings,
+                registry: Default::default(),
             };
             e.fork(&b.name, &opts, &ServerReport::new())
         })
@@ -395,6 +396,7 @@ async fn fork(
                 auto_snapshot_on_stop: b.auto_snapshot_on_stop,
                 max_snapshots: b.max_snapshots,
             },
+            registry: Default::default(),
         };
         e.fork(&b.name, &opts, &ServerReport::new())
     })

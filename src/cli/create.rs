@@ -56,8 +56,10 @@ pub struct CreateArgs {
     /// with its Env, WorkingDir and User.
     #[arg(long, requires = "image", conflicts_with = "init")]
     run_entrypoint: bool,
-    /// Fork: a new workspace resumed from WORKSPACE:TAG (started at once).
-    #[arg(long, value_name = "WORKSPACE:TAG", conflicts_with_all = ["image", "rootfs", "disk_size", "kernel"])]
+    /// Fork: a new workspace resumed from WORKSPACE:TAG (started at once),
+    /// or from a snapshot in a registry, REGISTRY/REPOSITORY:TAG, pulled
+    /// first (only the chunks not already here are fetched).
+    #[arg(long, value_name = "WORKSPACE:TAG|REF", conflicts_with_all = ["image", "rootfs", "disk_size", "kernel"])]
     from_snapshot: Option<String>,
     /// With --from-snapshot: return once the VMM runs, without waiting for the guest agent.
     #[arg(long)]
@@ -149,6 +151,7 @@ pub fn create(engine: &Engine, args: CreateArgs, out: &Out) -> Result<i32> {
             secret_overrides: &secret_values,
             ports: &args.publish,
             settings: args.snapshots.settings(),
+            registry: args.registry.options(),
         };
         let v = engine.fork(&args.name, &fork, out)?;
         print_record(

@@ -21,6 +21,34 @@ pub enum SnapshotCommand {
     /// Hash every file of a snapshot again and compare with its manifest
     /// (exit 1 naming each file that differs).
     Verify(VerifyArgs),
+    /// Push a snapshot to an OCI registry as one artifact (memory and disk
+    /// as content-addressed chunks; only what the registry lacks is sent).
+    Push(PushArgs),
+    /// Pull a snapshot from a registry into a new halted workspace (fork
+    /// it with create --from-snapshot, or create --from-snapshot REF).
+    Pull(PullArgs),
+}
+
+#[derive(Args)]
+pub struct PushArgs {
+    /// The snapshot: WORKSPACE:TAG (TAG may be `latest`).
+    snapshot: String,
+    /// Where to: REGISTRY/REPOSITORY:TAG.
+    dest: String,
+    #[command(flatten)]
+    registry: super::image::RegistryArgs,
+}
+
+#[derive(Args)]
+pub struct PullArgs {
+    /// REGISTRY/REPOSITORY:TAG (or @sha256:...).
+    reference: String,
+    /// The new workspace, and optionally the tag to keep the snapshot as
+    /// (default: the repository's last name and the snapshot's own tag).
+    #[arg(value_name = "NAME[:TAG]")]
+    into: Option<String>,
+    #[command(flatten)]
+    registry: super::image::RegistryArgs,
 }
 
 #[derive(Args)]
@@ -60,6 +88,8 @@ pub fn run(engine: &Engine, cmd: SnapshotCommand, out: &Out) -> Result<i32> {
         SnapshotCommand::List(a) => list(engine, a, out),
         SnapshotCommand::Delete(a) => delete(engine, a, out),
         SnapshotCommand::Verify(a) => verify(engine, a, out),
+        SnapshotCommand::Push(a) => push(engine, a, out),
+        SnapshotCommand::Pull(a) => pull(engine, a, out),
     }
 }
 
@@ -130,6 +160,51 @@ fn verify(engine: &Engine, args: VerifyArgs, out: &Out) -> Result<i32> {
             human_size(bytes)
         ),
         crate::render::snapshot_verified(&v),
+    );
+    Ok(0)
+}
+
+fn push(engine: &Engine, args: PushArgs, out: &Out) -> Result<i32> {
+    let Some((name, tag)) = args.snapshot.split_once(':') else {
+        anyhow::bail!("snapshot push takes WORKSPACE:TAG, got {:?}", args.snapshot);
+    };
+    let p = engine.snapshot_push(name, tag, &args.dest, &args.registry.options(), out)?;
+    out.done(
+        &format!(
+            "pushed snapshot {name}:{} to {}@{} ({} of {} blobs sent, {} of {}, in {:.1}s)",
+            p.tag,
+            p.reference,
+            p.digest,
+            p.blobs_pushed,
+            p.blobs,
+            human_size(p.bytes_pushed),
+            human_size(p.bytes_total),
+            p.duration_ms as f64 / 1000.0
+        ),
+        crate::render::snapshot_pushed(&p),
+    );
+    Ok(0)
+}
+
+fn pull(engine: &Engine, args: PullArgs, out: &Out) -> Result<i32> {
+    let p = engine.snapshot_pull(
+        &args.reference,
+        args.into.as_deref(),
+        &args.registry.options(),
+        out,
+    )?;
+    out.done(
+        &format!(
+            "pulled {} as {}:{} ({} of {} blobs fetched, {}, in {:.1}s)",
+            p.reference,
+            p.workspace,
+            p.tag,
+            p.blobs_fetched,
+            p.blobs,
+            human_size(p.bytes_fetched),
+            p.duration_ms as f64 / 1000.0
+        ),
+        crate::render::snapshot_pulled(&p),
     );
     Ok(0)
 }

@@ -342,6 +342,7 @@ impl Engine {
                 secret_overrides: &[],
                 ports: &[],
                 settings: Default::default(),
+                registry: Default::default(),
             };
             self.fork(new, &fork, report)?;
             fork_ms = Some(ms_since(t));

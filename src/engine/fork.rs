@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use super::auto_snapshot::{check_max_snapshots, Settings};
+use super::create::RegistryOptions;
 use super::launch::{kill_strays, launch, AfterReady};
+use super::share_pull::is_registry_reference;
 use super::snapshot::{check_snapshot, snapshot_dir};
 use super::{claim_workspace_dir, invalid, written, Engine, Reporter, Result, WorkspaceView};
 use crate::devices::virtio::net::config::{check_unique, PortMap};
@@ -30,6 +32,8 @@ pub struct ForkOptions<'a> {
     /// Its automatic-snapshot settings (unset: the defaults, not the
     /// source's).
     pub settings: Settings,
+    /// Registry access when `from` is a registry reference.
+    pub registry: RegistryOptions,
 }
 
 impl Engine {
@@ -41,6 +45,9 @@ impl Engine {
         opts: &ForkOptions,
         report: &dyn Reporter,
     ) -> Result<WorkspaceView> {
+        if is_registry_reference(opts.from) {
+            return self.fork_from_registry(name, opts, report);
+        }
         let (src_name, tag) = opts.from.split_once(':').ok_or_else(|| {
             invalid(format!(
                 "--from-snapshot takes WORKSPACE:TAG, got {:?}",
@@ -99,6 +106,65 @@ impl Engine {
             Ok((rec, pid)) => Ok(written(&ws, &rec, pid)),
             Err(e) => {
                 // Nothing half-made stays behind; the VMM (if any) goes too.
+                if let Some(pid) = ws.read().ok().and_then(|r| r.vmm_pid) {
+                    // SAFETY: signalling the VMM process group we started.
+                    unsafe { libc::kill(-pid, libc::SIGKILL) };
+                }
+                kill_strays(&ws);
+                let _ = std::fs::remove_dir_all(&ws.dir);
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Engine {
+    /// Pulls the snapshot at `opts.from` into workspace `name` and
+    /// resumes it there, as a fork (a new identity; the caller's secrets).
+    fn fork_from_registry(
+        &self,
+        name: &str,
+        opts: &ForkOptions,
+        report: &dyn Reporter,
+    ) -> Result<WorkspaceView> {
+        check_unique(opts.ports).map_err(invalid)?;
+        let max_snapshots = opts.settings.max_snapshots.unwrap_or(MAX_SNAPSHOTS_DEFAULT);
+        check_max_snapshots(max_snapshots)?;
+        let landed =
+            self.pull_snapshot_into(opts.from, Some(name), None, &opts.registry, report)?;
+        let ws = landed.ws;
+        let result = (|| -> Result<(WorkspaceRecord, Option<u32>)> {
+            let _lock = FileLock::acquire(&ws.lock_path())?;
+            let mut rec = WorkspaceRecord {
+                ports: opts.ports.to_vec(),
+                auto_snapshot_on_stop: opts.settings.auto_snapshot_on_stop.unwrap_or(true),
+                max_snapshots,
+                ..landed.rec
+            };
+            if rec.network == NetworkMode::None && !opts.ports.is_empty() {
+                return Err(invalid(format!(
+                    "snapshot {} has no network (--network none): a fork of it cannot publish ports",
+                    opts.from
+                )));
+            }
+            ws.write(&rec)?;
+            let store = SecretStore::of(&ws);
+            for (k, v) in opts.secret_overrides {
+                store.set(k, v)?;
+            }
+            let l = launch(
+                &ws,
+                &mut rec,
+                Some(&landed.dir),
+                opts.wait,
+                AfterReady::DeliverSecrets,
+                report,
+            )?;
+            Ok((rec, l.vmm_pid))
+        })();
+        match result {
+            Ok((rec, pid)) => Ok(written(&ws, &rec, pid)),
+            Err(e) => {
                 if let Some(pid) = ws.read().ok().and_then(|r| r.vmm_pid) {
                     // SAFETY: signalling the VMM process group we started.
                     unsafe { libc::kill(-pid, libc::SIGKILL) };

@@ -19,6 +19,8 @@ pub mod launch;
 pub mod lifecycle;
 mod references;
 pub mod secrets;
+pub mod share;
+pub mod share_pull;
 pub mod snapshot;
 mod snapshot_files;
 mod snapshot_query;

@@ -70,6 +70,47 @@ fn check_file(
     Ok(())
 }
 
+/// Hashes every file `m` lists in snapshot directory `dir` again (one
+/// thread per file) and compares; Err names every file that differs.
+pub(crate) fn verify_files(dir: &Path, m: &Manifest) -> std::result::Result<(), String> {
+    let chain = ChainSpec::read(&dir.join(SNAPSHOT_DISK_DIR)).ok();
+    let block_size = chain.as_ref().map(|s| s.block_size);
+    let results: Vec<std::result::Result<(), String>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = m
+            .files
+            .iter()
+            .map(|f| scope.spawn(|| check_file(dir, f, block_size)))
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| {
+                w.join()
+                    .unwrap_or_else(|_| Err("hashing it panicked".into()))
+            })
+            .collect()
+    });
+    let bad: Vec<String> = m
+        .files
+        .iter()
+        .zip(&results)
+        .filter_map(|(f, r)| r.as_ref().err().map(|why| format!("{} {why}", f.name)))
+        .collect();
+    if !bad.is_empty() {
+        return Err(bad.join("; "));
+    }
+    // The chain lists only files the manifest pins.
+    if let Some(spec) = &chain {
+        for f in spec.files() {
+            if m.file(&disk_entry(f)).is_none() {
+                return Err(format!(
+                    "its disk chain names {f}, which the manifest does not pin"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Engine {
     /// Hashes every file of snapshot `tag` of workspace `name` again (one
     /// thread per file) and compares with its manifest. Err
@@ -81,41 +122,7 @@ impl Engine {
             message: format!("snapshot {tag} of workspace {name} is damaged: {what}"),
         };
         let m = Manifest::read(&dir).map_err(|e| damaged(e.to_string()))?;
-        let chain = ChainSpec::read(&dir.join(SNAPSHOT_DISK_DIR)).ok();
-        let block_size = chain.as_ref().map(|s| s.block_size);
-        let results: Vec<std::result::Result<(), String>> = std::thread::scope(|scope| {
-            let workers: Vec<_> = m
-                .files
-                .iter()
-                .map(|f| scope.spawn(|| check_file(&dir, f, block_size)))
-                .collect();
-            workers
-                .into_iter()
-                .map(|w| {
-                    w.join()
-                        .unwrap_or_else(|_| Err("hashing it panicked".into()))
-                })
-                .collect()
-        });
-        let bad: Vec<String> = m
-            .files
-            .iter()
-            .zip(&results)
-            .filter_map(|(f, r)| r.as_ref().err().map(|why| format!("{} {why}", f.name)))
-            .collect();
-        if !bad.is_empty() {
-            return Err(damaged(bad.join("; ")));
-        }
-        // The chain lists only files the manifest pins.
-        if let Some(spec) = &chain {
-            for f in spec.files() {
-                if m.file(&disk_entry(f)).is_none() {
-                    return Err(damaged(format!(
-                        "its disk chain names {f}, which the manifest does not pin"
-                    )));
-                }
-            }
-        }
+        verify_files(&dir, &m).map_err(damaged)?;
         Ok(Verified {
             workspace: ws.name.clone(),
             tag: m.tag.clone(),

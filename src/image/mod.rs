@@ -7,6 +7,7 @@
 //! size-bounded, and unpacking refuses entries that would land outside the
 //! tree.
 
+pub mod artifact;
 pub mod auth;
 pub mod blob;
 pub mod build;
@@ -22,6 +23,7 @@ pub mod progress;
 pub mod pull;
 pub mod push;
 pub mod reference;
+pub mod registry;
 pub mod store;
 pub mod unpack;
 pub mod upper;

@@ -172,7 +172,7 @@ async fn pull_async(
 
 /// Size-bounds a manifest and checks it hashes to its digest (and to the
 /// digest the reference pinned, if any).
-fn check_manifest_bytes(body: &[u8], digest: &str, pinned: Option<&str>) -> Result<()> {
+pub(super) fn check_manifest_bytes(body: &[u8], digest: &str, pinned: Option<&str>) -> Result<()> {
     if body.len() as u64 > MAX_JSON_BYTES {
         return Err(ImageError::TooLarge {
             what: "manifest".into(),
@@ -192,7 +192,7 @@ fn check_manifest_bytes(body: &[u8], digest: &str, pinned: Option<&str>) -> Resu
     Ok(())
 }
 
-async fn fetch_blob(
+pub(super) async fn fetch_blob(
     client: &Client,
     reference: &Reference,
     blobs: &BlobStore,

@@ -39,7 +39,7 @@ pub fn push(
 }
 
 /// The chunks of a blob file, read lazily, with progress.
-fn blob_stream(
+pub(super) fn blob_stream(
     path: std::path::PathBuf,
     bar: std::sync::Arc<super::progress::BlobProgress>,
 ) -> Result<

@@ -177,3 +177,33 @@ pub fn snapshot_verified(v: &crate::engine::snapshot_verify::Verified) -> Value 
         .collect();
     json!({"workspace": v.workspace, "tag": v.tag, "verified": true, "files": files})
 }
+
+/// `snapshot push`: schema `snapshot-push`.
+pub fn snapshot_pushed(p: &crate::engine::share::SnapshotPushed) -> Value {
+    json!({
+        "workspace": p.workspace,
+        "tag": p.tag,
+        "reference": p.reference,
+        "digest": p.digest,
+        "blobs": p.blobs,
+        "blobs_pushed": p.blobs_pushed,
+        "chunks": p.chunks,
+        "bytes_total": p.bytes_total,
+        "bytes_pushed": p.bytes_pushed,
+        "duration_ms": p.duration_ms,
+    })
+}
+
+/// `snapshot pull`: schema `snapshot-pull`.
+pub fn snapshot_pulled(p: &crate::engine::share_pull::SnapshotPulled) -> Value {
+    json!({
+        "workspace": p.workspace,
+        "tag": p.tag,
+        "reference": p.reference,
+        "digest": p.digest,
+        "blobs": p.blobs,
+        "blobs_fetched": p.blobs_fetched,
+        "bytes_fetched": p.bytes_fetched,
+        "duration_ms": p.duration_ms,
+    })
+}

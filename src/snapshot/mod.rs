@@ -1,4 +1,5 @@
 pub mod bootcache;
+pub mod chunks;
 pub mod cpuid;
 pub mod format;
 pub mod manifest;

@@ -30,7 +30,7 @@ bash scripts/build-agent.sh >/dev/null
 if [ "$quick" -eq 1 ]; then
   export MICROAGENT_BENCH_RUNS=1 MICROAGENT_BENCH_SNAPSHOT_MIB=256 MICROAGENT_BENCH_DISK_BIG_MIB=2048
 fi
-for bench in boot exec snapshot disk commit api network warm_start; do
+for bench in boot exec snapshot disk commit api share network warm_start; do
   echo "bench: $bench ..." >&2
   start=$(date +%s)
   # Each bench prints JSON lines on stdout; keep going if one fails.

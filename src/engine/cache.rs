@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
+use super::share_pull::{CHUNK_STORE, KERNEL_STORE};
 use super::{invalid, Engine, Error, IoContext, Result};
 use crate::image::store::ImageStore;
 use crate::snapshot::bootcache::{valid_key, BootCache, Entry};
@@ -87,9 +88,11 @@ impl Engine {
         })
     }
 
-    /// Removes layer disks that no image, workspace or snapshot names, and
-    /// boot disks that no workspace or snapshot names (the current agent's
-    /// is rebuilt by the next create). Boot snapshots were removed first.
+    /// Removes layer disks that no image, workspace or snapshot names, boot
+    /// disks that no workspace or snapshot names (the current agent's is
+    /// rebuilt by the next create), pulled kernels no workspace boots, and
+    /// the chunk store (a transfer cache: pulled snapshots hold their own
+    /// files). Boot snapshots were removed first.
     fn prune_shared_disks(&self) -> Result<(u64, u64)> {
         let images = ImageStore::new(&self.state.root);
         // Under the store lock: no build or removal runs meanwhile.
@@ -106,7 +109,8 @@ impl Engine {
             };
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if !name.ends_with(".erofs") || keep(&name) {
+                let shared = name.ends_with(".erofs") || name.ends_with(".vmlinux");
+                if !shared || keep(&name) {
                     continue;
                 }
                 let bytes = e.metadata().map_or(0, |m| m.blocks() * 512);
@@ -124,6 +128,16 @@ impl Engine {
         sweep(&self.state.root.join(BOOT_DISK_DIR), &|name| {
             refs.boot_disks.contains(name)
         })?;
+        let kernels = self.state.root.join(KERNEL_STORE);
+        sweep(&kernels, &|name| {
+            refs.kernels
+                .contains(&kernels.join(name).display().to_string())
+        })?;
+        let chunks = self.state.root.join(CHUNK_STORE);
+        if chunks.exists() {
+            removed.1 += crate::disk::allocated_bytes(&chunks.join("blobs/sha256"));
+            std::fs::remove_dir_all(&chunks).io_ctx(|| format!("removing {}", chunks.display()))?;
+        }
         Ok(removed)
     }
 }

@@ -16,6 +16,8 @@ struct User {
     image_digest: Option<String>,
     layers: Vec<String>,
     boot_disk: Option<String>,
+    /// The kernel a workspace boots (snapshots pin it by sha256 only).
+    kernel: Option<String>,
 }
 
 pub(crate) struct References {
@@ -24,6 +26,8 @@ pub(crate) struct References {
     pub layers: HashSet<String>,
     /// Every boot disk (file name) a workspace or snapshot needs.
     pub boot_disks: HashSet<String>,
+    /// Every kernel path a workspace boots.
+    pub kernels: HashSet<String>,
 }
 
 /// Reads every workspace and snapshot of `state`. Unreadable records are
@@ -50,6 +54,7 @@ pub(crate) fn collect(state: &StateDir) -> Result<References> {
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
             }),
+            kernel: Some(rec.kernel.clone()),
         });
         let Ok(entries) = std::fs::read_dir(ws.snapshots()) else {
             continue;
@@ -63,6 +68,7 @@ pub(crate) fn collect(state: &StateDir) -> Result<References> {
                     image_digest: m.image_digest.clone(),
                     layers: m.layer_disks.iter().map(|d| d.key.clone()).collect(),
                     boot_disk: m.boot_disk.as_ref().map(|d| d.key.clone()),
+                    kernel: None,
                 })
             })
             .collect();
@@ -74,10 +80,12 @@ pub(crate) fn collect(state: &StateDir) -> Result<References> {
         .flat_map(|u| u.layers.iter().cloned())
         .collect();
     let boot_disks = users.iter().filter_map(|u| u.boot_disk.clone()).collect();
+    let kernels = users.iter().filter_map(|u| u.kernel.clone()).collect();
     Ok(References {
         users,
         layers,
         boot_disks,
+        kernels,
     })
 }
 

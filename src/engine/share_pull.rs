@@ -24,6 +24,7 @@ use crate::image::store::ImageStore;
 use crate::image::{reference, MAX_JSON_BYTES};
 use crate::snapshot::chunks::{self, ChunkedFile};
 use crate::snapshot::manifest::{validate_tag, HostCpu, Manifest, MANIFEST, VMSTATE};
+use crate::util::lock::FileLock;
 use crate::vmm::arch::x86_64::cpuid::CpuTemplate;
 use crate::vmm::host;
 use crate::workspace::layout::{DiskLayout, LayerDisk, BOOT_DISK_DIR};
@@ -132,7 +133,16 @@ impl Engine {
         check_runs_here(&m, &config)?;
         let tag = tag.unwrap_or(&m.tag).to_string();
 
+        // A pull that was killed leaves a directory without a record; its
+        // lock is free once its process is gone. Clear it, so pulling
+        // again resumes (the chunks it fetched are kept in the store).
+        if ws.dir.is_dir() && !ws.record_path().is_file() {
+            if let Ok(Some(_stale)) = FileLock::try_acquire(&ws.lock_path()) {
+                let _ = std::fs::remove_dir_all(&ws.dir);
+            }
+        }
         claim_workspace_dir(&self.state, &ws)?;
+        let _lock = FileLock::acquire(&ws.lock_path())?;
         let result = (|| -> Result<Landed> {
             let image = match &config.image {
                 Some(img) => Some(self.pulled_image(&session, img, report)?),

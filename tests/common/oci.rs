@@ -206,6 +206,11 @@ impl Registry {
         }
     }
 
+    /// Where the registry keeps its files (to tamper with a blob).
+    pub fn data_dir(&self) -> PathBuf {
+        self._dir.path().join("data")
+    }
+
     pub fn creds(&self) -> String {
         format!("{}:{}", self.user, self.password)
     }

@@ -140,3 +140,27 @@ put("virtio_net", "frames-both-ways", memory(
     {0: [desc(0x1000, 0x400, WRITE)],
      1: [desc(0x1400, 12, NEXT, 1), desc(0x1440, 13, 0)]},
     {0x1440: b"guestTX-frame"}, size=0x4000) + struct.pack(">I", len(rx_frame)) + rx_frame)
+
+# A snapshot artifact's manifest and its config (what `snapshot pull`
+# reads from a registry before fetching anything else).
+chunk = "cd" * 32
+put("snapshot_artifact", "manifest", json.dumps({
+    "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+    "artifactType": "application/vnd.microagent.snapshot.v1",
+    "config": {"mediaType": "application/vnd.microagent.snapshot.config.v1+json", "digest": digest, "size": 900},
+    "layers": [{"mediaType": "application/vnd.microagent.snapshot.chunk.v1+zstd", "digest": "sha256:" + chunk, "size": 300}]}))
+chunked = lambda name, size, extents, chunks: {"name": name, "size": size, "extents": extents, "chunks": chunks}
+put("snapshot_artifact", "config", json.dumps({
+    "version": 1, "chunk_size": 4 << 20,
+    "run": {"image": "localhost/busybox:latest", "image_config": {"cmd": ["/bin/sh"]}, "cmdline": "quiet",
+            "init": None, "cpu_template": "pvm-safe", "network": "user"},
+    "manifest": {"digest": digest, "size": 2000, "media_type": "application/vnd.microagent.snapshot.manifest.v1+json"},
+    "vmstate": {"digest": digest, "size": 30000, "media_type": "application/vnd.microagent.snapshot.vmstate.v1"},
+    "image": None,
+    "kernel": chunked("vmlinux", 5 << 20, [[0, 5 << 20]],
+                      [{"index": 0, "sha256": chunk, "size": 300, "len": 4 << 20},
+                       {"index": 1, "sha256": chunk, "size": 300, "len": 1 << 20}]),
+    "boot_disk": None,
+    "files": [chunked("memory.bin", 256 << 20, [[0, 8192], [16 << 20, (16 << 20) + 4096]],
+                      [{"index": 0, "sha256": chunk, "size": 300, "len": 8192}]),
+              chunked("disk/chain.json", 200, [[0, 200]], [{"index": 0, "sha256": chunk, "size": 150, "len": 200}])]}))

@@ -33,6 +33,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("virtio_block", virtio_block),
     ("virtio_vsock", virtio_vsock),
     ("virtio_net", virtio_net),
+    ("snapshot_artifact", snapshot_artifact),
 ];
 
 pub fn target(name: &str) -> Option<Target> {
@@ -102,6 +103,18 @@ pub fn oci(data: &[u8]) {
         let _ = config::select_platform(&entries);
     }
     let _ = config::parse_config(data);
+}
+
+/// A snapshot artifact's manifest and config as a pull reads them from a
+/// registry (the config's files, extents and chunks validated), and the
+/// check that the manifest lists every blob the config uses.
+pub fn snapshot_artifact(data: &[u8]) {
+    use crate::image::artifact::{check_listed, parse_manifest, ArtifactConfig};
+    let layers = parse_manifest(data).map(|(_, l)| l).unwrap_or_default();
+    if let Ok(config) = ArtifactConfig::parse(data) {
+        let _ = check_listed(&config, &layers);
+        let _ = config.blobs();
+    }
 }
 
 /// One layer (tar, maybe compressed) unpacked into a fresh directory, in

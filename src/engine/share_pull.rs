@@ -131,6 +131,27 @@ impl Engine {
             })?;
         validate_tag(&m.tag).map_err(invalid)?;
         check_runs_here(&m, &config)?;
+        for f in &config.files {
+            match m.file(&f.name) {
+                Some(info) if info.size == f.size => {}
+                Some(info) => {
+                    return Err(damaged(
+                        &reference,
+                        format!(
+                            "{} is {} bytes, its manifest says {}",
+                            f.name, f.size, info.size
+                        ),
+                    ))
+                }
+                None => {
+                    return Err(damaged(
+                        &reference,
+                        format!("it carries {}, which its manifest does not list", f.name),
+                    ))
+                }
+            }
+        }
+        self.check_room(&reference, &config, &needed, &chunk_store)?;
         let tag = tag.unwrap_or(&m.tag).to_string();
 
         // A pull that was killed leaves a directory without a record; its
@@ -171,12 +192,6 @@ impl Engine {
             std::fs::write(tmp.join(VMSTATE), vmstate)
                 .io_ctx(|| format!("writing {}", tmp.display()))?;
             for f in &config.files {
-                if m.file(&f.name).is_none() {
-                    return Err(damaged(
-                        &reference,
-                        format!("it carries {}, which its manifest does not list", f.name),
-                    ));
-                }
                 assemble(&tmp.join(&f.name), f, config.chunk_size, &chunk_store)?;
             }
             super::snapshot_verify::verify_files(&tmp, &m)
@@ -234,6 +249,45 @@ impl Engine {
             let _ = std::fs::remove_dir_all(&ws.dir);
         }
         result
+    }
+
+    /// Refuses a pull the state directory's filesystem has no room for
+    /// (the chunks to fetch, and the data the files will hold), before
+    /// anything is fetched: a hostile artifact could otherwise declare
+    /// terabytes of zeros, and an honest one would fail half-way.
+    fn check_room(
+        &self,
+        reference: &oci_client::Reference,
+        config: &ArtifactConfig,
+        needed: &[crate::image::config::Blob],
+        chunk_store: &BlobStore,
+    ) -> Result<()> {
+        let data: u64 = config
+            .chunked()
+            .flat_map(|f| f.extents.iter().map(|e| e[1] - e[0]))
+            .sum();
+        let fetch: u64 = needed
+            .iter()
+            .filter(|b| !chunk_store.has(&b.digest, b.size))
+            .map(|b| b.size)
+            .sum();
+        let mut at = self.state.root.as_path();
+        while !at.exists() {
+            at = at.parent().unwrap_or(Path::new("/"));
+        }
+        let fs = nix::sys::statvfs::statvfs(at)
+            .map_err(std::io::Error::from)
+            .io_ctx(|| format!("statvfs {}", at.display()))?;
+        let free = fs.blocks_available() as u64 * fs.fragment_size() as u64;
+        if data.saturating_add(fetch) > free {
+            return Err(invalid(format!(
+                "{} needs {} bytes ({fetch} to fetch, {data} of files), {} has {free} free",
+                reference.whole(),
+                data.saturating_add(fetch),
+                at.display()
+            )));
+        }
+        Ok(())
     }
 
     /// The snapshot's image in the local store, built from the artifact's

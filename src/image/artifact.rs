@@ -130,6 +130,29 @@ impl ArtifactConfig {
         if self.manifest.size > MAX_MANIFEST_BYTES || self.vmstate.size > MAX_VMSTATE_BYTES {
             return Err("the snapshot manifest or VM state is too large".into());
         }
+        let run = &self.run;
+        if run.cmdline.len() > 4096 || run.cmdline.chars().any(char::is_control) {
+            return Err(
+                "the kernel command line is over 4096 bytes or holds control characters".into(),
+            );
+        }
+        if let Some(init) = &run.init {
+            if !init.starts_with('/') || init.len() > 4096 || init.contains(char::is_whitespace) {
+                return Err(format!(
+                    "init {init:?} is not an absolute path without spaces"
+                ));
+            }
+        }
+        if run
+            .cpu_template
+            .parse::<crate::vmm::arch::x86_64::cpuid::CpuTemplate>()
+            .is_err()
+        {
+            return Err(format!("unknown CPU template {:?}", run.cpu_template));
+        }
+        if !matches!(run.network.as_str(), "user" | "none") {
+            return Err(format!("unknown network mode {:?}", run.network));
+        }
         let mut names = std::collections::HashSet::new();
         for f in &self.files {
             if !snapshot_file_name(&f.name) {

@@ -4,7 +4,10 @@
 //! copies of busybox: page cache and disk delta both change); beside
 //! them, as the baseline, `tar --sparse | zstd -3` of the same snapshot
 //! directory (`vmm: "tar|zstd"`; bytes and ms, what copying the
-//! directory by hand would send). Then `pull_ms` (`snapshot pull` into an
+//! directory by hand would send), and of the directory with what another
+//! host also needs to resume it, which the artifact carries too: the
+//! kernel, the boot disk and the image's layer blobs (`vmm:
+//! "tar|zstd+deps"`). Then `pull_ms` (`snapshot pull` into an
 //! empty state directory) and `pull_fork_exec_ms` (`create
 //! --from-snapshot REF` into an empty state directory, then `exec --
 //! true`), each from a fresh state directory per run. No QEMU
@@ -35,14 +38,16 @@ fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
 
-/// `tar --sparse -c DIR | zstd -3 -T1`: (compressed bytes, ms).
-fn tar_zstd(dir: &std::path::Path) -> (f64, f64) {
+/// `tar --sparse -c DIR EXTRA… | zstd -3 -T1`: (compressed bytes, ms).
+fn tar_zstd(dir: &std::path::Path, extra: &[String]) -> (f64, f64) {
     let t = Instant::now();
+    let extra: Vec<String> = extra.iter().map(|p| format!("'{p}'")).collect();
     let out = Command::new("sh")
         .arg("-c")
         .arg(format!(
-            "tar --sparse -cf - -C '{}' . | zstd -3 -T1 -q -c | wc -c",
-            dir.display()
+            "tar --sparse -cf - -C '{}' . {} 2>/dev/null | zstd -3 -T1 -q -c | wc -c",
+            dir.display(),
+            extra.join(" ")
         ))
         .output()
         .expect("tar | zstd");
@@ -51,6 +56,31 @@ fn tar_zstd(dir: &std::path::Path) -> (f64, f64) {
         .parse()
         .unwrap_or(f64::NAN);
     (bytes, ms(t))
+}
+
+/// The files besides the snapshot another host needs: the workspace's
+/// kernel and boot disk, and its image's layer blobs.
+fn dependencies(home: &Home) -> Vec<String> {
+    let read = |p: std::path::PathBuf| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap()
+    };
+    let rec = read(home.workspace_dir("ws").join("workspace.json"));
+    let mut out = vec![
+        rec["kernel"].as_str().unwrap().to_string(),
+        rec["layout"]["boot_disk"].as_str().unwrap().to_string(),
+    ];
+    let digest = rec["image_digest"].as_str().unwrap();
+    let images = home.dir.path().join("images");
+    let image = read(
+        images
+            .join(digest.trim_start_matches("sha256:"))
+            .join("image.json"),
+    );
+    for l in image["layers"].as_array().unwrap() {
+        let hex = l["digest"].as_str().unwrap().trim_start_matches("sha256:");
+        out.push(images.join("blobs/sha256").join(hex).display().to_string());
+    }
+    out
 }
 
 fn main() {
@@ -94,23 +124,19 @@ fn main() {
         }
         a.ok(&["snapshot", "create", "ws", "--tag", tag]);
         let extra = json!({"snapshot": tag, "memory_mib": 256});
-        let (bytes, took) = tar_zstd(&a.workspace_dir("ws").join("snapshots").join(tag));
-        stats::emit(
-            "share",
-            "tar|zstd",
-            "push_bytes",
-            "bytes",
-            vec![bytes],
-            extra.clone(),
-        );
-        stats::emit(
-            "share",
-            "tar|zstd",
-            "push_ms",
-            "ms",
-            vec![took],
-            extra.clone(),
-        );
+        let dir = a.workspace_dir("ws").join("snapshots").join(tag);
+        for (vmm, deps) in [("tar|zstd", vec![]), ("tar|zstd+deps", dependencies(&a))] {
+            let (bytes, took) = tar_zstd(&dir, &deps);
+            stats::emit(
+                "share",
+                vmm,
+                "push_bytes",
+                "bytes",
+                vec![bytes],
+                extra.clone(),
+            );
+            stats::emit("share", vmm, "push_ms", "ms", vec![took], extra.clone());
+        }
         let dest = format!("{}/bench/ws:{tag}", registry.addr);
         let t = Instant::now();
         let p = a.json(&[

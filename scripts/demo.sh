@@ -2,7 +2,8 @@
 # The main job, for a newcomer on a fresh machine: installs what is missing,
 # builds the guest kernel (cached), builds microagent, builds the default image
 # (busybox-static as an OCI layout), then create -> start -> exec -> snapshot
-# -> fork -> roll back -> commit -> the HTTP API, with timings.
+# -> fork -> push and fork on a second host -> roll back -> commit -> the
+# HTTP API, with timings.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -54,6 +55,23 @@ timed "$bin" snapshot verify demo ready
 step "fork: a new workspace resumed from the snapshot (no boot)"
 timed "$bin" create demo-fork --from-snapshot demo:ready
 timed "$bin" exec demo-fork -- sh -c 'echo "$(hostname) sees: $(cat /root/setup.txt)"'
+step "share: push the snapshot to a registry, fork it on a second host (a second state directory)"
+timed "$bin" halt demo-fork
+reg_dir=$(mktemp -d)
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+printf 'version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: %s\nhttp:\n  addr: 127.0.0.1:%s\n' \
+  "$reg_dir/data" "$port" > "$reg_dir/config.yml"
+docker-registry serve "$reg_dir/config.yml" >/dev/null 2>&1 &
+reg_pid=$!
+for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/v2/" >/dev/null && break; sleep 0.1; done
+timed "$bin" snapshot push demo:ready "127.0.0.1:$port/demo/ready:v1" --quiet
+second=$cache/demo/second-host
+rm -rf "$second"
+timed env MICROAGENT_HOME="$second" "$bin" create elsewhere --from-snapshot "127.0.0.1:$port/demo/ready:v1" --quiet
+timed env MICROAGENT_HOME="$second" "$bin" exec elsewhere -- sh -c 'echo "$(hostname) sees: $(cat /root/setup.txt)"'
+MICROAGENT_HOME="$second" "$bin" delete elsewhere --yes --force >/dev/null
+kill "$reg_pid"; wait "$reg_pid" 2>/dev/null || true
+rm -rf "$reg_dir" "$second"
 step "roll back in place: break the workspace, then start it from the snapshot"
 "$bin" exec demo -- rm /root/setup.txt
 timed "$bin" halt demo
@@ -75,7 +93,6 @@ curl -sfN --unix-socket "$sock" -X POST http://demo/v1/workspaces/demo/exec \
   -d '{"argv":["sh","-c","echo hello over HTTP from $(hostname); echo to stderr >&2"]}' | sed 's/^/    /'
 kill "$api_pid"; wait "$api_pid" 2>/dev/null || true
 step "halt and delete"
-timed "$bin" halt demo-fork
 timed "$bin" delete demo-fork --yes
 timed "$bin" halt demo
 timed "$bin" delete demo --yes

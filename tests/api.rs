@@ -656,6 +656,25 @@ fn api_serves_the_engine_with_real_guests() {
         json!({"ref": dest, "creds": registry.creds()}),
     );
     assert_schema("image-fetch", &v);
+    // Snapshots through the registry: the newest pushed, then pulled back
+    // as a new halted workspace (tests/share.rs forks them elsewhere).
+    let snap = format!("{}/api/snapshot:1", registry.addr);
+    let v = api.expect(
+        200,
+        "POST",
+        "/v1/workspaces/api/snapshots/latest/push",
+        json!({"dest": snap, "creds": registry.creds()}),
+    );
+    assert_schema("snapshot-push", &v);
+    let v = api.expect(
+        201,
+        "POST",
+        "/v1/snapshots/pull",
+        json!({"ref": snap, "into": "pulled", "creds": registry.creds()}),
+    );
+    assert_schema("snapshot-pull", &v);
+    assert_eq!(home.json(&["status", "pulled"])["status"], "halted");
+    home.ok(&["delete", "pulled", "--yes"]);
     let e = api.expect(400, "POST", "/v1/workspaces/api/commit", json!({}));
     assert!(
         e["error"]["message"]

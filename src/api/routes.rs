@@ -109,6 +109,11 @@ pub(super) fn v1() -> Router<super::State> {
         .route("/v1/images/pull", post(image_pull))
         .route("/v1/images/import", post(image_import))
         .route("/v1/images/push", post(image_push))
+        .route(
+            "/v1/workspaces/{name}/snapshots/{tag}/push",
+            post(snapshot_push),
+        )
+        .route("/v1/snapshots/pull", post(snapshot_pull))
 }
 
 async fn openapi() -> Response {
@@ -507,4 +512,55 @@ async fn image_push(State(s): State<super::State>, Body(b): Body<PushBody>) -> A
     })
     .await?;
     ok(render::image_pushed(&rec, &p))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotPushBody {
+    /// REGISTRY/REPOSITORY:TAG.
+    dest: String,
+    creds: Option<String>,
+    #[serde(default)]
+    insecure_registries: Vec<String>,
+}
+
+async fn snapshot_push(
+    State(s): State<super::State>,
+    Path((name, tag)): Path<(String, String)>,
+    Body(b): Body<SnapshotPushBody>,
+) -> Answer {
+    let reg = RegistryOptions {
+        creds: b.creds,
+        insecure_registries: b.insecure_registries,
+    };
+    let p = blocking(&s, move |e| {
+        e.snapshot_push(&name, &tag, &b.dest, &reg, &ServerReport::new())
+    })
+    .await?;
+    ok(render::snapshot_pushed(&p))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotPullBody {
+    /// REGISTRY/REPOSITORY:TAG (or @sha256:…).
+    #[serde(rename = "ref")]
+    reference: String,
+    /// NAME or NAME:TAG of the new workspace.
+    into: Option<String>,
+    creds: Option<String>,
+    #[serde(default)]
+    insecure_registries: Vec<String>,
+}
+
+async fn snapshot_pull(State(s): State<super::State>, Body(b): Body<SnapshotPullBody>) -> Answer {
+    let reg = RegistryOptions {
+        creds: b.creds,
+        insecure_registries: b.insecure_registries,
+    };
+    let p = blocking(&s, move |e| {
+        e.snapshot_pull(&b.reference, b.into.as_deref(), &reg, &ServerReport::new())
+    })
+    .await?;
+    created(render::snapshot_pulled(&p))
 }

@@ -198,15 +198,7 @@ impl Engine {
                 )?;
                 // The upper holds only what the workspace changes.
                 let size = opts.disk_size.unwrap_or(opts.disk_free);
-                let layers = ready
-                    .record
-                    .layer_disks
-                    .iter()
-                    .map(|k| LayerDisk {
-                        key: k.to_string(),
-                        path: store.layer_disk(k),
-                    })
-                    .collect();
+                let layers = LayerDisk::of_image(&store, &ready.record);
                 (
                     DiskSource::Image(Box::new(ready.record), layers),
                     Some(size),

@@ -15,7 +15,7 @@ use crate::workspace::disk::restore_from;
 use crate::workspace::secrets::{SecretStore, Value};
 use crate::workspace::state::Status;
 use crate::workspace::store::{
-    now_rfc3339, NetworkMode, WorkspaceRecord, MAX_SNAPSHOTS_DEFAULT, RECORD_VERSION,
+    now_rfc3339, NetworkMode, WorkspaceDir, WorkspaceRecord, MAX_SNAPSHOTS_DEFAULT, RECORD_VERSION,
 };
 
 /// What a fork asks for.
@@ -102,19 +102,7 @@ impl Engine {
             )?;
             Ok((rec, l.vmm_pid))
         })();
-        match result {
-            Ok((rec, pid)) => Ok(written(&ws, &rec, pid)),
-            Err(e) => {
-                // Nothing half-made stays behind; the VMM (if any) goes too.
-                if let Some(pid) = ws.read().ok().and_then(|r| r.vmm_pid) {
-                    // SAFETY: signalling the VMM process group we started.
-                    unsafe { libc::kill(-pid, libc::SIGKILL) };
-                }
-                kill_strays(&ws);
-                let _ = std::fs::remove_dir_all(&ws.dir);
-                Err(e)
-            }
-        }
+        finish(&ws, result)
     }
 }
 
@@ -162,17 +150,26 @@ impl Engine {
             )?;
             Ok((rec, l.vmm_pid))
         })();
-        match result {
-            Ok((rec, pid)) => Ok(written(&ws, &rec, pid)),
-            Err(e) => {
-                if let Some(pid) = ws.read().ok().and_then(|r| r.vmm_pid) {
-                    // SAFETY: signalling the VMM process group we started.
-                    unsafe { libc::kill(-pid, libc::SIGKILL) };
-                }
-                kill_strays(&ws);
-                let _ = std::fs::remove_dir_all(&ws.dir);
-                Err(e)
+        finish(&ws, result)
+    }
+}
+
+/// A fork's outcome: its view, or, when it failed, nothing half-made left
+/// behind (the VMM, if one started, goes too) and the error.
+fn finish(
+    ws: &WorkspaceDir,
+    result: Result<(WorkspaceRecord, Option<u32>)>,
+) -> Result<WorkspaceView> {
+    match result {
+        Ok((rec, pid)) => Ok(written(ws, &rec, pid)),
+        Err(e) => {
+            if let Some(pid) = ws.read().ok().and_then(|r| r.vmm_pid) {
+                // SAFETY: signalling the VMM process group we started.
+                unsafe { libc::kill(-pid, libc::SIGKILL) };
             }
+            kill_strays(ws);
+            let _ = std::fs::remove_dir_all(&ws.dir);
+            Err(e)
         }
     }
 }

@@ -325,14 +325,7 @@ impl Engine {
             },
             progress,
         )?;
-        let layers = irec
-            .layer_disks
-            .iter()
-            .map(|k| LayerDisk {
-                key: k.to_string(),
-                path: store.layer_disk(k),
-            })
-            .collect();
+        let layers = LayerDisk::of_image(&store, &irec);
         Ok((irec.digest, layers))
     }
 

@@ -40,6 +40,23 @@ pub struct LayerDisk {
     pub path: PathBuf,
 }
 
+impl LayerDisk {
+    /// The layer disks an image stacks, lowest first, where its store keeps them.
+    pub fn of_image(
+        store: &crate::image::store::ImageStore,
+        image: &crate::image::store::ImageRecord,
+    ) -> Vec<LayerDisk> {
+        image
+            .layer_disks
+            .iter()
+            .map(|k| LayerDisk {
+                key: k.to_string(),
+                path: store.layer_disk(k),
+            })
+            .collect()
+    }
+}
+
 /// A workspace's disks beside its own chain. Records written before
 /// layered disks have none: their one root disk holds the agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -113,7 +113,18 @@ impl Engine {
         let session = Session::open(&reference, &registry.pull_options(), false)?;
         let (body, digest) = session.pull_manifest(&[OCI_MANIFEST])?;
         let (config_blob, layers) = artifact::parse_manifest(&body)?;
-        let chunk_store = BlobStore::new(&self.state.root.join(CHUNK_STORE));
+        let chunk_dir = self.state.root.join(CHUNK_STORE);
+        // Chunks are guest memory: the user's alone, like the state
+        // directory (made here with it when a pull is its first use).
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .recursive(true)
+                .create(&chunk_dir)
+                .io_ctx(|| format!("creating {}", chunk_dir.display()))?;
+        }
+        let chunk_store = BlobStore::new(&chunk_dir);
         let progress = report.image_progress();
         session.fetch(&chunk_store, &config_blob, "snapshot-config", progress)?;
         let config = ArtifactConfig::parse(

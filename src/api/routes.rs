@@ -135,7 +135,8 @@ struct CreateBody {
     name: String,
     image: Option<String>,
     rootfs: Option<PathBuf>,
-    /// `WORKSPACE:TAG`: a fork, started at once.
+    /// `WORKSPACE:TAG`, or a snapshot in a registry (`REGISTRY/REPO:TAG`,
+    /// pulled first): a fork, started at once.
     from_snapshot: Option<String>,
     vcpus: Option<u64>,
     memory_mib: Option<u64>,
@@ -145,12 +146,21 @@ struct CreateBody {
     network: Option<NetworkMode>,
     auto_snapshot_on_stop: Option<bool>,
     max_snapshots: Option<u32>,
+    /// Registry credentials USER:PASSWORD for `image` or a registry
+    /// `from_snapshot` (default: the server's docker config).
+    creds: Option<String>,
+    #[serde(default)]
+    insecure_registries: Vec<String>,
 }
 
 async fn create(State(s): State<super::State>, Body(b): Body<CreateBody>) -> Answer {
     let settings = Settings {
         auto_snapshot_on_stop: b.auto_snapshot_on_stop,
         max_snapshots: b.max_snapshots,
+    };
+    let registry = RegistryOptions {
+        creds: b.creds,
+        insecure_registries: b.insecure_registries,
     };
     if let Some(from) = b.from_snapshot {
         if b.image.is_some() || b.rootfs.is_some() || b.kernel.is_some() || b.init.is_some() {
@@ -165,7 +175,7 @@ async fn create(State(s): State<super::State>, Body(b): Body<CreateBody>) -> Ans
                 secret_overrides: &[],
                 ports: &[],
                 settings,
-                registry: Default::default(),
+                registry,
             };
             e.fork(&b.name, &opts, &ServerReport::new())
         })
@@ -187,6 +197,7 @@ async fn create(State(s): State<super::State>, Body(b): Body<CreateBody>) -> Ans
     opts.kernel = b.kernel;
     opts.init = b.init;
     opts.network = b.network.unwrap_or(opts.network);
+    opts.registry = registry;
     let v = blocking(&s, move |e| e.create(&b.name, &opts, &ServerReport::new())).await?;
     created(render::workspace(&v))
 }

@@ -54,7 +54,8 @@ pub struct ChainSpec {
     pub digests: BTreeMap<String, String>,
 }
 
-fn valid_name(name: &str) -> bool {
+/// A name a chain may give one of its files: plain, in its own directory.
+pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= MAX_NAME
         && !name.starts_with('.')

@@ -82,17 +82,14 @@ pub struct ArtifactConfig {
     pub files: Vec<ChunkedFile>,
 }
 
-/// A file name of a snapshot: `memory.bin` or `disk/NAME` with a plain
-/// name (what `ChainSpec` accepts; checked again when the chain is read).
+/// A file name of a snapshot: `memory.bin`, or `disk/NAME` where NAME is
+/// the chain's `chain.json` or a name a chain accepts for its files.
 fn snapshot_file_name(name: &str) -> bool {
-    let plain = |n: &str| {
-        !n.is_empty()
-            && n.len() <= 128
-            && !n.starts_with('.')
-            && n.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-    };
-    name == crate::snapshot::manifest::MEMORY || name.strip_prefix("disk/").is_some_and(plain)
+    use crate::disk::spec::valid_name;
+    name == crate::snapshot::manifest::MEMORY
+        || name
+            .strip_prefix("disk/")
+            .is_some_and(|n| n == crate::disk::CHAIN_FILE || valid_name(n))
 }
 
 impl ArtifactConfig {
@@ -166,7 +163,7 @@ impl ArtifactConfig {
             return Err(format!("kernel file named {:?}", self.kernel.name));
         }
         if let Some(b) = &self.boot_disk {
-            if !snapshot_file_name(&format!("disk/{}", b.name)) {
+            if !crate::disk::spec::valid_name(&b.name) {
                 return Err(format!(
                     "boot disk name {:?} is not a plain file name",
                     b.name

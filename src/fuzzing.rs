@@ -11,8 +11,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::devices::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::devices::virtio::block::Block;
@@ -151,7 +152,7 @@ fn assert_only_root(outer: &Path) {
 const MEM_BYTES: usize = 0x4000;
 
 fn guest_memory(data: &[u8]) -> GuestMemoryMmap {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_BYTES)])
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_BYTES)])
         .expect("16 KiB of anonymous memory");
     let n = data.len().min(MEM_BYTES);
     mem.write_slice(&data[..n], GuestAddress(0))

@@ -6,6 +6,7 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 
 use super::output::{human_size, Out};
+use crate::engine::snapshot::MemoryMode;
 use crate::engine::Engine;
 
 #[derive(Subcommand)]
@@ -63,6 +64,10 @@ pub struct CreateArgs {
     /// Tag (default: a UTC timestamp).
     #[arg(long)]
     tag: Option<String>,
+    /// Write all of guest memory, not a diff over the memory this guest was
+    /// last saved to or restored from (a new chain starts here).
+    #[arg(long)]
+    full: bool,
 }
 
 #[derive(Args)]
@@ -94,7 +99,12 @@ pub fn run(engine: &Engine, cmd: SnapshotCommand, out: &Out) -> Result<i32> {
 }
 
 fn create(engine: &Engine, args: CreateArgs, out: &Out) -> Result<i32> {
-    let c = engine.snapshot_create(&args.name, args.tag.as_deref(), out)?;
+    let memory = if args.full {
+        MemoryMode::Full
+    } else {
+        MemoryMode::Diff
+    };
+    let c = engine.snapshot_create_with(&args.name, args.tag.as_deref(), memory, out)?;
     let m = &c.snapshot.manifest;
     let scrubbed = match c.secrets_scrubbed {
         0 => String::new(),
@@ -102,8 +112,15 @@ fn create(engine: &Engine, args: CreateArgs, out: &Out) -> Result<i32> {
     };
     out.done(
         &format!(
-            "snapshot {} created ({} MiB RAM, {} vCPU) at {}{scrubbed}",
-            m.tag, m.memory_mib, m.vcpus, m.created
+            "snapshot {} created ({} MiB RAM, {} vCPU{}) at {}{scrubbed}",
+            m.tag,
+            m.memory_mib,
+            m.vcpus,
+            match m.memory_layers.len() {
+                0 | 1 => String::new(),
+                n => format!(", memory diff over {} layer(s)", n - 1),
+            },
+            m.created
         ),
         crate::render::snapshot_created(&c),
     );

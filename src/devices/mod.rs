@@ -7,6 +7,12 @@ pub mod virtio;
 
 use vmm_sys_util::eventfd::EventFd;
 
+/// Guest memory as every device and the VMM see it. Each region carries a
+/// bitmap of the pages the VMM itself wrote (virtio buffers and rings):
+/// KVM's dirty log sees only the guest's own writes, and a diff snapshot
+/// needs both.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+
 /// Log lines a guest can trigger (a broken queue kicked in a loop, a
 /// driver resetting over and over): the first few are written, then one
 /// notice, then nothing, so the guest cannot grow the VMM's log.

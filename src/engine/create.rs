@@ -413,6 +413,7 @@ fn populate(
         crash_reason: None,
         auto_snapshot_on_stop: opts.auto_snapshot_on_stop,
         max_snapshots: opts.max_snapshots,
+        memory_base: None,
     };
     ws.write(&rec)?;
     Ok(rec)

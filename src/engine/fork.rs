@@ -82,6 +82,7 @@ impl Engine {
                 ports: opts.ports.to_vec(),
                 auto_snapshot_on_stop: opts.settings.auto_snapshot_on_stop.unwrap_or(true),
                 max_snapshots,
+                memory_base: None,
                 ..src_rec.clone()
             };
             ws.write(&rec)?;
@@ -127,6 +128,7 @@ impl Engine {
                 ports: opts.ports.to_vec(),
                 auto_snapshot_on_stop: opts.settings.auto_snapshot_on_stop.unwrap_or(true),
                 max_snapshots,
+                memory_base: None,
                 ..landed.rec
             };
             if rec.network == NetworkMode::None && !opts.ports.is_empty() {

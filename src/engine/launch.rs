@@ -149,6 +149,8 @@ pub fn launch(
     rec.status = Status::Running;
     rec.vmm_pid = Some(pid);
     rec.crash_reason = None;
+    // Its next snapshot may be a diff over the memory it resumed.
+    rec.memory_base = restore_from.map(Path::to_path_buf);
     ws.write(rec)?;
     if let Some(timeout) = wait {
         let t = Instant::now();

@@ -17,6 +17,7 @@ pub mod fork;
 pub mod image;
 pub mod launch;
 pub mod lifecycle;
+mod memory_chain;
 mod references;
 pub mod secrets;
 pub mod share;

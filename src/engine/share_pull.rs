@@ -235,6 +235,7 @@ impl Engine {
                 crash_reason: None,
                 auto_snapshot_on_stop: true,
                 max_snapshots: MAX_SNAPSHOTS_DEFAULT,
+                memory_base: None,
             };
             ws.write(&rec)?;
             std::fs::rename(&tmp, &dir).io_ctx(|| format!("renaming {}", tmp.display()))?;

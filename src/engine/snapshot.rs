@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::launch::deliver_secrets;
+use super::memory_chain;
 use super::snapshot_files::{disk_entry, manifest_files, snapshot_size};
 use super::snapshot_query::newest;
 use super::vmm_user::take_back;
@@ -23,12 +24,13 @@ use crate::devices::virtio::block::SNAPSHOT_DISK_DIR;
 use crate::digest::sha256_file_cached;
 use crate::disk::{link_frozen, ChainSpec, CHAIN_FILE};
 use crate::snapshot::manifest::{
-    validate_tag, HostCpu, Manifest, Origin, MANIFEST, MEMORY, ROOTFS, VMSTATE,
+    memory_layer_file, validate_tag, HostCpu, Manifest, Origin, MANIFEST, MEMORY, ROOTFS, VMSTATE,
 };
 use crate::snapshot::scan::{scan, MIN_SCANNABLE};
 use crate::vmm::arch::x86_64::cpuid::CpuTemplate;
 use crate::vmm::control::{self, Op as CtlOp, SnapshotReply};
 use crate::vmm::host;
+use crate::vmm::snapshot::MemoryIds;
 use crate::workspace::busy::BusyGuard;
 use crate::workspace::secrets::{SecretStore, Value};
 use crate::workspace::state::Status;
@@ -55,6 +57,19 @@ pub struct Created {
     /// How long the guest was paused (None when it stays paused).
     pub paused_ms: Option<u64>,
     pub secrets_scrubbed: usize,
+    /// Allocated bytes of the snapshot's own memory layer (`memory.bin`):
+    /// all of guest memory's non-zero pages, or a diff's.
+    pub memory_bytes: u64,
+}
+
+/// Whether a snapshot may write its memory as a diff.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryMode {
+    /// A diff over the memory the guest was last saved to or restored
+    /// from, when that snapshot still stands and its chain has room.
+    Diff,
+    /// All of guest memory.
+    Full,
 }
 
 /// The default tag: a UTC timestamp.
@@ -147,6 +162,8 @@ pub(crate) fn check_snapshot(
     }
     let chain_entry = disk_entry(CHAIN_FILE);
     let mut names = vec![VMSTATE.to_string(), MEMORY.to_string()];
+    let layers = m.memory_layers.len();
+    names.extend((0..layers.saturating_sub(1)).map(|k| memory_layer_file(k, layers)));
     if m.file(&chain_entry).is_some() {
         let disk = dir.join(SNAPSHOT_DISK_DIR);
         let spec = ChainSpec::read(&disk).map_err(|e| Error::SnapshotDamaged {
@@ -206,6 +223,15 @@ pub(crate) fn check_snapshot(
     crate::snapshot::format::decode::<crate::vmm::snapshot::VmSnapshot>(&bytes)
         .ctx(|| format!("snapshot {}", dir.display()))?;
     Ok(m)
+}
+
+/// Records `dir` as the memory the running guest last equalled; a record
+/// that cannot be updated only costs the next snapshot its diff.
+pub(crate) fn set_memory_base(ws: &WorkspaceDir, dir: &Path) {
+    if let Ok(mut rec) = ws.read() {
+        rec.memory_base = Some(dir.to_path_buf());
+        let _ = ws.write(&rec);
+    }
 }
 
 /// Puts the secrets back after a snapshot (whether it succeeded or not),
@@ -308,12 +334,21 @@ pub(crate) fn capture(
     tag: &str,
     secrets: &[(String, Value)],
     leave_paused: bool,
+    memory: MemoryMode,
     started: Instant,
 ) -> Result<(Manifest, Option<Duration>)> {
     host::snapshot_support().map_err(|missing| Error::SnapshotUnsupported { missing })?;
     // The VMM writes only into a staging directory it makes itself under
     // the workspace's snapshots directory, and names it in its reply.
-    let reply: SnapshotReply = match control::snapshot(&ws.control_socket(), SNAPSHOT_TIMEOUT) {
+    // A diff over the memory this guest was last saved to or restored
+    // from, when that snapshot still stands (see `memory_chain`).
+    let parent = memory_chain::parent(rec).filter(|_| memory == MemoryMode::Diff);
+    let ids = MemoryIds {
+        id: memory_chain::new_id().io_ctx(|| "making a memory layer id".into())?,
+        parent: parent.as_ref().and_then(memory_chain::Parent::id),
+    };
+    let reply: SnapshotReply = match control::snapshot(&ws.control_socket(), &ids, SNAPSHOT_TIMEOUT)
+    {
         Ok(reply) => reply,
         Err(e) => {
             // The VMM may have died mid-save and left its staging directory
@@ -345,9 +380,26 @@ pub(crate) fn capture(
         message: format!("{what}: {e}"),
     })?;
     take_back(dest_tmp, &what)?;
-    // Proof of scrub, before the tag exists: memory, state, and everything
-    // the guest wrote since its base (the base is the image and the agent).
-    let mut files = vec![dest_tmp.join(MEMORY), dest_tmp.join(VMSTATE)];
+    let layers = reply.memory_layers.len();
+    let parent_files = match &parent {
+        Some(p) if layers > 1 => memory_chain::link_parent(p, &reply.memory_layers, dest_tmp)
+            .map_err(|e| Error::SnapshotDamaged {
+                message: format!("{what}: {e}"),
+            })?,
+        _ => Vec::new(),
+    };
+    if layers > 1 && parent_files.is_empty() {
+        return Err(Error::SnapshotDamaged {
+            message: format!("{what}: a diff over memory the engine did not name"),
+        });
+    }
+    // Proof of scrub, before the tag exists: memory (every layer: a
+    // parent was proven clean of the secrets of its day), state, and
+    // everything the guest wrote since its base (the image and the agent).
+    let mut files: Vec<PathBuf> = (0..layers.max(1))
+        .map(|k| dest_tmp.join(memory_layer_file(k, layers)))
+        .collect();
+    files.push(dest_tmp.join(VMSTATE));
     files.extend(spec.deltas.iter().map(|d| disk.join(d)));
     let paths: Vec<&Path> = files.iter().map(|p| p.as_path()).collect();
     if let Some(leak) =
@@ -359,7 +411,8 @@ pub(crate) fn capture(
             encoding: leak.encoding,
         });
     }
-    let files = manifest_files(ws, dest_tmp, &disk, spec)?;
+    let mut files = manifest_files(ws, dest_tmp, &disk, spec)?;
+    files.extend(parent_files);
     let origin = Origin {
         workspace: rec.name.clone(),
         image: rec.image.clone(),
@@ -384,7 +437,7 @@ pub(crate) fn capture(
             None => None,
         },
     };
-    let m = Manifest::new(
+    let mut m = Manifest::new(
         tag,
         origin,
         now_rfc3339(),
@@ -392,6 +445,7 @@ pub(crate) fn capture(
         reply.guest_cpuid,
         files,
     );
+    m.memory_layers = reply.memory_layers;
     m.write(dest_tmp)?;
     Ok((m, paused))
 }
@@ -403,6 +457,17 @@ impl Engine {
         &self,
         name: &str,
         tag: Option<&str>,
+        report: &dyn Reporter,
+    ) -> Result<Created> {
+        self.snapshot_create_with(name, tag, MemoryMode::Diff, report)
+    }
+
+    /// `snapshot_create`, choosing how memory is written.
+    pub fn snapshot_create_with(
+        &self,
+        name: &str,
+        tag: Option<&str>,
+        memory: MemoryMode,
         report: &dyn Reporter,
     ) -> Result<Created> {
         let tag = tag.map(str::to_string).unwrap_or_else(default_tag);
@@ -421,7 +486,7 @@ impl Engine {
             rec,
             status,
         } = open(&self.state, name)?;
-        self.snapshot_locked(&ws, &rec, status, &tag, report)
+        self.snapshot_locked(&ws, &rec, status, &tag, memory, report)
     }
 
     /// `snapshot_create` once the workspace is locked (halt's automatic
@@ -432,6 +497,7 @@ impl Engine {
         rec: &WorkspaceRecord,
         status: Status,
         tag: &str,
+        memory: MemoryMode,
         report: &dyn Reporter,
     ) -> Result<Created> {
         let tag = tag.to_string();
@@ -489,6 +555,7 @@ impl Engine {
                 &tag,
                 &secrets,
                 orig_paused,
+                memory,
                 started,
             )?;
             std::fs::rename(&tmp, &dest).io_ctx(|| format!("renaming into {}", dest.display()))?;
@@ -496,6 +563,8 @@ impl Engine {
             std::fs::File::open(ws.snapshots())
                 .and_then(|d| d.sync_all())
                 .io_ctx(|| format!("syncing {}", ws.snapshots().display()))?;
+            // The next snapshot may be a diff over this one.
+            set_memory_base(ws, &dest);
             Ok((m, paused))
         })();
         if !secrets.is_empty() {
@@ -512,6 +581,7 @@ impl Engine {
             }
         })?;
         Ok(Created {
+            memory_bytes: crate::util::copy::allocated_bytes(&dest.join(MEMORY)),
             snapshot: SnapshotInfo {
                 workspace: ws.name.clone(),
                 size_bytes: snapshot_size(&dest),

@@ -17,7 +17,7 @@ use std::path::Path;
 use super::{invalid, vmm_user, Context, IoContext, Result};
 use crate::devices::virtio::net::NetConfig;
 use crate::snapshot::format;
-use crate::snapshot::manifest::{MEMORY, VMSTATE};
+use crate::snapshot::manifest::VMSTATE;
 use crate::vmm::cgroup::{self, Limits, Placement};
 use crate::vmm::control::{self, ServeInfo};
 use crate::vmm::host;
@@ -241,7 +241,7 @@ pub fn serve(
                 std::fs::read(dir.join(VMSTATE)).io_ctx(|| format!("reading {}", dir.display()))?;
             let snap: VmSnapshot =
                 format::decode(&bytes).ctx(|| format!("{}/{VMSTATE}", dir.display()))?;
-            Vm::restore(&cfg, &snap, &dir.join(MEMORY)).ctx(|| "restoring the VM".into())?
+            Vm::restore(&cfg, &snap, dir).ctx(|| "restoring the VM".into())?
         }
         None => Vm::boot(&cfg).ctx(|| "booting the VM".into())?,
     };

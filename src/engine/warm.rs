@@ -97,7 +97,13 @@ pub fn first_start(
     }
     let launched = launch(ws, rec, None, wait, AfterReady::NoSecrets, report)?;
     let cached = match cache_boot(state, &cache, &key, ws, rec) {
-        Ok(stored) => stored,
+        Ok(stored) => {
+            // Whoever stored the entry, its ids say whether the next
+            // snapshot's diff over it fits.
+            rec.memory_base = Some(cache.entry_dir(&key));
+            ws.write(rec)?;
+            stored
+        }
         Err(e) => {
             // The workspace runs (capture resumes it on every path after
             // the pause); only the next start loses the shortcut.
@@ -198,6 +204,7 @@ fn cache_boot(
         &tag,
         &[],
         false,
+        super::snapshot::MemoryMode::Full,
         Instant::now(),
     ) {
         Ok(_) => cache

@@ -82,11 +82,12 @@ pub struct ArtifactConfig {
     pub files: Vec<ChunkedFile>,
 }
 
-/// A file name of a snapshot: `memory.bin`, or `disk/NAME` where NAME is
-/// the chain's `chain.json` or a name a chain accepts for its files.
+/// A file name of a snapshot: a memory layer (`memory.bin`,
+/// `memory.K.bin`), or `disk/NAME` where NAME is the chain's `chain.json`
+/// or a name a chain accepts for its files.
 fn snapshot_file_name(name: &str) -> bool {
     use crate::disk::spec::valid_name;
-    name == crate::snapshot::manifest::MEMORY
+    crate::snapshot::manifest::is_memory_file(name)
         || name
             .strip_prefix("disk/")
             .is_some_and(|n| n == crate::disk::CHAIN_FILE || valid_name(n))

@@ -155,6 +155,8 @@ pub fn snapshot_created(c: &Created) -> Value {
         "duration_ms": c.duration_ms,
         "paused_ms": c.paused_ms,
         "secrets_scrubbed": c.secrets_scrubbed,
+        "memory_layers": m.memory_layers.len().max(1),
+        "memory_bytes": c.memory_bytes,
     })
 }
 

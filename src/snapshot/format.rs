@@ -8,11 +8,15 @@
 use sha2::{Digest, Sha256};
 
 pub const MAGIC: &[u8; 8] = b"MAGTVMST";
-pub const FORMAT_MAJOR: u16 = 1;
+pub const FORMAT_MAJOR: u16 = 2;
 /// 1.1: the manifest records the guest's CPUID. 1.2: devices save their
 /// own state. 1.3: the root disk is a frozen copy-on-write chain in
 /// `disk/`, not a flat `rootfs.ext4` (1.x snapshots with one still restore).
-pub const FORMAT_MINOR: u16 = 3;
+/// 2.0: memory may be layered (a diff over its parent's memory files); a
+/// 1.x reader would restore only the top layer, so it must refuse these.
+pub const FORMAT_MINOR: u16 = 0;
+/// The oldest major this build still reads.
+pub const OLDEST_MAJOR: u16 = 1;
 pub const HEADER_LEN: usize = 56;
 /// Bodies are a few hundred KiB at most (per-vCPU state); anything near
 /// this is not ours.
@@ -24,7 +28,7 @@ pub enum FormatError {
     BadMagic,
     #[error("vmstate file is truncated ({0} bytes)")]
     Truncated(usize),
-    #[error("vmstate format {found}.x is not supported (this build reads {FORMAT_MAJOR}.x)")]
+    #[error("vmstate format {found}.x is not supported (this build reads {OLDEST_MAJOR}.x to {FORMAT_MAJOR}.x)")]
     UnsupportedMajor { found: u16 },
     #[error("vmstate body of {0} bytes exceeds the {MAX_BODY}-byte limit")]
     TooLarge(u64),
@@ -70,7 +74,7 @@ pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, FormatE
         return Err(FormatError::BadMagic);
     }
     let major = u16::from_le_bytes([bytes[8], bytes[9]]);
-    if major != FORMAT_MAJOR {
+    if !(OLDEST_MAJOR..=FORMAT_MAJOR).contains(&major) {
         return Err(FormatError::UnsupportedMajor { found: major });
     }
     let mut len8 = [0u8; 8];

@@ -7,13 +7,43 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::cpuid::{missing_features, CpuidLeaf};
-use super::format::{FORMAT_MAJOR, FORMAT_MINOR};
+use super::format::{FORMAT_MAJOR, FORMAT_MINOR, OLDEST_MAJOR};
 use crate::util::fs::{read_bounded, write_atomic};
 
 pub const MANIFEST: &str = "manifest.json";
 pub const VMSTATE: &str = "vmstate.bin";
 pub const MEMORY: &str = "memory.bin";
 pub const ROOTFS: &str = "rootfs.ext4";
+/// At most this many memory layers under one snapshot (its own included):
+/// a restore reads every layer above the bottom one, so the chain is
+/// bounded; the snapshot after a full chain is written whole.
+pub const MAX_MEMORY_LAYERS: usize = 8;
+
+/// The file of memory layer `k` (bottom first) of a snapshot with `count`
+/// layers: the top one, the snapshot's own, is always `memory.bin`; those
+/// below are its parents' files, linked as `memory.K.bin`.
+pub fn memory_layer_file(k: usize, count: usize) -> String {
+    if k + 1 >= count {
+        MEMORY.to_string()
+    } else {
+        format!("memory.{k}.bin")
+    }
+}
+
+/// Is `name` a memory file some snapshot may hold?
+pub fn is_memory_file(name: &str) -> bool {
+    name == MEMORY
+        || name
+            .strip_prefix("memory.")
+            .and_then(|r| r.strip_suffix(".bin"))
+            .and_then(|k| k.parse::<usize>().ok())
+            .is_some_and(|k| k + 1 < MAX_MEMORY_LAYERS && format!("memory.{k}.bin") == name)
+}
+
+/// A memory layer's id: 32 lowercase hex digits, made by the engine.
+pub fn valid_memory_id(id: &str) -> bool {
+    id.len() == 32 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostCpu {
@@ -103,6 +133,11 @@ pub struct Manifest {
     /// The boot disk the guest booted from, pinned the same way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_disk: Option<DiskRef>,
+    /// The ids of the memory layers restoring this snapshot stacks, bottom
+    /// first, its own last (files: [`memory_layer_file`]). Empty: made
+    /// before memory ids; `memory.bin` is whole.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub memory_layers: Vec<String>,
     pub format_version: String,
     pub files: Vec<FileInfo>,
 }
@@ -159,7 +194,7 @@ pub enum CompatError {
         register: &'static str,
         missing: u32,
     },
-    #[error("snapshot format {found} is not supported (this build reads {FORMAT_MAJOR}.x)")]
+    #[error("snapshot format {found} is not supported (this build reads {OLDEST_MAJOR}.x to {FORMAT_MAJOR}.x)")]
     Format { found: String },
 }
 
@@ -189,6 +224,7 @@ impl Manifest {
             host_cpu: HostCpu::current(),
             tsc_khz,
             guest_cpuid,
+            memory_layers: Vec::new(),
             format_version: format!("{FORMAT_MAJOR}.{FORMAT_MINOR}"),
             files,
         }
@@ -232,7 +268,7 @@ impl Manifest {
             .split('.')
             .next()
             .and_then(|m| m.parse::<u16>().ok());
-        if major != Some(FORMAT_MAJOR) {
+        if !major.is_some_and(|m| (OLDEST_MAJOR..=FORMAT_MAJOR).contains(&m)) {
             return Err(CompatError::Format {
                 found: self.format_version.clone(),
             });
@@ -329,6 +365,7 @@ mod tests {
             }],
             layer_disks: vec![],
             boot_disk: None,
+            memory_layers: Vec::new(),
             format_version: "1.1".into(),
             files: vec![],
         }
@@ -382,8 +419,13 @@ mod tests {
         assert!(m
             .check_compatible("aaa", "pvm-safe", &host, None, Some(&m.guest_cpuid))
             .is_ok());
+        let mut older = m.clone();
+        older.format_version = "1.3".into();
+        assert!(older
+            .check_compatible("aaa", "pvm-safe", &host, None, None)
+            .is_ok());
         let mut future = m.clone();
-        future.format_version = "2.0".into();
+        future.format_version = "3.0".into();
         assert!(matches!(
             future.check_compatible("aaa", "pvm-safe", &host, None, None),
             Err(CompatError::Format { .. })

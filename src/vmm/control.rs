@@ -30,7 +30,8 @@ use super::seccomp::{confine, ThreadKind};
 use super::snapshot::SaveError;
 use super::vm::{RunState, VmHandle};
 use crate::snapshot::cpuid::CpuidLeaf;
-use crate::snapshot::manifest::{MEMORY, VMSTATE};
+use crate::snapshot::manifest::{valid_memory_id, MEMORY, VMSTATE};
+use crate::vmm::snapshot::MemoryIds;
 
 pub const PROTOCOL_VERSION: u32 = 2;
 /// Requests are tiny; anything longer is refused without being buffered.
@@ -64,6 +65,12 @@ pub enum Op {
 pub struct Request {
     pub v: u32,
     pub op: Op,
+    /// Snapshot only: the id of the memory layer it writes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_id: Option<String>,
+    /// Snapshot only: the layer it may write a diff over (see `MemoryIds`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_parent: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
@@ -92,6 +99,10 @@ pub struct Response {
     /// Snapshot only: vCPU 0's CPUID as the guest saw it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_cpuid: Option<Vec<CpuidLeaf>>,
+    /// Snapshot only: the ids of its memory layers, bottom first, its own
+    /// last (one: written whole).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_layers: Option<Vec<String>>,
 }
 
 impl Response {
@@ -223,31 +234,58 @@ fn make_staging(server: &Server) -> Result<(String, File), StageError> {
     Ok((name, File::from(fd)))
 }
 
-fn write_staged(server: &Server, dir: &File, name: &str) -> Result<Vec<CpuidLeaf>, StageError> {
+fn write_staged(
+    server: &Server,
+    dir: &File,
+    name: &str,
+    ids: &MemoryIds,
+) -> Result<(Vec<CpuidLeaf>, Vec<String>), StageError> {
     let (vm, info) = (&server.vm, &server.info);
     let memory = create_new(dir, MEMORY)?;
     let staging = info.snapshots_dir.join(name);
-    let snap = vm.save(memory, &staging, &info.cmdline, info.mem_mib)?;
+    let snap = vm.save(memory, &staging, &info.cmdline, info.mem_mib, ids)?;
     let bytes = crate::snapshot::format::encode(&snap)?;
     create_new(dir, VMSTATE)?
         .write_all(&bytes)
         .map_err(io_at(Path::new(VMSTATE)))?;
-    Ok(snap
+    let cpuid = snap
         .vcpus
         .first()
         .map(|v| v.cpuid.iter().map(CpuidLeaf::from).collect())
-        .unwrap_or_default())
+        .unwrap_or_default();
+    let layers = snap.memory_layers.iter().map(|l| l.id.clone()).collect();
+    Ok((cpuid, layers))
 }
 
-fn save(server: &Server) -> Response {
+/// The memory ids a snapshot request names, checked.
+fn memory_ids(req: &Request) -> Result<MemoryIds, String> {
+    let id = req
+        .memory_id
+        .clone()
+        .filter(|id| valid_memory_id(id))
+        .ok_or("snapshot failed: the request names no valid memory id")?;
+    let parent = match &req.memory_parent {
+        Some(p) if !valid_memory_id(p) => {
+            return Err("snapshot failed: the request's memory parent is not a valid id".into())
+        }
+        p => p.clone(),
+    };
+    Ok(MemoryIds { id, parent })
+}
+
+fn save(server: &Server, req: &Request) -> Response {
     let vm = &server.vm;
+    let ids = match memory_ids(req) {
+        Ok(ids) => ids,
+        Err(e) => return Response::err(e),
+    };
     let was = vm.state();
     let (name, dir) = match make_staging(server) {
         Ok(x) => x,
         Err(e) => return Response::err(format!("snapshot failed: {e}")),
     };
-    match write_staged(server, &dir, &name) {
-        Ok(cpuid) => {
+    match write_staged(server, &dir, &name, &ids) {
+        Ok((cpuid, layers)) => {
             let mut r = Response::ok(RunState::Paused);
             r.was = Some(
                 if was == RunState::Paused {
@@ -260,6 +298,7 @@ fn save(server: &Server) -> Response {
             r.staging = Some(name);
             r.tsc_khz = server.info.tsc_khz;
             r.guest_cpuid = Some(cpuid);
+            r.memory_layers = Some(layers);
             r
         }
         Err(e) => {
@@ -309,7 +348,7 @@ fn handle(server: &Server, req: &Request) -> Response {
         Op::Snapshot | Op::FreezeDisk | Op::Pause | Op::Resume => {
             let _serial = server.ops.lock().unwrap_or_else(|p| p.into_inner());
             match req.op {
-                Op::Snapshot => save(server),
+                Op::Snapshot => save(server, req),
                 Op::FreezeDisk => freeze_staged(server),
                 Op::Pause => match vm.pause() {
                     Ok(()) => Response::ok(RunState::Paused),
@@ -436,6 +475,8 @@ pub fn request(path: &Path, op: Op, timeout: Duration) -> Result<Response, Clien
         Request {
             v: PROTOCOL_VERSION,
             op,
+            memory_id: None,
+            memory_parent: None,
         },
         timeout,
     )
@@ -449,17 +490,37 @@ pub struct SnapshotReply {
     pub was_running: bool,
     pub tsc_khz: Option<u32>,
     pub guest_cpuid: Vec<CpuidLeaf>,
+    /// Memory layer ids, bottom first, the snapshot's own last.
+    pub memory_layers: Vec<String>,
 }
 
 /// Asks the VMM to save the VM; it stays paused (see [`Op::Snapshot`]).
-pub fn snapshot(path: &Path, timeout: Duration) -> Result<SnapshotReply, ClientError> {
-    let resp = request(path, Op::Snapshot, timeout)?;
+pub fn snapshot(
+    path: &Path,
+    ids: &MemoryIds,
+    timeout: Duration,
+) -> Result<SnapshotReply, ClientError> {
+    let req = Request {
+        v: PROTOCOL_VERSION,
+        op: Op::Snapshot,
+        memory_id: Some(ids.id.clone()),
+        memory_parent: ids.parent.clone(),
+    };
+    let resp = request_with(path, req, timeout)?;
     let staging = staging_of(path, resp.staging.clone())?;
+    let layers = resp.memory_layers.clone().unwrap_or_default();
+    if layers.last() != Some(&ids.id) || layers.iter().any(|l| !valid_memory_id(l)) {
+        return Err(ClientError::Protocol {
+            path: path.display().to_string(),
+            reason: "the reply's memory layers do not end with the requested id".into(),
+        });
+    }
     Ok(SnapshotReply {
         staging,
         was_running: resp.was.as_deref() == Some("running"),
         tsc_khz: resp.tsc_khz,
         guest_cpuid: resp.guest_cpuid.unwrap_or_default(),
+        memory_layers: layers,
     })
 }
 

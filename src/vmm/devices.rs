@@ -5,8 +5,8 @@
 
 use std::sync::{Arc, Mutex};
 
+use crate::devices::GuestMemoryMmap;
 use kvm_ioctls::{IoEventAddress, VmFd};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::arch::x86_64::layout::{

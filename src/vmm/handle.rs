@@ -4,8 +4,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::devices::GuestMemoryMmap;
 use kvm_ioctls::VmFd;
-use vm_memory::GuestMemoryMmap;
 
 use super::vcpu::kick_signal;
 use super::vcpu::{GuestStop, StopSignal};
@@ -37,6 +37,16 @@ pub struct VmHandle {
     pub(crate) serial: Arc<Mutex<SerialDevice>>,
     pub(crate) devices: Vec<(String, Arc<Mutex<MmioTransport>>)>,
     pub(super) link: Option<LinkState>,
+    pub(crate) lineage: Arc<Mutex<Lineage>>,
+}
+
+/// The memory layers guest RAM equalled at the last save or restore
+/// (bottom first), and whether KVM has logged the guest's writes since:
+/// what a diff snapshot is taken against.
+#[derive(Debug, Default)]
+pub struct Lineage {
+    pub layers: Vec<super::snapshot::layers::MemoryLayer>,
+    pub logging: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

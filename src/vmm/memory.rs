@@ -1,9 +1,11 @@
 //! Guest RAM: anonymous mappings laid out around the 32-bit MMIO gap and
-//! registered with KVM as one memory slot per region.
+//! registered with KVM as one memory slot per region, and which of its
+//! pages changed since a point (for diff snapshots).
 
-use kvm_bindings::kvm_userspace_memory_region;
+use crate::devices::GuestMemoryMmap;
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::arch::x86_64::layout::ram_ranges;
 
@@ -23,6 +25,11 @@ pub enum MemoryError {
         size: u64,
         source: kvm_ioctls::Error,
     },
+    #[error("reading KVM's dirty log of memory slot {slot}: {source}")]
+    DirtyLog {
+        slot: u32,
+        source: kvm_ioctls::Error,
+    },
     #[error("guest memory region at {0:#x} has no host mapping")]
     NoHostAddress(u64),
 }
@@ -38,7 +45,10 @@ pub fn create(mem_mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
     })
 }
 
-pub fn register(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
+/// Registers each region as a KVM slot; with `log_dirty`, KVM records the
+/// pages the guest writes (see [`take_dirty`]). Registering an existing
+/// slot again only changes its flags.
+pub fn register(vm: &VmFd, mem: &GuestMemoryMmap, log_dirty: bool) -> Result<(), MemoryError> {
     for (slot, region) in mem.iter().enumerate() {
         let addr = region.start_addr().0;
         let host = region
@@ -48,7 +58,11 @@ pub fn register(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
         let size = region.len();
         let desc = kvm_userspace_memory_region {
             slot,
-            flags: 0,
+            flags: if log_dirty {
+                KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
             guest_phys_addr: addr,
             memory_size: size,
             userspace_addr: host as u64,
@@ -64,4 +78,48 @@ pub fn register(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
         })?;
     }
     Ok(())
+}
+
+/// The pages written since the last call (or since dirty logging began),
+/// one bitmap per region (bit i: page i): the guest's writes from KVM's
+/// dirty log, OR'd with the VMM's own (virtio buffers and rings) from the
+/// regions' bitmaps. Reading clears both. Only while nothing writes
+/// guest memory (vCPUs parked, devices locked) is the result exact.
+pub fn take_dirty(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<Vec<Vec<u64>>, MemoryError> {
+    let mut out = take_vmm_dirty(mem);
+    for (slot, (region, ours)) in mem.iter().zip(out.iter_mut()).enumerate() {
+        let guest = vm
+            .get_dirty_log(slot as u32, region.len() as usize)
+            .map_err(|source| MemoryError::DirtyLog {
+                slot: slot as u32,
+                source,
+            })?;
+        ours.resize(ours.len().max(guest.len()), 0);
+        for (w, g) in ours.iter_mut().zip(guest) {
+            *w |= g;
+        }
+    }
+    Ok(out)
+}
+
+/// The pages the VMM itself wrote since the last call, one bitmap per
+/// region; reading clears them.
+pub fn take_vmm_dirty(mem: &GuestMemoryMmap) -> Vec<Vec<u64>> {
+    mem.iter().map(|r| vmm_bitmap(r).get_and_reset()).collect()
+}
+
+/// Forgets the VMM's own writes so far (dirty logging starts now).
+pub fn clear_vmm_dirty(mem: &GuestMemoryMmap) {
+    for region in mem.iter() {
+        vmm_bitmap(region).reset();
+    }
+}
+
+/// A region's record of the VMM's own writes (the mapping's bitmap, not
+/// the trait's per-slice view).
+fn vmm_bitmap(
+    region: &vm_memory::GuestRegionMmap<vm_memory::bitmap::AtomicBitmap>,
+) -> &vm_memory::bitmap::AtomicBitmap {
+    let mapping: &vm_memory::MmapRegion<vm_memory::bitmap::AtomicBitmap> = region;
+    mapping.bitmap()
 }

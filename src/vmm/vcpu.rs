@@ -3,9 +3,10 @@
 
 use std::sync::{Arc, Condvar, Mutex};
 
+use crate::devices::GuestMemoryMmap;
 use kvm_bindings::{kvm_lapic_state, CpuId};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::arch::x86_64::cpuid::{self, CpuTemplate};

@@ -7,9 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crate::devices::GuestMemoryMmap;
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -192,6 +192,7 @@ pub struct Vm {
     restored: bool,
     pub(crate) vm_fd: Arc<VmFd>,
     pub(crate) mem: GuestMemoryMmap,
+    pub(crate) lineage: Arc<Mutex<super::handle::Lineage>>,
     /// The full kernel command line the guest booted with.
     pub cmdline: String,
 }
@@ -264,6 +265,7 @@ impl Vm {
             restored: devices.is_some(),
             vm_fd: Arc::new(vm),
             mem,
+            lineage: Default::default(),
             cmdline: String::new(),
         };
         Ok((vm, cmdline_args))
@@ -273,7 +275,7 @@ impl Vm {
         cfg.validate()?;
         let (kvm, vm) = create_vm()?;
         let mem = memory::create(cfg.mem_mib)?;
-        memory::register(&vm, &mem)?;
+        memory::register(&vm, &mem, false)?;
         let kernel = boot::load_kernel(&mem, &cfg.kernel)?;
         let (mut this, device_args) = Vm::assemble(&kvm, vm, mem, cfg, None)?;
 
@@ -313,6 +315,7 @@ impl Vm {
             serial: self.serial.clone(),
             devices: self.devices.clone(),
             link: self.link.clone(),
+            lineage: self.lineage.clone(),
         }
     }
 

@@ -106,6 +106,11 @@ pub struct WorkspaceRecord {
     /// How many `auto-` snapshots halt keeps; the oldest go first.
     #[serde(default = "max_snapshots_default")]
     pub max_snapshots: u32,
+    /// While it runs: the snapshot (or boot-cache entry) whose memory the
+    /// guest's RAM equalled at its last save or restore, which its next
+    /// snapshot may be a diff over. None after a cold boot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_base: Option<std::path::PathBuf>,
 }
 
 fn auto_snapshot_default() -> bool {
@@ -364,6 +369,7 @@ mod tests {
             crash_reason: None,
             auto_snapshot_on_stop: true,
             max_snapshots: 5,
+            memory_base: None,
         };
         ws.write(&rec).unwrap();
         assert_eq!(ws.read().unwrap(), rec);

@@ -2,8 +2,8 @@
 
 use std::sync::Arc;
 
+use crate::devices::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
 
 use super::persist::TransportState;
 use super::{Interrupt, QueueSnap, VirtioDevice, VIRTIO_F_VERSION_1};

@@ -3,8 +3,8 @@
 //! is untrusted input: queue sizes, ring addresses and features are
 //! checked against the device and guest memory before anything uses them.
 
+use crate::devices::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
 
 use super::block::persist::BlockState;
 use super::net::persist::NetState;

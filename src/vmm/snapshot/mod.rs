@@ -13,25 +13,26 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::Duration;
 
+use crate::devices::GuestMemoryMmap;
 use kvm_bindings::{kvm_clock_data, kvm_irqchip, kvm_pit_state2};
 use serde::{Deserialize, Serialize};
-use vm_memory::{
-    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
-    MmapRegion,
-};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap, MmapRegion};
 
 use crate::vmm::arch::x86_64::layout::ram_ranges;
 use crate::vmm::vcpu::ParkError;
 use crate::vmm::vcpu::Vcpu;
+pub mod layers;
 pub mod vcpu_state;
 
 use crate::devices::bus::lock;
 use crate::devices::serial::persist::SerialState;
 use crate::devices::virtio::persist::{DeviceKindState, TransportState};
 use crate::vmm::vm::{create_vm, PauseError, RunState, Vm, VmConfig, VmError, VmHandle};
+use layers::MemoryLayer;
 use vcpu_state::VcpuState;
 
 const PAGE: usize = 4096;
+const PAGE_SIZE: std::num::NonZeroUsize = std::num::NonZeroUsize::new(PAGE).unwrap();
 static ZERO_PAGE: [u8; PAGE] = [0; PAGE];
 const KVM_IRQCHIP_PIC_MASTER: u32 = 0;
 const KVM_IRQCHIP_PIC_SLAVE: u32 = 1;
@@ -56,6 +57,8 @@ pub enum SaveError {
     GuestMemory(#[from] vm_memory::GuestMemoryError),
     #[error("writing guest memory: {0}")]
     Memory(std::io::Error),
+    #[error("tracking dirty memory: {0}")]
+    Dirty(#[from] crate::vmm::memory::MemoryError),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -93,6 +96,20 @@ pub struct VmSnapshot {
     pub clock: kvm_clock_data,
     pub devices: Vec<(String, DeviceState)>,
     pub memory: Vec<RegionSnap>,
+    /// Memory layers, bottom first; the last is this snapshot's own
+    /// `memory.bin` (see `layers`). Empty: a snapshot from before layers,
+    /// whose `memory.bin` is whole.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub memory_layers: Vec<MemoryLayer>,
+}
+
+/// What a save names its memory: its own layer's id, and the layer it may
+/// be a diff over (written whole unless that is what the guest's RAM
+/// equalled at the last save or restore).
+#[derive(Debug, Clone)]
+pub struct MemoryIds {
+    pub id: String,
+    pub parent: Option<String>,
 }
 
 fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> SaveError {
@@ -186,6 +203,7 @@ impl VmHandle {
         staging: &std::path::Path,
         cmdline: &str,
         mem_mib: u64,
+        ids: &MemoryIds,
     ) -> Result<VmSnapshot, SaveError> {
         if self.state() != RunState::Paused {
             self.pause()?;
@@ -226,7 +244,7 @@ impl VmHandle {
             vm.get_pit2().map_err(kvm("PIT"))?,
             vm.get_clock().map_err(kvm("clock"))?,
         );
-        let memory = write_memory(&self.mem, &mut memory_file)?;
+        let (memory, memory_layers) = self.save_memory(&mut memory_file, ids)?;
         drop(transports);
         drop(serial);
         Ok(VmSnapshot {
@@ -241,8 +259,94 @@ impl VmHandle {
             clock: snap_vm.4,
             devices,
             memory,
+            memory_layers,
         })
     }
+
+    /// Writes guest memory whole, or as a diff when `ids.parent` is the
+    /// layer the guest's RAM equalled at the last save or restore and the
+    /// chain has room; then (re)starts dirty logging from this moment.
+    /// Called with vCPUs parked and devices locked.
+    fn save_memory(
+        &self,
+        file: &mut File,
+        ids: &MemoryIds,
+    ) -> Result<(Vec<RegionSnap>, Vec<MemoryLayer>), SaveError> {
+        use crate::snapshot::manifest::MAX_MEMORY_LAYERS;
+        use crate::vmm::memory;
+        let mut lineage = lock(&self.lineage);
+        // Taken now: whatever happens next, the old baseline is gone (a
+        // failed save leaves none, so the next save is whole).
+        let below = std::mem::take(&mut lineage.layers);
+        let dirty = if lineage.logging {
+            Some(memory::take_dirty(&self.vm_fd, &self.mem)?)
+        } else {
+            None
+        };
+        let diff_ok = below.last().map(|l| &l.id) == ids.parent.as_ref()
+            && ids.parent.is_some()
+            && below.len() < MAX_MEMORY_LAYERS;
+        let (regions, layers) = match dirty {
+            Some(dirty) if diff_ok => {
+                let (regions, runs) = layers::write_dirty(&self.mem, &dirty, file)?;
+                let mut all = below;
+                all.push(MemoryLayer {
+                    id: ids.id.clone(),
+                    pages: Some(runs),
+                });
+                (regions, all)
+            }
+            _ => {
+                let regions = write_memory(&self.mem, file)?;
+                let whole = MemoryLayer {
+                    id: ids.id.clone(),
+                    pages: None,
+                };
+                (regions, vec![whole])
+            }
+        };
+        if !lineage.logging {
+            memory::register(&self.vm_fd, &self.mem, true)?;
+            memory::clear_vmm_dirty(&self.mem);
+            lineage.logging = true;
+        }
+        lineage.layers = layers.clone();
+        layers::log_ram_digest(&self.mem, "at save", &ids.id);
+        Ok((regions, layers))
+    }
+}
+
+/// Guest memory from a snapshot's layers: the bottom mapped privately,
+/// each diff above read over it in order.
+fn map_layers(dir: &Path, snap: &VmSnapshot) -> Result<GuestMemoryMmap, String> {
+    use crate::snapshot::manifest::{
+        memory_layer_file, valid_memory_id, MAX_MEMORY_LAYERS, MEMORY,
+    };
+    let layers = &snap.memory_layers;
+    if layers.len() > MAX_MEMORY_LAYERS {
+        return Err(format!(
+            "{} memory layers, at most {MAX_MEMORY_LAYERS}",
+            layers.len()
+        ));
+    }
+    for (k, l) in layers.iter().enumerate() {
+        if !valid_memory_id(&l.id) || (k == 0) != l.pages.is_none() {
+            return Err(format!("memory layer {k} is malformed"));
+        }
+    }
+    let n = layers.len();
+    let bottom = if n == 0 {
+        MEMORY.to_string()
+    } else {
+        memory_layer_file(0, n)
+    };
+    let mem = map_memory(&dir.join(bottom), snap)?;
+    for (k, l) in layers.iter().enumerate().skip(1) {
+        let runs = l.pages.as_deref().unwrap_or_default();
+        layers::apply(&mem, &snap.memory, &dir.join(memory_layer_file(k, n)), runs)
+            .map_err(|e| format!("memory layer {k}: {e}"))?;
+    }
+    Ok(mem)
 }
 
 /// Maps memory.bin privately: pages are read on first touch and shared
@@ -279,13 +383,14 @@ fn map_memory(path: &Path, snap: &VmSnapshot) -> Result<GuestMemoryMmap, String>
             ));
         }
         let f = file.try_clone().map_err(|e| e.to_string())?;
-        let mapping = vm_memory::mmap::MmapRegionBuilder::new(r.size as usize)
+        let bitmap = vm_memory::bitmap::AtomicBitmap::new(r.size as usize, PAGE_SIZE);
+        let mapping = vm_memory::mmap::MmapRegionBuilder::new_with_bitmap(r.size as usize, bitmap)
             .with_file_offset(vm_memory::FileOffset::new(f, r.file_offset))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
             .build()
             .map_err(|e| format!("mapping memory: {e}"))?;
-        let region: MmapRegion<()> = mapping;
+        let region: MmapRegion<vm_memory::bitmap::AtomicBitmap> = mapping;
         regions.push(
             GuestRegionMmap::new(region, GuestAddress(r.guest_addr)).ok_or("bad memory region")?,
         );
@@ -297,7 +402,7 @@ impl Vm {
     /// Builds a VM from a snapshot. `cfg` supplies the host-side resources
     /// (kernel is not reloaded; disks, vsock socket, console); its vCPU and
     /// memory sizes must match the snapshot.
-    pub fn restore(cfg: &VmConfig, snap: &VmSnapshot, memory_file: &Path) -> Result<Vm, VmError> {
+    pub fn restore(cfg: &VmConfig, snap: &VmSnapshot, dir: &Path) -> Result<Vm, VmError> {
         let bad = |m: String| VmError::Restore(m);
         if snap.vcpu_count != cfg.vcpus || usize::from(snap.vcpu_count) != snap.vcpus.len() {
             return Err(bad(format!(
@@ -323,10 +428,18 @@ impl Vm {
         let mut phases = Phases::new();
         let (kvm, vm) = create_vm()?;
         phases.mark("kvm_vm");
-        let mem = map_memory(memory_file, snap).map_err(bad)?;
-        super::memory::register(&vm, &mem)?;
+        let mem = map_layers(dir, snap).map_err(bad)?;
+        let logging = !snap.memory_layers.is_empty();
+        if let Some(top) = snap.memory_layers.last() {
+            layers::log_ram_digest(&mem, "after restore", &top.id);
+        }
+        super::memory::register(&vm, &mem, logging)?;
         phases.mark("memory");
         let (mut this, _) = Vm::assemble(&kvm, vm, mem, cfg, Some(&snap.devices))?;
+        *lock(&this.lineage) = crate::vmm::handle::Lineage {
+            layers: snap.memory_layers.clone(),
+            logging,
+        };
         phases.mark("devices");
 
         // VM-wide state before the vCPUs (the LAPICs depend on the irqchip).
@@ -408,11 +521,11 @@ pub fn allocated_bytes(path: &Path) -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use vm_memory::Bytes;
 
-    fn snapshot_of(mem_mib: u64, memory: Vec<RegionSnap>) -> VmSnapshot {
+    pub(super) fn snapshot_of(mem_mib: u64, memory: Vec<RegionSnap>) -> VmSnapshot {
         VmSnapshot {
             vcpu_count: 0,
             mem_mib,
@@ -425,6 +538,7 @@ mod tests {
             clock: Default::default(),
             devices: Vec::new(),
             memory,
+            memory_layers: Vec::new(),
         }
     }
 

@@ -5,8 +5,8 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::devices::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
 
 use super::{Active, Block, BlockError};
 use crate::devices::virtio::persist::{expect_eq, restore_queues, PersistError, TransportState};
@@ -81,7 +81,7 @@ mod tests {
     const USED: u64 = 0x30000;
 
     fn mem() -> GuestMemoryMmap {
-        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
     }
 
     fn interrupt() -> Arc<Interrupt> {

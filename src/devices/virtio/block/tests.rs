@@ -1,7 +1,7 @@
 use super::*;
 
 fn mem() -> GuestMemoryMmap {
-    GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
 }
 
 fn seg(addr: u64, len: u32, write_only: bool) -> Seg {

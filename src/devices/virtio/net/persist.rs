@@ -4,8 +4,8 @@
 
 use std::sync::Arc;
 
+use crate::devices::GuestMemoryMmap;
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
 
 use super::{LinkState, Net, NetConfig, PasstError};
 use crate::devices::virtio::persist::{expect_eq, restore_queues, PersistError, TransportState};

@@ -2,7 +2,8 @@
 //! header and reading/writing packets through descriptor chains. Everything
 //! here treats the guest's bytes as hostile.
 
-use vm_memory::{Bytes, GuestMemoryMmap};
+use crate::devices::GuestMemoryMmap;
+use vm_memory::Bytes;
 
 pub const HDR_LEN: usize = 44;
 /// Largest payload we accept from the guest in one packet (Linux sends at
@@ -172,7 +173,7 @@ mod tests {
     use vm_memory::GuestAddress;
 
     fn mem() -> GuestMemoryMmap {
-        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
     }
 
     fn seg(addr: u64, len: u32, write_only: bool) -> Seg {

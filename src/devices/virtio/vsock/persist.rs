@@ -6,8 +6,8 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::devices::GuestMemoryMmap;
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
 
 use super::{Vsock, VsockError};
 use crate::devices::virtio::persist::{expect_eq, restore_queues, PersistError, TransportState};
@@ -86,7 +86,7 @@ mod tests {
 
     #[test]
     fn restore_checks_the_cid_and_takes_the_queues() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("v.sock");
         let irq = || Arc::new(Interrupt::new(EventFd::new(0).unwrap()));

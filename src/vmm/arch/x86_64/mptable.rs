@@ -1,7 +1,8 @@
 //! Intel MultiProcessor Specification 1.4 table: how a guest without ACPI
 //! learns its CPUs, IOAPIC and IRQ routing.
 
-use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
+use crate::devices::GuestMemoryMmap;
+use vm_memory::{ByteValued, Bytes, GuestAddress};
 
 use super::layout::{APIC_ADDR, IOAPIC_ADDR, IRQ_MAX, MAX_VCPUS, MPTABLE_END, MPTABLE_START};
 
@@ -222,7 +223,7 @@ mod tests {
     use super::*;
 
     fn mem() -> GuestMemoryMmap {
-        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
     }
 
     #[test]

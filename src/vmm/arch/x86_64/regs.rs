@@ -1,8 +1,9 @@
 //! Register state for the 64-bit Linux boot protocol entry: long mode with
 //! paging on an identity map, flat segments, RSI pointing at the zero page.
 
+use crate::devices::GuestMemoryMmap;
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::gdt::{segment_from_gdt, BOOT_GDT};
 use super::layout::{
@@ -98,7 +99,7 @@ mod tests {
 
     #[test]
     fn sregs_enter_long_mode_with_identity_map() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let sregs = boot_sregs(&mem, kvm_sregs::default()).unwrap();
         assert_eq!(sregs.cr3, PML4_START);
         assert_ne!(sregs.efer & EFER_LMA, 0);

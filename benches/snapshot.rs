@@ -91,7 +91,8 @@ fn ours(memory_mib: u64, runs: usize) {
     for r in 0..runs {
         let tag = format!("s{r}");
         let t = Instant::now();
-        let v = home.json(&["snapshot", "create", "src", "--tag", &tag]);
+        // Whole, as QEMU's is; the diffs come next.
+        let v = home.json(&["snapshot", "create", "src", "--tag", &tag, "--full"]);
         total.push(ms(t.elapsed()));
         paused.extend(v["paused_ms"].as_f64());
         alloc.push(allocated_mib(
@@ -111,6 +112,7 @@ fn ours(memory_mib: u64, runs: usize) {
         "MiB",
         alloc,
     );
+    second_and_live(&home, memory_mib, runs);
 
     let mut restore = Vec::new();
     let mut running = Vec::new();
@@ -208,6 +210,155 @@ fn ours(memory_mib: u64, runs: usize) {
         home.ok(&["delete", &format!("f{i}"), "--yes", "--force"]);
     }
     home.ok(&["delete", "src", "--yes", "--force"]);
+}
+
+/// A second snapshot of the same workspace a second later (a diff over
+/// the one before: its time, pause and bytes), then live snapshots while a
+/// shell loop in the guest writes a tmpfs file without pause (whole, as
+/// QEMU's live migration is: pause and total time).
+fn second_and_live(home: &Home, memory_mib: u64, runs: usize) {
+    let (mut total, mut paused, mut bytes) = (Vec::new(), Vec::new(), Vec::new());
+    for r in 0..runs {
+        std::thread::sleep(Duration::from_secs(1));
+        let t = Instant::now();
+        let v = home.json(&["snapshot", "create", "src", "--tag", &format!("d{r}")]);
+        total.push(ms(t.elapsed()));
+        paused.extend(v["paused_ms"].as_f64());
+        bytes.extend(v["memory_bytes"].as_f64().map(|b| b / (1 << 20) as f64));
+    }
+    stats(
+        "microagent",
+        memory_mib,
+        "second_snapshot_create_ms",
+        "ms",
+        total,
+    );
+    stats(
+        "microagent",
+        memory_mib,
+        "second_snapshot_pause_ms",
+        "ms",
+        paused,
+    );
+    stats(
+        "microagent",
+        memory_mib,
+        "second_snapshot_memory_mib",
+        "MiB",
+        bytes,
+    );
+    home.ok(&[
+        "exec",
+        "src",
+        "--",
+        "sh",
+        "-c",
+        "(i=0; while :; do i=$((i+1)); echo $i > /run/busy; done) > /dev/null 2>&1 &",
+    ]);
+    let (mut total, mut paused) = (Vec::new(), Vec::new());
+    for r in 0..runs {
+        let t = Instant::now();
+        let v = home.json(&[
+            "snapshot",
+            "create",
+            "src",
+            "--tag",
+            &format!("l{r}"),
+            "--live",
+            "--full",
+        ]);
+        total.push(ms(t.elapsed()));
+        paused.extend(v["paused_ms"].as_f64());
+    }
+    stats(
+        "microagent",
+        memory_mib,
+        "live_snapshot_create_ms",
+        "ms",
+        total,
+    );
+    stats(
+        "microagent",
+        memory_mib,
+        "live_snapshot_pause_ms",
+        "ms",
+        paused,
+    );
+}
+
+/// QEMU's live migration (precopy) of the same guest while a shell loop
+/// in it writes a tmpfs file without pause, as ours does: its own
+/// `downtime` figure as the pause. A guest of its own, so the busy loop
+/// is not in the state files the restore figures use.
+fn theirs_live(memory_mib: u64, runs: usize, pvm: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let init = format!(
+        "#!/bin/sh\ncat /big > /dev/null\n(i=0; while :; do i=$((i+1)); echo $i > /tmp/busy; done) &\necho {READY}\nexec sleep 100000\n"
+    );
+    let rootfs = common::rootfs_with_big_file(dir.path(), TOUCH_MIB, &init);
+    let args = format!(
+        "quiet root=/dev/vda rw init=/init{}",
+        qemu::vmm_guest_args(pvm)
+    );
+    let qmp_path = dir.path().join("qmp.sock");
+    let qmp_arg = format!("unix:{},server=on,wait=off", qmp_path.display());
+    let mut vm = qemu::microvm(&common::vmlinux(), &rootfs, memory_mib, &args)
+        .args(["-qmp", &qmp_arg])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = vm.stdout.take().unwrap();
+    let ready = BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .any(|l| l.contains(READY));
+    let Some(mut qmp) = ready
+        .then(|| qemu::Qmp::connect(&qmp_path, Duration::from_secs(10)))
+        .flatten()
+    else {
+        println!(
+            "{}",
+            json!({"bench": "snapshot", "vmm": "qemu-microvm", "memory_mib": memory_mib, "error": "live: guest never became ready"})
+        );
+        let _ = vm.kill();
+        let _ = vm.wait();
+        return;
+    };
+    let (mut total, mut paused) = (Vec::new(), Vec::new());
+    for r in 0..runs {
+        let t = Instant::now();
+        let uri = format!(
+            "exec:cat > {}",
+            dir.path().join(format!("live{r}")).display()
+        );
+        qmp.execute("migrate", json!({ "uri": uri })).unwrap();
+        assert!(
+            qmp.wait_migration(Duration::from_secs(300)),
+            "live migration failed"
+        );
+        total.push(ms(t.elapsed()));
+        let info = qmp.execute("query-migrate", json!({})).unwrap_or_default();
+        paused.extend(info["downtime"].as_f64());
+        // A finished migration leaves the source in postmigrate; cont runs it on.
+        qmp.execute("cont", json!({})).unwrap();
+    }
+    let _ = vm.kill();
+    let _ = vm.wait();
+    stats(
+        "qemu-microvm",
+        memory_mib,
+        "live_snapshot_create_ms",
+        "ms",
+        total,
+    );
+    stats(
+        "qemu-microvm",
+        memory_mib,
+        "live_snapshot_pause_ms",
+        "ms",
+        paused,
+    );
 }
 
 /// QEMU microvm: boot the same guest, touch the same 128 MiB, then
@@ -391,6 +542,7 @@ fn main() {
         ours(memory_mib, runs);
         if have_qemu {
             theirs(memory_mib, runs, pvm);
+            theirs_live(memory_mib, runs, pvm);
         } else {
             stats::skipped(
                 "snapshot",

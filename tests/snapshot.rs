@@ -485,9 +485,11 @@ fn seed_transcript_rollback_forks_and_refusals() {
 }
 
 /// Starts `snapshot create WS --tag TAG` in the background, output piped.
+/// A whole-memory snapshot in the background: long enough to be seen
+/// `snapshotting` (a diff of a quiet guest takes milliseconds).
 fn spawn_snapshot(home: &Home, ws: &str, tag: &str) -> std::process::Child {
     home.cmd()
-        .args(["snapshot", "create", ws, "--tag", tag])
+        .args(["snapshot", "create", ws, "--tag", tag, "--full"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -511,12 +513,72 @@ fn wait_snapshotting(home: &Home, ws: &str, snap: &mut std::process::Child) -> s
     }
 }
 
-/// A 1 GiB guest with ~128 MiB touched: sparse memory.bin, the
-/// `snapshotting` status and what it refuses, an exec session across a
-/// snapshot, `kill -9` of the VMM mid-snapshot, and the wall clock after
-/// restoring a snapshot a minute old.
+/// `start` with the VMM logging digests of guest RAM at each save and
+/// right after a restore (`ram digest at save ID: HEX`).
+fn start_with_ram_digests(home: &Home, args: &[&str]) {
+    let out = home
+        .cmd()
+        .env("MICROAGENT_VMM_RAM_DIGEST", "1")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The RAM digest the VMM logged `when` ("at save", "after restore") for
+/// the memory layer `id`.
+fn ram_digest(home: &Home, ws: &str, when: &str, id: &str) -> String {
+    let log = std::fs::read_to_string(home.workspace_dir(ws).join("vmm.log")).unwrap();
+    let prefix = format!("ram digest {when} {id}: ");
+    log.lines()
+        .rev()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no {prefix:?} in vmm.log"))
+        .chars()
+        .take(64)
+        .collect()
+}
+
+fn memory_layers(home: &Home, ws: &str, tag: &str) -> Vec<String> {
+    let m: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(snapshot_dir(home, ws, tag).join("manifest.json")).unwrap(),
+    )
+    .unwrap();
+    serde_json::from_value(m["memory_layers"].clone()).unwrap()
+}
+
+/// `kill -9` of a workspace's VMM; returns once it is reported crashed.
+fn crash(home: &Home, ws: &str) {
+    let pid = home.json(&["status", ws])["pid"].as_i64().unwrap();
+    // SAFETY: killing the VMM process this test started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let t = Instant::now();
+    while home.json(&["status", ws])["status"] != "crashed" {
+        assert!(t.elapsed() < Duration::from_secs(10), "never crashed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Does `path` hold data at or after `offset`?
+fn data_from(path: &std::path::Path, offset: u64) -> bool {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).unwrap();
+    // SAFETY: lseek on a file this function owns; no memory is touched.
+    unsafe { libc::lseek(f.as_raw_fd(), offset as i64, libc::SEEK_DATA) >= 0 }
+}
+
+/// A guest over 3 GiB (RAM split around the MMIO gap) with 32 MiB of
+/// file data cached: sparse memory.bin, the `snapshotting` status and what
+/// it refuses, an exec session across a snapshot, five diff snapshots
+/// whose restore is byte-identical to a whole snapshot of the same moment,
+/// `kill -9` of the VMM mid-snapshot, and the wall clock after restoring a
+/// snapshot a minute old.
 #[test]
-fn large_guest_busy_status_kill_and_clock() {
+fn large_guest_busy_status_diffs_kill_and_clock() {
     if !kvm_available() {
         return;
     }
@@ -540,11 +602,11 @@ fn large_guest_busy_status_kill_and_clock() {
         "--vcpus",
         "1",
         "--memory",
-        "1024",
+        "3328",
         "--init",
         "/init",
     ]);
-    home.ok(&["start", "big"]);
+    start_with_ram_digests(&home, &["start", "big"]);
     // Into the page cache: 32 MiB of guest memory now holds file data.
     // busybox `cat` sendfile()s, and into /dev/null that copies nothing, so
     // the emulated guest kernel only files the pages (a `dd` copying them
@@ -619,18 +681,68 @@ fn large_guest_busy_status_kill_and_clock() {
         ticks
     );
 
-    // 1 GiB of guest RAM, the file data and what the guest kernel and
-    // init touched: the file is 1 GiB long but only the touched pages are
-    // allocated (162 MiB with 128 MiB of file data, on this host).
+    // 3.25 GiB of guest RAM, the file data and what the guest kernel and
+    // init touched: the file is as long as RAM but only the touched pages
+    // are allocated.
     use std::os::unix::fs::MetadataExt;
-    let md = std::fs::metadata(snapshot_dir(&home, "big", "touched").join("memory.bin")).unwrap();
-    assert_eq!(md.len(), 1 << 30);
+    let whole = snapshot_dir(&home, "big", "touched").join("memory.bin");
+    let md = std::fs::metadata(&whole).unwrap();
+    assert_eq!(md.len(), 3328 << 20);
     let allocated = md.blocks() * 512;
-    eprintln!("memory.bin: 1 GiB guest, {} MiB allocated", allocated >> 20);
+    eprintln!(
+        "memory.bin: 3.25 GiB guest, {} MiB allocated",
+        allocated >> 20
+    );
     assert!(
         (TOUCHED_MIB << 20..(TOUCHED_MIB + 192) << 20).contains(&allocated),
         "memory.bin allocates {allocated} bytes"
     );
+    const LOW_RAM: u64 = 3 << 30; // below the MMIO gap; the rest is above
+    assert!(data_from(&whole, LOW_RAM), "no page above the MMIO gap");
+
+    // Five diff snapshots, each over the one before, while a fork-free
+    // writer changes memory every second; the last taken paused, beside a
+    // whole one of the same moment.
+    sh(
+        &home,
+        "big",
+        "mkfifo /tmp/tick; (i=0; while :; do i=$((i+1)); echo $i > /run/count; read -t 1 x <> /tmp/tick; done) > /dev/null 2>&1 &",
+    );
+    let mut high = false;
+    for i in 1..=5u64 {
+        if i == 5 {
+            home.ok(&["pause", "big"]);
+        } else {
+            std::thread::sleep(Duration::from_millis(1500));
+        }
+        let tag = format!("d{i}");
+        let v = home.json(&["snapshot", "create", "big", "--tag", &tag]);
+        assert_eq!(v["memory_layers"], i + 1, "{v}");
+        let diff = snapshot_dir(&home, "big", &tag).join("memory.bin");
+        let own = v["memory_bytes"].as_u64().unwrap();
+        eprintln!("diff {i}: {} KiB, {} ms", own >> 10, v["duration_ms"]);
+        assert!(own < allocated / 4, "diff {i} holds {own} bytes");
+        high |= data_from(&diff, LOW_RAM);
+    }
+    assert!(high, "no diff layer holds a page above the MMIO gap");
+    let v = home.json(&["snapshot", "create", "big", "--tag", "whole", "--full"]);
+    assert_eq!(v["memory_layers"], 1);
+    let layers = memory_layers(&home, "big", "d5");
+    let at_d5 = ram_digest(&home, "big", "at save", layers.last().unwrap());
+    let whole_id = memory_layers(&home, "big", "whole").pop().unwrap();
+    assert_eq!(ram_digest(&home, "big", "at save", &whole_id), at_d5);
+    let m: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(snapshot_dir(&home, "big", "whole").join("manifest.json")).unwrap(),
+    )
+    .unwrap();
+    let whole_sha = m["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"] == "memory.bin")
+        .map(|f| f["sha256"].as_str().unwrap().to_string());
+    assert_eq!(whole_sha.as_deref(), Some(at_d5.as_str()));
+    home.ok(&["resume", "big"]);
 
     // kill -9 of the VMM mid-snapshot: no tag, nothing half-made, and the
     // workspace is usable (here: rolled back to the good snapshot).
@@ -649,12 +761,16 @@ fn large_guest_busy_status_kill_and_clock() {
         "{err}"
     );
     assert!(!snapshot_dir(&home, "big", "doomed").exists());
-    let leftovers: Vec<_> = std::fs::read_dir(home.workspace_dir("big").join("snapshots"))
+    let mut leftovers: Vec<_> = std::fs::read_dir(home.workspace_dir("big").join("snapshots"))
         .unwrap()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(leftovers, ["touched"]);
+    leftovers.sort();
+    assert_eq!(
+        leftovers,
+        ["d1", "d2", "d3", "d4", "d5", "touched", "whole"]
+    );
     let t = Instant::now();
     while home.json(&["status", "big"])["status"] != "crashed" {
         assert!(
@@ -663,6 +779,27 @@ fn large_guest_busy_status_kill_and_clock() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+
+    // The five diffs restored: RAM (hashed before any device or vCPU
+    // touches it) is byte-identical to the whole snapshot of the moment.
+    start_with_ram_digests(&home, &["start", "big", "--from-snapshot", "d5"]);
+    assert_eq!(
+        ram_digest(&home, "big", "after restore", layers.last().unwrap()),
+        at_d5
+    );
+    // A live snapshot while the restored writer runs on, a seventh layer:
+    // its restore is the RAM of its final pause, byte for byte.
+    let v = home.json(&["snapshot", "create", "big", "--tag", "live", "--live"]);
+    eprintln!("live: {v}");
+    assert_eq!(v["memory_layers"], 7, "{v}");
+    assert!(v["paused_ms"].as_u64().unwrap() <= v["duration_ms"].as_u64().unwrap());
+    let live_id = memory_layers(&home, "big", "live").pop().unwrap();
+    let at_live = ram_digest(&home, "big", "at save", &live_id);
+    crash(&home, "big");
+    start_with_ram_digests(&home, &["start", "big", "--from-snapshot", "live"]);
+    assert_eq!(ram_digest(&home, "big", "after restore", &live_id), at_live);
+    assert!(sh(&home, "big", "cat /run/count").parse::<u64>().unwrap() > 0);
+    crash(&home, "big");
 
     // Restore a snapshot at least a minute old: the guest clock follows
     // the host, not the snapshot.

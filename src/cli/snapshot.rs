@@ -6,7 +6,7 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 
 use super::output::{human_size, Out};
-use crate::engine::snapshot::MemoryMode;
+use crate::engine::snapshot::SnapshotOptions;
 use crate::engine::Engine;
 
 #[derive(Subcommand)]
@@ -68,6 +68,10 @@ pub struct CreateArgs {
     /// last saved to or restored from (a new chain starts here).
     #[arg(long)]
     full: bool,
+    /// Copy memory while the guest runs on, pausing it only for the pages
+    /// it dirtied during the copy and the device state (see `paused_ms`).
+    #[arg(long)]
+    live: bool,
 }
 
 #[derive(Args)]
@@ -99,12 +103,11 @@ pub fn run(engine: &Engine, cmd: SnapshotCommand, out: &Out) -> Result<i32> {
 }
 
 fn create(engine: &Engine, args: CreateArgs, out: &Out) -> Result<i32> {
-    let memory = if args.full {
-        MemoryMode::Full
-    } else {
-        MemoryMode::Diff
+    let opts = SnapshotOptions {
+        full: args.full,
+        live: args.live,
     };
-    let c = engine.snapshot_create_with(&args.name, args.tag.as_deref(), memory, out)?;
+    let c = engine.snapshot_create_with(&args.name, args.tag.as_deref(), opts, out)?;
     let m = &c.snapshot.manifest;
     let scrubbed = match c.secrets_scrubbed {
         0 => String::new(),

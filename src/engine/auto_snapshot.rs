@@ -5,7 +5,7 @@
 //! Only tags starting with `auto-` are ever rotated: a tag a person or a
 //! script chose is theirs to delete.
 
-use super::snapshot::{Created, MemoryMode};
+use super::snapshot::{Created, SnapshotOptions};
 use super::snapshot_query::{delete_dir, list_in};
 use super::{invalid, open, Engine, Reporter, Result, WorkspaceView};
 use crate::workspace::state::Status;
@@ -99,7 +99,7 @@ impl Engine {
         }
         let tag = auto_tag(ws);
         report.step(&format!("taking automatic snapshot {tag}"));
-        match self.snapshot_locked(ws, rec, status, &tag, MemoryMode::Diff, report) {
+        match self.snapshot_locked(ws, rec, status, &tag, SnapshotOptions::default(), report) {
             Ok(created) => AutoSnapshot::Taken {
                 created: Box::new(created),
                 rotated_out: rotate(ws, rec.max_snapshots, report),

@@ -62,14 +62,16 @@ pub struct Created {
     pub memory_bytes: u64,
 }
 
-/// Whether a snapshot may write its memory as a diff.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MemoryMode {
-    /// A diff over the memory the guest was last saved to or restored
-    /// from, when that snapshot still stands and its chain has room.
-    Diff,
-    /// All of guest memory.
-    Full,
+/// How a snapshot writes guest memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SnapshotOptions {
+    /// All of it; otherwise a diff over the memory the guest was last
+    /// saved to or restored from, when that snapshot still stands and its
+    /// chain has room.
+    pub full: bool,
+    /// Copied while a running guest runs on; paused only for the last
+    /// dirty pages and the devices.
+    pub live: bool,
 }
 
 /// The default tag: a UTC timestamp.
@@ -334,7 +336,7 @@ pub(crate) fn capture(
     tag: &str,
     secrets: &[(String, Value)],
     leave_paused: bool,
-    memory: MemoryMode,
+    opts: SnapshotOptions,
     started: Instant,
 ) -> Result<(Manifest, Option<Duration>)> {
     host::snapshot_support().map_err(|missing| Error::SnapshotUnsupported { missing })?;
@@ -342,13 +344,17 @@ pub(crate) fn capture(
     // the workspace's snapshots directory, and names it in its reply.
     // A diff over the memory this guest was last saved to or restored
     // from, when that snapshot still stands (see `memory_chain`).
-    let parent = memory_chain::parent(rec).filter(|_| memory == MemoryMode::Diff);
+    let parent = memory_chain::parent(rec).filter(|_| !opts.full);
     let ids = MemoryIds {
         id: memory_chain::new_id().io_ctx(|| "making a memory layer id".into())?,
         parent: parent.as_ref().and_then(memory_chain::Parent::id),
     };
-    let reply: SnapshotReply = match control::snapshot(&ws.control_socket(), &ids, SNAPSHOT_TIMEOUT)
-    {
+    let reply: SnapshotReply = match control::snapshot(
+        &ws.control_socket(),
+        &ids,
+        opts.live && !leave_paused,
+        SNAPSHOT_TIMEOUT,
+    ) {
         Ok(reply) => reply,
         Err(e) => {
             // The VMM may have died mid-save and left its staging directory
@@ -362,8 +368,8 @@ pub(crate) fn capture(
     let moved = move_dir(&staging, dest_tmp)
         .io_ctx(|| format!("moving {} to {}", staging.display(), dest_tmp.display()));
     // The pause began inside the snapshot request; this bounds it from above.
-    let mut paused = None;
-    if reply.was_running && !leave_paused {
+    let mut paused = reply.paused;
+    if paused.is_none() && reply.was_running && !leave_paused {
         control::request(&ws.control_socket(), CtlOp::Resume, CONTROL_TIMEOUT)?;
         paused = Some(started.elapsed());
     }
@@ -459,7 +465,7 @@ impl Engine {
         tag: Option<&str>,
         report: &dyn Reporter,
     ) -> Result<Created> {
-        self.snapshot_create_with(name, tag, MemoryMode::Diff, report)
+        self.snapshot_create_with(name, tag, SnapshotOptions::default(), report)
     }
 
     /// `snapshot_create`, choosing how memory is written.
@@ -467,7 +473,7 @@ impl Engine {
         &self,
         name: &str,
         tag: Option<&str>,
-        memory: MemoryMode,
+        opts: SnapshotOptions,
         report: &dyn Reporter,
     ) -> Result<Created> {
         let tag = tag.map(str::to_string).unwrap_or_else(default_tag);
@@ -486,7 +492,7 @@ impl Engine {
             rec,
             status,
         } = open(&self.state, name)?;
-        self.snapshot_locked(&ws, &rec, status, &tag, memory, report)
+        self.snapshot_locked(&ws, &rec, status, &tag, opts, report)
     }
 
     /// `snapshot_create` once the workspace is locked (halt's automatic
@@ -497,7 +503,7 @@ impl Engine {
         rec: &WorkspaceRecord,
         status: Status,
         tag: &str,
-        memory: MemoryMode,
+        opts: SnapshotOptions,
         report: &dyn Reporter,
     ) -> Result<Created> {
         let tag = tag.to_string();
@@ -555,7 +561,7 @@ impl Engine {
                 &tag,
                 &secrets,
                 orig_paused,
-                memory,
+                opts,
                 started,
             )?;
             std::fs::rename(&tmp, &dest).io_ctx(|| format!("renaming into {}", dest.display()))?;

@@ -204,7 +204,10 @@ fn cache_boot(
         &tag,
         &[],
         false,
-        super::snapshot::MemoryMode::Full,
+        super::snapshot::SnapshotOptions {
+            full: true,
+            live: false,
+        },
         Instant::now(),
     ) {
         Ok(_) => cache

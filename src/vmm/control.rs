@@ -71,6 +71,10 @@ pub struct Request {
     /// Snapshot only: the layer it may write a diff over (see `MemoryIds`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_parent: Option<String>,
+    /// Snapshot only: copy memory while the guest runs, pause only for the
+    /// last dirty pages and the devices, and resume at the end.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub live: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
@@ -103,6 +107,9 @@ pub struct Response {
     /// last (one: written whole).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_layers: Option<Vec<String>>,
+    /// Live snapshot only: the VM resumed itself after this long paused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused_us: Option<u64>,
 }
 
 impl Response {
@@ -239,11 +246,12 @@ fn write_staged(
     dir: &File,
     name: &str,
     ids: &MemoryIds,
-) -> Result<(Vec<CpuidLeaf>, Vec<String>), StageError> {
+    live: bool,
+) -> Result<Staged, StageError> {
     let (vm, info) = (&server.vm, &server.info);
     let memory = create_new(dir, MEMORY)?;
     let staging = info.snapshots_dir.join(name);
-    let snap = vm.save(memory, &staging, &info.cmdline, info.mem_mib, ids)?;
+    let (snap, paused) = vm.save(memory, &staging, &info.cmdline, info.mem_mib, ids, live)?;
     let bytes = crate::snapshot::format::encode(&snap)?;
     create_new(dir, VMSTATE)?
         .write_all(&bytes)
@@ -254,7 +262,19 @@ fn write_staged(
         .map(|v| v.cpuid.iter().map(CpuidLeaf::from).collect())
         .unwrap_or_default();
     let layers = snap.memory_layers.iter().map(|l| l.id.clone()).collect();
-    Ok((cpuid, layers))
+    Ok(Staged {
+        cpuid,
+        layers,
+        paused,
+    })
+}
+
+/// What a staged snapshot reports back.
+struct Staged {
+    cpuid: Vec<CpuidLeaf>,
+    layers: Vec<String>,
+    /// Live: how long the VM was paused before it resumed itself.
+    paused: Option<Duration>,
 }
 
 /// The memory ids a snapshot request names, checked.
@@ -284,9 +304,14 @@ fn save(server: &Server, req: &Request) -> Response {
         Ok(x) => x,
         Err(e) => return Response::err(format!("snapshot failed: {e}")),
     };
-    match write_staged(server, &dir, &name, &ids) {
-        Ok((cpuid, layers)) => {
-            let mut r = Response::ok(RunState::Paused);
+    match write_staged(server, &dir, &name, &ids, req.live) {
+        Ok(Staged {
+            cpuid,
+            layers,
+            paused,
+        }) => {
+            let mut r = Response::ok(vm.state());
+            r.paused_us = paused.map(|d| d.as_micros() as u64);
             r.was = Some(
                 if was == RunState::Paused {
                     "paused"
@@ -477,6 +502,7 @@ pub fn request(path: &Path, op: Op, timeout: Duration) -> Result<Response, Clien
             op,
             memory_id: None,
             memory_parent: None,
+            live: false,
         },
         timeout,
     )
@@ -492,12 +518,16 @@ pub struct SnapshotReply {
     pub guest_cpuid: Vec<CpuidLeaf>,
     /// Memory layer ids, bottom first, the snapshot's own last.
     pub memory_layers: Vec<String>,
+    /// Live: the VM resumed itself after this long paused.
+    pub paused: Option<Duration>,
 }
 
-/// Asks the VMM to save the VM; it stays paused (see [`Op::Snapshot`]).
+/// Asks the VMM to save the VM; it stays paused (see [`Op::Snapshot`]),
+/// unless `live`.
 pub fn snapshot(
     path: &Path,
     ids: &MemoryIds,
+    live: bool,
     timeout: Duration,
 ) -> Result<SnapshotReply, ClientError> {
     let req = Request {
@@ -505,6 +535,7 @@ pub fn snapshot(
         op: Op::Snapshot,
         memory_id: Some(ids.id.clone()),
         memory_parent: ids.parent.clone(),
+        live,
     };
     let resp = request_with(path, req, timeout)?;
     let staging = staging_of(path, resp.staging.clone())?;
@@ -521,6 +552,7 @@ pub fn snapshot(
         tsc_khz: resp.tsc_khz,
         guest_cpuid: resp.guest_cpuid.unwrap_or_default(),
         memory_layers: layers,
+        paused: resp.paused_us.map(Duration::from_micros),
     })
 }
 

@@ -16,7 +16,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-use super::{RegionSnap, SaveError, PAGE};
+use super::{RegionSnap, PAGE};
 use crate::devices::GuestMemoryMmap;
 
 /// One memory layer of a snapshot.
@@ -35,7 +35,7 @@ pub struct MemoryLayer {
 pub type PageRuns = Vec<(u64, u64)>;
 
 /// Runs of set bits of `words` (bit i = page i), shifted by `first_page`.
-fn bit_runs(words: &[u64], pages: u64, first_page: u64, out: &mut Vec<(u64, u64)>) {
+pub(super) fn bit_runs(words: &[u64], pages: u64, first_page: u64, out: &mut Vec<(u64, u64)>) {
     let bit = |i: u64| {
         words
             .get((i / 64) as usize)
@@ -57,54 +57,6 @@ fn bit_runs(words: &[u64], pages: u64, first_page: u64, out: &mut Vec<(u64, u64)
         }
         out.push((first_page + start, i - start));
     }
-}
-
-/// Writes the pages set in `dirty` (one bitmap per region, bit per page)
-/// at their places in `file`, all-zero pages left as holes (the runs say
-/// they are held). Returns each region's place in the file and the runs.
-pub fn write_dirty(
-    mem: &GuestMemoryMmap,
-    dirty: &[Vec<u64>],
-    file: &File,
-) -> Result<(Vec<RegionSnap>, PageRuns), SaveError> {
-    let mut regions = Vec::new();
-    let mut runs = Vec::new();
-    let mut offset = 0u64;
-    for (i, region) in mem.iter().enumerate() {
-        let size = region.len();
-        let host = region.get_host_address(vm_memory::MemoryRegionAddress(0))?;
-        // SAFETY: the region maps `size` bytes at `host` for as long as `mem`
-        // lives; vCPUs are parked and devices locked by the caller.
-        let bytes = unsafe { std::slice::from_raw_parts(host as *const u8, size as usize) };
-        let first = runs.len();
-        let words = dirty.get(i).map(Vec::as_slice).unwrap_or(&[]);
-        bit_runs(words, size / PAGE as u64, offset / PAGE as u64, &mut runs);
-        for &(page, count) in &runs[first..] {
-            let start = (page * PAGE as u64 - offset) as usize;
-            let end = start + (count as usize) * PAGE;
-            let mut p = start;
-            while p < end {
-                if bytes[p..p + PAGE] == super::ZERO_PAGE[..] {
-                    p += PAGE;
-                    continue;
-                }
-                let s = p;
-                while p < end && bytes[p..p + PAGE] != super::ZERO_PAGE[..] {
-                    p += PAGE;
-                }
-                file.write_all_at(&bytes[s..p], offset + s as u64)
-                    .map_err(SaveError::Memory)?;
-            }
-        }
-        regions.push(RegionSnap {
-            guest_addr: region.start_addr().0,
-            size,
-            file_offset: offset,
-        });
-        offset += size;
-    }
-    file.set_len(offset).map_err(SaveError::Memory)?;
-    Ok((regions, runs))
 }
 
 /// Checks a diff layer's runs against the memory layout: ascending, not
@@ -248,7 +200,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let bottom = dir.path().join("memory.0.bin");
         let regions =
-            super::super::write_memory(&mem, &mut File::create(&bottom).unwrap()).unwrap();
+            super::super::live::write_memory(&mem, &File::create(&bottom).unwrap()).unwrap();
         memory::take_vmm_dirty(&mem);
 
         let mut files = Vec::new();
@@ -266,7 +218,9 @@ mod tests {
             }
             let dirty = memory::take_vmm_dirty(&mem);
             let path = dir.path().join(format!("diff{k}"));
-            let (r, runs) = write_dirty(&mem, &dirty, &File::create(&path).unwrap()).unwrap();
+            let (r, runs) =
+                super::super::live::write_diff(&mem, &dirty, &File::create(&path).unwrap())
+                    .unwrap();
             assert_eq!(r, regions);
             assert_eq!(runs.len(), edit.len().min(3));
             files.push((path, runs));

@@ -9,19 +9,19 @@
 //! vsock sends TRANSPORT_RESET once the vCPUs run (see Vm::run).
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::Duration;
 
 use crate::devices::GuestMemoryMmap;
 use kvm_bindings::{kvm_clock_data, kvm_irqchip, kvm_pit_state2};
 use serde::{Deserialize, Serialize};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap, MmapRegion};
+use vm_memory::{GuestAddress, GuestRegionMmap, MmapRegion};
 
 use crate::vmm::arch::x86_64::layout::ram_ranges;
 use crate::vmm::vcpu::ParkError;
 use crate::vmm::vcpu::Vcpu;
 pub mod layers;
+pub mod live;
 pub mod vcpu_state;
 
 use crate::devices::bus::lock;
@@ -127,48 +127,6 @@ fn irqchip(vm: &kvm_ioctls::VmFd, id: u32) -> Result<kvm_irqchip, SaveError> {
     Ok(c)
 }
 
-/// Writes guest memory to `file`, region after region, leaving all-zero
-/// pages as holes. Returns each region's place in the file.
-fn write_memory(mem: &GuestMemoryMmap, file: &mut File) -> Result<Vec<RegionSnap>, SaveError> {
-    let mut regions = Vec::new();
-    let mut offset = 0u64;
-    for region in mem.iter() {
-        let size = region.len();
-        let host = region.get_host_address(vm_memory::MemoryRegionAddress(0))?;
-        // SAFETY: the region maps `size` bytes at `host` for as long as `mem`
-        // lives. vCPUs are parked and every device is locked by the caller,
-        // so nothing writes guest memory while we read it.
-        let bytes = unsafe { std::slice::from_raw_parts(host as *const u8, size as usize) };
-        // Slice equality is a memcmp: fast even in debug builds.
-        let zero = |p: usize| bytes[p..p + PAGE] == ZERO_PAGE[..];
-        let mut page = 0;
-        while page < bytes.len() {
-            // Coalesce a run of non-zero pages into one write.
-            let start = page;
-            while page < bytes.len() && !zero(page) {
-                page += PAGE;
-            }
-            if page > start {
-                file.write_all_at(&bytes[start..page], offset + start as u64)
-                    .map_err(SaveError::Memory)?;
-            }
-            while page < bytes.len() && zero(page) {
-                page += PAGE;
-            }
-        }
-        regions.push(RegionSnap {
-            guest_addr: region.start_addr().0,
-            size,
-            file_offset: offset,
-        });
-        offset += size;
-    }
-    // Not synced here: that would hold the guest paused through the
-    // writeback. The snapshot is committed only after its files are synced.
-    file.set_len(offset).map_err(SaveError::Memory)?;
-    Ok(regions)
-}
-
 impl VmHandle {
     /// Freezes the writable disks' chains into `staging` (see
     /// `Block::snapshot_disk`), pausing the guest only while it does.
@@ -197,17 +155,69 @@ impl VmHandle {
     /// here), and devices put what they keep outside guest memory (the
     /// root disk's frozen chain) into `staging`, at the moment memory is
     /// consistent with it. Leaves the VM paused; the caller resumes it.
+    ///
+    /// `live` (and running): memory is first copied while the guest runs
+    /// (see `live`); the pause holds only the last dirty pages and the
+    /// device state, and the VM resumes itself at the end. Returns how
+    /// long it was paused then.
     pub fn save(
         &self,
-        mut memory_file: File,
+        memory_file: File,
         staging: &std::path::Path,
         cmdline: &str,
         mem_mib: u64,
         ids: &MemoryIds,
-    ) -> Result<VmSnapshot, SaveError> {
-        if self.state() != RunState::Paused {
+        live: bool,
+    ) -> Result<(VmSnapshot, Option<Duration>), SaveError> {
+        let running = self.state() != RunState::Paused;
+        let mut phases = Phases::new();
+        let pre = match live && running {
+            true => Some(self.precopy(&memory_file, ids)?),
+            false => None,
+        };
+        let passes = pre.as_ref().map(|p| (p.passes, p.pages));
+        phases.mark("precopy");
+        let paused_at = std::time::Instant::now();
+        if running {
             self.pause()?;
         }
+        phases.mark("pause");
+        let result = self.save_paused(
+            &memory_file,
+            staging,
+            cmdline,
+            mem_mib,
+            ids,
+            pre,
+            &mut phases,
+        );
+        let paused = if live && running {
+            // Resumed here, whatever happened: a live snapshot never leaves
+            // the guest stopped.
+            self.resume();
+            phases.mark("resume");
+            Some(paused_at.elapsed())
+        } else {
+            None
+        };
+        let passes = passes.map_or(String::new(), |(n, pages)| {
+            format!(" (live: {n} passes, {pages} pages before the pause)")
+        });
+        eprintln!("save phases (ms): {}{passes}", phases.parts());
+        result.map(|snap| (snap, paused))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn save_paused(
+        &self,
+        memory_file: &File,
+        staging: &std::path::Path,
+        cmdline: &str,
+        mem_mib: u64,
+        ids: &MemoryIds,
+        pre: Option<live::PreCopy>,
+        phases: &mut Phases,
+    ) -> Result<VmSnapshot, SaveError> {
         // Lock every device for the whole save: no queue processing, no
         // DMA into guest memory, no console bytes while we look.
         let serial = lock(&self.serial);
@@ -235,7 +245,9 @@ impl VmHandle {
             };
             (id.clone(), state)
         }));
+        phases.mark("devices");
         let vcpus = self.stop.save_parked(self.vcpus, Duration::from_secs(10))?;
+        phases.mark("vcpus");
         let vm = &self.vm_fd;
         let snap_vm = (
             irqchip(vm, KVM_IRQCHIP_PIC_MASTER)?,
@@ -244,7 +256,9 @@ impl VmHandle {
             vm.get_pit2().map_err(kvm("PIT"))?,
             vm.get_clock().map_err(kvm("clock"))?,
         );
-        let (memory, memory_layers) = self.save_memory(&mut memory_file, ids)?;
+        phases.mark("vm_state");
+        let (memory, memory_layers) = self.save_memory(memory_file, ids, pre)?;
+        phases.mark("memory");
         drop(transports);
         drop(serial);
         Ok(VmSnapshot {
@@ -261,58 +275,6 @@ impl VmHandle {
             memory,
             memory_layers,
         })
-    }
-
-    /// Writes guest memory whole, or as a diff when `ids.parent` is the
-    /// layer the guest's RAM equalled at the last save or restore and the
-    /// chain has room; then (re)starts dirty logging from this moment.
-    /// Called with vCPUs parked and devices locked.
-    fn save_memory(
-        &self,
-        file: &mut File,
-        ids: &MemoryIds,
-    ) -> Result<(Vec<RegionSnap>, Vec<MemoryLayer>), SaveError> {
-        use crate::snapshot::manifest::MAX_MEMORY_LAYERS;
-        use crate::vmm::memory;
-        let mut lineage = lock(&self.lineage);
-        // Taken now: whatever happens next, the old baseline is gone (a
-        // failed save leaves none, so the next save is whole).
-        let below = std::mem::take(&mut lineage.layers);
-        let dirty = if lineage.logging {
-            Some(memory::take_dirty(&self.vm_fd, &self.mem)?)
-        } else {
-            None
-        };
-        let diff_ok = below.last().map(|l| &l.id) == ids.parent.as_ref()
-            && ids.parent.is_some()
-            && below.len() < MAX_MEMORY_LAYERS;
-        let (regions, layers) = match dirty {
-            Some(dirty) if diff_ok => {
-                let (regions, runs) = layers::write_dirty(&self.mem, &dirty, file)?;
-                let mut all = below;
-                all.push(MemoryLayer {
-                    id: ids.id.clone(),
-                    pages: Some(runs),
-                });
-                (regions, all)
-            }
-            _ => {
-                let regions = write_memory(&self.mem, file)?;
-                let whole = MemoryLayer {
-                    id: ids.id.clone(),
-                    pages: None,
-                };
-                (regions, vec![whole])
-            }
-        };
-        if !lineage.logging {
-            memory::register(&self.vm_fd, &self.mem, true)?;
-            memory::clear_vmm_dirty(&self.mem);
-            lineage.logging = true;
-        }
-        lineage.layers = layers.clone();
-        layers::log_ram_digest(&self.mem, "at save", &ids.id);
-        Ok((regions, layers))
     }
 }
 
@@ -479,8 +441,8 @@ impl Vm {
     }
 }
 
-/// Wall time of the restore's phases, for the VMM log.
-struct Phases {
+/// Wall time of a restore's or a save's phases, for the VMM log.
+pub struct Phases {
     last: std::time::Instant,
     done: Vec<(&'static str, f64)>,
 }
@@ -500,14 +462,19 @@ impl Phases {
         self.last = now;
     }
 
-    /// `restore phases (ms): kvm_vm=0.412 memory=0.051 ...`
-    fn line(&self) -> String {
+    /// `kvm_vm=0.412 memory=0.051 ...`
+    fn parts(&self) -> String {
         let parts: Vec<String> = self
             .done
             .iter()
             .map(|(n, ms)| format!("{n}={ms:.3}"))
             .collect();
-        format!("{RESTORE_PHASES_PREFIX} {}", parts.join(" "))
+        parts.join(" ")
+    }
+
+    /// `restore phases (ms): kvm_vm=0.412 memory=0.051 ...`
+    fn line(&self) -> String {
+        format!("{RESTORE_PHASES_PREFIX} {}", self.parts())
     }
 }
 
@@ -564,8 +531,8 @@ pub(super) mod tests {
         }
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("memory.bin");
-        let mut file = File::create(&path).unwrap();
-        let regions = write_memory(&mem, &mut file).unwrap();
+        let file = File::create(&path).unwrap();
+        let regions = live::write_memory(&mem, &file).unwrap();
         assert_eq!(regions[1].file_offset, low_size);
         assert_eq!(
             std::fs::metadata(&path).unwrap().len(),

@@ -19,6 +19,7 @@ use crate::engine::auto_snapshot::Settings;
 use crate::engine::create::{CreateOptions, RegistryOptions, RootSource};
 use crate::engine::fork::ForkOptions;
 use crate::engine::lifecycle::StartOptions;
+use crate::engine::snapshot::SnapshotOptions;
 use crate::engine::{Engine, Reporter};
 use crate::image::progress::Progress;
 use crate::render;
@@ -327,6 +328,12 @@ pub(super) async fn snapshot_list(
 #[serde(deny_unknown_fields)]
 pub(super) struct SnapshotBody {
     tag: Option<String>,
+    /// See `snapshot create --live`.
+    #[serde(default)]
+    live: bool,
+    /// See `snapshot create --full`.
+    #[serde(default)]
+    full: bool,
 }
 
 pub(super) async fn snapshot_create(
@@ -335,7 +342,11 @@ pub(super) async fn snapshot_create(
     Body(b): Body<SnapshotBody>,
 ) -> Answer {
     let c = blocking(&s, move |e| {
-        e.snapshot_create(&name, b.tag.as_deref(), &ServerReport::new())
+        let opts = SnapshotOptions {
+            live: b.live,
+            full: b.full,
+        };
+        e.snapshot_create_with(&name, b.tag.as_deref(), opts, &ServerReport::new())
     })
     .await?;
     created(render::snapshot_created(&c))

@@ -47,6 +47,9 @@ pub struct VmHandle {
 pub struct Lineage {
     pub layers: Vec<super::snapshot::layers::MemoryLayer>,
     pub logging: bool,
+    /// A restored VM until its first save: `/proc/self/pagemap`, opened
+    /// before the jail (see `VmHandle::dirty_since_baseline`).
+    pub pagemap: Option<std::fs::File>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -30,6 +30,8 @@ pub enum MemoryError {
         slot: u32,
         source: kvm_ioctls::Error,
     },
+    #[error("reading /proc/self/pagemap: {0}")]
+    Pagemap(std::io::Error),
     #[error("guest memory region at {0:#x} has no host mapping")]
     NoHostAddress(u64),
 }
@@ -122,4 +124,46 @@ fn vmm_bitmap(
 ) -> &vm_memory::bitmap::AtomicBitmap {
     let mapping: &vm_memory::MmapRegion<vm_memory::bitmap::AtomicBitmap> = region;
     mapping.bitmap()
+}
+
+/// The pages of `mem`'s private file mappings that have been written since
+/// they were mapped (present and anonymous, or swapped out), one bitmap
+/// per region, from `/proc/self/pagemap` (one 64-bit entry per page: bit
+/// 63 present, 62 swapped, 61 file-backed or shared).
+pub fn written_since_mapped(
+    mem: &GuestMemoryMmap,
+    pagemap: &std::fs::File,
+) -> Result<Vec<Vec<u64>>, MemoryError> {
+    use std::os::unix::fs::FileExt;
+    const PAGE: u64 = 4096;
+    const BATCH: usize = 8192;
+    let mut out = Vec::new();
+    for region in mem.iter() {
+        let addr = region.start_addr().0;
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|_| MemoryError::NoHostAddress(addr))? as u64;
+        let pages = region.len() / PAGE;
+        let mut bits = vec![0u64; pages.div_ceil(64) as usize];
+        let mut raw = vec![0u8; BATCH * 8];
+        let mut page = 0u64;
+        while page < pages {
+            let n = ((pages - page) as usize).min(BATCH);
+            let at = (host / PAGE + page) * 8;
+            pagemap
+                .read_exact_at(&mut raw[..n * 8], at)
+                .map_err(MemoryError::Pagemap)?;
+            for (i, e) in raw[..n * 8].chunks_exact(8).enumerate() {
+                let e = u64::from_le_bytes(e.try_into().unwrap_or_default());
+                let (present, swapped, file) = (e >> 63 & 1, e >> 62 & 1, e >> 61 & 1);
+                if (present == 1 && file == 0) || swapped == 1 {
+                    let p = page + i as u64;
+                    bits[(p / 64) as usize] |= 1 << (p % 64);
+                }
+            }
+            page += n as u64;
+        }
+        out.push(bits);
+    }
+    Ok(out)
 }

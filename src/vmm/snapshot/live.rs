@@ -12,7 +12,6 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::time::Instant;
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
@@ -39,7 +38,6 @@ pub struct PreCopy {
     written: Vec<Vec<u64>>,
     pub passes: usize,
     pub pages: u64,
-    pub started: Instant,
 }
 
 fn count(bitmaps: &[Vec<u64>]) -> u64 {
@@ -170,26 +168,20 @@ impl VmHandle {
     /// memory (or, for a diff, what changed since the baseline), each next
     /// one what changed during the one before, until few pages change.
     pub fn precopy(&self, file: &File, ids: &MemoryIds) -> Result<PreCopy, SaveError> {
-        let started = Instant::now();
         let mut lineage = lock(&self.lineage);
         let below = std::mem::take(&mut lineage.layers);
-        let diff = lineage.logging && diff_ok(&below, ids);
-        if !lineage.logging {
-            memory::register(&self.vm_fd, &self.mem, true)?;
-            memory::clear_vmm_dirty(&self.mem);
-            lineage.logging = true;
-        }
+        let since = self.dirty_since_baseline(&mut lineage)?;
         drop(lineage);
+        let diff = since.is_some() && diff_ok(&below, ids);
         let mut written = Vec::new();
-        if diff {
-            let first = memory::take_dirty(&self.vm_fd, &self.mem)?;
-            write_pages(&self.mem, Some(&first), file, true)?;
-            written = first;
-        } else {
-            // From here on every write is logged; the copy may tear pages
+        match since {
+            Some(first) if diff => {
+                write_pages(&self.mem, Some(&first), file, true)?;
+                written = first;
+            }
+            // Every write from here on is logged; the copy may tear pages
             // the guest writes meanwhile, which the next pass rewrites.
-            memory::take_dirty(&self.vm_fd, &self.mem)?;
-            write_pages(&self.mem, None, file, true)?;
+            _ => write_pages(&self.mem, None, file, true)?,
         }
         let mut passes = 1;
         let mut last = u64::MAX;
@@ -211,8 +203,34 @@ impl VmHandle {
             written,
             passes,
             pages,
-            started,
         })
+    }
+
+    /// The pages written since the baseline (the last save or restore),
+    /// None when there is none (a cold boot's first save); KVM's dirty log
+    /// runs from here on. After a save, the dirty log. After a restore,
+    /// before the first save, the mapping's anonymous pages: memory is a
+    /// private mapping of the snapshot's file, so exactly the pages the
+    /// guest or the VMM wrote since (and those a diff's restore read in:
+    /// a superset, so still exact content) have left the page cache.
+    /// Logging only from the first save on spares a restored guest that is
+    /// never snapshotted (a fork) the cost of the dirty log's faults.
+    fn dirty_since_baseline(
+        &self,
+        lineage: &mut crate::vmm::handle::Lineage,
+    ) -> Result<Option<Vec<Vec<u64>>>, SaveError> {
+        if lineage.logging {
+            return Ok(Some(memory::take_dirty(&self.vm_fd, &self.mem)?));
+        }
+        // Logging first: what is written after it is logged, what was
+        // written before is in the pagemap.
+        memory::register(&self.vm_fd, &self.mem, true)?;
+        memory::clear_vmm_dirty(&self.mem);
+        lineage.logging = true;
+        match lineage.pagemap.take() {
+            Some(pagemap) => Ok(Some(memory::written_since_mapped(&self.mem, &pagemap)?)),
+            None => Ok(None),
+        }
     }
 
     /// Writes guest memory with vCPUs parked and devices locked: whole, or
@@ -230,11 +248,7 @@ impl VmHandle {
         // Taken now: whatever happens next, the old baseline is gone (a
         // failed save leaves none, so the next save is whole).
         let below = std::mem::take(&mut lineage.layers);
-        let dirty = if lineage.logging {
-            Some(memory::take_dirty(&self.vm_fd, &self.mem)?)
-        } else {
-            None
-        };
+        let dirty = self.dirty_since_baseline(&mut lineage)?;
         let own = |pages| MemoryLayer {
             id: ids.id.clone(),
             pages,
@@ -268,11 +282,6 @@ impl VmHandle {
         // Not synced here: that would hold the guest paused through the
         // writeback. The snapshot is committed only after its files are synced.
         file.set_len(total).map_err(SaveError::Memory)?;
-        if !lineage.logging {
-            memory::register(&self.vm_fd, &self.mem, true)?;
-            memory::clear_vmm_dirty(&self.mem);
-            lineage.logging = true;
-        }
         lineage.layers = layers.clone();
         layers::log_ram_digest(&self.mem, "at save", &ids.id);
         Ok((regions, layers))

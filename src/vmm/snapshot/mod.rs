@@ -391,16 +391,22 @@ impl Vm {
         let (kvm, vm) = create_vm()?;
         phases.mark("kvm_vm");
         let mem = map_layers(dir, snap).map_err(bad)?;
-        let logging = !snap.memory_layers.is_empty();
         if let Some(top) = snap.memory_layers.last() {
             layers::log_ram_digest(&mem, "after restore", &top.id);
         }
-        super::memory::register(&vm, &mem, logging)?;
+        // No dirty log yet: until its first save, what the guest changes
+        // is read from the pagemap (see `dirty_since_baseline`).
+        super::memory::register(&vm, &mem, false)?;
+        let pagemap = match snap.memory_layers.is_empty() {
+            true => None,
+            false => File::open("/proc/self/pagemap").ok(),
+        };
         phases.mark("memory");
         let (mut this, _) = Vm::assemble(&kvm, vm, mem, cfg, Some(&snap.devices))?;
         *lock(&this.lineage) = crate::vmm::handle::Lineage {
             layers: snap.memory_layers.clone(),
-            logging,
+            logging: false,
+            pagemap,
         };
         phases.mark("devices");
 
@@ -507,6 +513,39 @@ pub(super) mod tests {
             memory,
             memory_layers: Vec::new(),
         }
+    }
+
+    /// After a restore, the pages written since are exactly the private
+    /// mapping's anonymous ones: reads leave a page in the page cache,
+    /// writes (the guest's or the VMM's) copy it out.
+    #[test]
+    fn pagemap_names_the_pages_written_since_the_mapping() {
+        let mem_mib = 8;
+        let mem = super::super::memory::create(mem_mib).unwrap();
+        mem.write_slice(&[5u8; 64], GuestAddress(0x3000)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("memory.bin");
+        let regions = live::write_memory(&mem, &File::create(&path).unwrap()).unwrap();
+        let restored = map_memory(&path, &snapshot_of(mem_mib, regions)).unwrap();
+        let mut read = [0u8; 8];
+        restored
+            .read_slice(&mut read, GuestAddress(0x3000))
+            .unwrap();
+        restored
+            .read_slice(&mut read, GuestAddress(0x9000))
+            .unwrap();
+        restored
+            .write_slice(&[1u8; 8], GuestAddress(0x5008))
+            .unwrap();
+        restored
+            .write_slice(&[2u8; 8], GuestAddress(0x70_0000))
+            .unwrap();
+        let pagemap = File::open("/proc/self/pagemap").unwrap();
+        let bits = super::super::memory::written_since_mapped(&restored, &pagemap).unwrap();
+        let set: Vec<u64> = (0..(mem_mib << 8))
+            .filter(|p| bits[0][(p / 64) as usize] >> (p % 64) & 1 == 1)
+            .collect();
+        assert_eq!(set, vec![0x5, 0x700]);
     }
 
     /// A guest over 3 GiB has two RAM regions around the MMIO gap. Bytes on

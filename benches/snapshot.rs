@@ -292,23 +292,29 @@ fn second_and_live(home: &Home, memory_mib: u64, runs: usize) {
     );
 }
 
-/// QEMU's live migration (precopy) of the same guest while a shell loop
-/// in it writes a tmpfs file without pause, as ours does: its own
-/// `downtime` figure as the pause. A guest of its own, so the busy loop
-/// is not in the state files the restore figures use.
-fn theirs_live(memory_mib: u64, runs: usize, pvm: bool) {
+/// A QEMU microvm guest booted on a rootfs with the big file and `init`
+/// (a shell script), up to its READY line, QMP connected.
+struct QemuGuest {
+    dir: tempfile::TempDir,
+    kernel: std::path::PathBuf,
+    rootfs: std::path::PathBuf,
+    args: String,
+    vm: std::process::Child,
+    qmp: qemu::Qmp,
+}
+
+/// Boots `init` under QEMU; None (after printing why) if it never gets ready.
+fn qemu_guest(memory_mib: u64, pvm: bool, init: &str) -> Option<QemuGuest> {
     let dir = tempfile::tempdir().unwrap();
-    let init = format!(
-        "#!/bin/sh\n{DEV}mount -t tmpfs tmp /tmp\ncat /big > /dev/null\n(i=0; while :; do i=$((i+1)); echo $i > /tmp/busy; done) &\necho {READY}\nexec sleep 100000\n"
-    );
-    let rootfs = common::rootfs_with_big_file(dir.path(), TOUCH_MIB, &init);
+    let rootfs = common::rootfs_with_big_file(dir.path(), TOUCH_MIB, init);
+    let kernel = common::vmlinux();
     let args = format!(
         "quiet root=/dev/vda rw init=/init{}",
         qemu::vmm_guest_args(pvm)
     );
     let qmp_path = dir.path().join("qmp.sock");
     let qmp_arg = format!("unix:{},server=on,wait=off", qmp_path.display());
-    let mut vm = qemu::microvm(&common::vmlinux(), &rootfs, memory_mib, &args)
+    let mut vm = qemu::microvm(&kernel, &rootfs, memory_mib, &args)
         .args(["-qmp", &qmp_arg])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -319,16 +325,43 @@ fn theirs_live(memory_mib: u64, runs: usize, pvm: bool) {
         .lines()
         .map_while(Result::ok)
         .any(|l| l.contains(READY));
-    let Some(mut qmp) = ready
+    let qmp = ready
         .then(|| qemu::Qmp::connect(&qmp_path, Duration::from_secs(10)))
-        .flatten()
-    else {
+        .flatten();
+    let Some(qmp) = qmp else {
         println!(
             "{}",
-            json!({"bench": "snapshot", "vmm": "qemu-microvm", "memory_mib": memory_mib, "error": "live: guest never became ready"})
+            json!({"bench": "snapshot", "vmm": "qemu-microvm", "memory_mib": memory_mib, "error": "guest never became ready"})
         );
         let _ = vm.kill();
         let _ = vm.wait();
+        return None;
+    };
+    Some(QemuGuest {
+        dir,
+        kernel,
+        rootfs,
+        args,
+        vm,
+        qmp,
+    })
+}
+
+/// QEMU's live migration (precopy) of the same guest while a shell loop
+/// in it writes a tmpfs file without pause, as ours does: its own
+/// `downtime` figure as the pause. A guest of its own, so the busy loop
+/// is not in the state files the restore figures use.
+fn theirs_live(memory_mib: u64, runs: usize, pvm: bool) {
+    let init = format!(
+        "#!/bin/sh\n{DEV}mount -t tmpfs tmp /tmp\ncat /big > /dev/null\n(i=0; while :; do i=$((i+1)); echo $i > /tmp/busy; done) &\necho {READY}\nexec sleep 100000\n"
+    );
+    let Some(QemuGuest {
+        dir,
+        mut vm,
+        mut qmp,
+        ..
+    }) = qemu_guest(memory_mib, pvm, &init)
+    else {
         return;
     };
     let (mut total, mut paused) = (Vec::new(), Vec::new());
@@ -371,37 +404,18 @@ fn theirs_live(memory_mib: u64, runs: usize, pvm: bool) {
 /// `stop` + `migrate exec:cat > FILE` (its snapshot; the disk is not
 /// copied) and `-incoming exec:cat FILE` + `cont` (its restore).
 fn theirs(memory_mib: u64, runs: usize, pvm: bool) {
-    let dir = tempfile::tempdir().unwrap();
     let init = format!("#!/bin/sh\n{DEV}cat /big > /dev/null\necho {READY}\nexec sleep 100000\n");
-    let rootfs = common::rootfs_with_big_file(dir.path(), TOUCH_MIB, &init);
-    let kernel = common::vmlinux();
-    let args = format!(
-        "quiet root=/dev/vda rw init=/init{}",
-        qemu::vmm_guest_args(pvm)
-    );
-    let qmp_path = dir.path().join("qmp.sock");
-    let qmp_arg = format!("unix:{},server=on,wait=off", qmp_path.display());
-    let mut vm = qemu::microvm(&kernel, &rootfs, memory_mib, &args)
-        .args(["-qmp", &qmp_arg])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = vm.stdout.take().unwrap();
-    let ready = BufReader::new(stdout)
-        .lines()
-        .map_while(Result::ok)
-        .any(|l| l.contains(READY));
-    if !ready {
-        println!(
-            "{}",
-            json!({"bench": "snapshot", "vmm": "qemu-microvm", "memory_mib": memory_mib, "error": "guest never became ready"})
-        );
-        let _ = vm.kill();
-        let _ = vm.wait();
+    let Some(QemuGuest {
+        dir,
+        kernel,
+        rootfs,
+        args,
+        mut vm,
+        mut qmp,
+    }) = qemu_guest(memory_mib, pvm, &init)
+    else {
         return;
-    }
-    let mut qmp = qemu::Qmp::connect(&qmp_path, Duration::from_secs(10)).expect("QMP");
+    };
     let (mut total, mut alloc) = (Vec::new(), Vec::new());
     let state = |r: usize| dir.path().join(format!("state{r}"));
     for r in 0..runs {

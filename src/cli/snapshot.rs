@@ -115,15 +115,9 @@ fn create(engine: &Engine, args: CreateArgs, out: &Out) -> Result<i32> {
     };
     out.done(
         &format!(
-            "snapshot {} created ({} MiB RAM, {} vCPU{}) at {}{scrubbed}",
-            m.tag,
-            m.memory_mib,
-            m.vcpus,
-            match m.memory_layers.len() {
-                0 | 1 => String::new(),
-                n => format!(", memory diff over {} layer(s)", n - 1),
-            },
-            m.created
+            // The seed 003 transcript's words; layers are in --json.
+            "snapshot {} created ({} MiB RAM, {} vCPU) at {}{scrubbed}",
+            m.tag, m.memory_mib, m.vcpus, m.created
         ),
         crate::render::snapshot_created(&c),
     );

@@ -6,17 +6,25 @@
 
 use std::collections::HashMap;
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 
 use guest_agent::ExitStatus;
 
-fn table() -> &'static Mutex<HashMap<i32, Sender<ExitStatus>>> {
-    static T: OnceLock<Mutex<HashMap<i32, Sender<ExitStatus>>>> = OnceLock::new();
-    T.get_or_init(Mutex::default)
+/// Who waits for which pid, and how many children were ever spawned: the
+/// reaper, finding no child at all, sleeps until that count moves.
+#[derive(Default)]
+struct Table {
+    watchers: HashMap<i32, Sender<ExitStatus>>,
+    spawned: u64,
 }
 
-fn lock() -> std::sync::MutexGuard<'static, HashMap<i32, Sender<ExitStatus>>> {
-    table().lock().unwrap_or_else(|p| p.into_inner())
+fn table() -> &'static (Mutex<Table>, Condvar) {
+    static T: OnceLock<(Mutex<Table>, Condvar)> = OnceLock::new();
+    T.get_or_init(Default::default)
+}
+
+fn lock() -> MutexGuard<'static, Table> {
+    table().0.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Runs `spawn` (which returns the new child's pid) and registers the pid
@@ -27,7 +35,9 @@ pub fn spawn_watched<T>(
     let mut t = lock();
     let (value, pid) = spawn()?;
     let (tx, rx) = channel();
-    t.insert(pid, tx);
+    t.watchers.insert(pid, tx);
+    t.spawned += 1;
+    table().1.notify_all();
     Ok((value, rx))
 }
 
@@ -39,21 +49,32 @@ fn decode(status: i32) -> ExitStatus {
     }
 }
 
+/// The reaper thread. With no child at all it blocks until the next spawn
+/// instead of polling: every new child comes from `spawn_watched` (orphans
+/// are reparented to us only while a child of ours exists, and then
+/// `waitpid` blocks). An idle guest thus takes no wake-ups from us, which
+/// on a PVM host (guest kernel emulated) was most of an idle guest's CPU.
 pub fn spawn() {
     let _ = std::thread::Builder::new()
         .name("reaper".into())
         .spawn(|| loop {
+            let seen = lock().spawned;
             let mut status = 0;
             // SAFETY: waitpid with a valid status pointer.
             let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
             if pid > 0 {
                 // Orphans nobody registered are simply reaped.
-                if let Some(tx) = lock().remove(&pid) {
+                if let Some(tx) = lock().watchers.remove(&pid) {
                     let _ = tx.send(decode(status));
                 }
-            } else {
-                // No children right now.
-                std::thread::sleep(std::time::Duration::from_millis(50));
+            } else if std::io::Error::last_os_error().raw_os_error() == Some(libc::ECHILD) {
+                // A spawn after `seen` was read has moved the count (it
+                // spawns and counts under the lock), so none is missed.
+                let (m, cv) = table();
+                let t = m.lock().unwrap_or_else(|p| p.into_inner());
+                let _unused = cv
+                    .wait_while(t, |t| t.spawned == seen)
+                    .unwrap_or_else(|p| p.into_inner());
             }
         });
 }

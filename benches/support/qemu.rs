@@ -19,7 +19,8 @@ pub fn available() -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// Loops-per-jiffy at the guest kernel's HZ=100, from the host's CPU clock.
+/// Loops-per-jiffy at the guest kernel's HZ=50 (as our VMM presets it),
+/// from the host's CPU clock.
 fn host_lpj() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
     let mhz: f64 = info
@@ -30,7 +31,7 @@ fn host_lpj() -> Option<u64> {
         .trim()
         .parse()
         .ok()?;
-    Some((mhz * 1e6 / 100.0) as u64)
+    Some((mhz * 1e6 / 50.0) as u64)
 }
 
 /// What our VMM adds to the guest command line on its own (a preset lpj,

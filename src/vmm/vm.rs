@@ -36,8 +36,10 @@ pub use super::handle::{PauseError, RunState, VmHandle};
 pub const MIN_MEM_MIB: u64 = 32;
 /// Keeps glibc in PVM guests off AVX and XSAVE (see full_cmdline).
 pub const PVM_GLIBC_TUNABLES: &str = "glibc.cpu.hwcaps=-XSAVE,-XSAVEC,-OSXSAVE,-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD,-FMA,-FMA4,-F16C,-AVX_Fast_Unaligned_Load";
-/// Loops-per-jiffy is derived from the TSC at this HZ (our kernel's CONFIG_HZ).
-const GUEST_HZ: u64 = 100;
+/// Loops-per-jiffy is derived from the TSC at this HZ (our kernel's
+/// CONFIG_HZ, kernels/patches/0005). A kernel built with another HZ gets
+/// delay loops off by that ratio, which only `udelay` feels.
+const GUEST_HZ: u64 = 50;
 
 #[derive(Debug, Clone)]
 pub struct DiskConfig {
@@ -564,7 +566,7 @@ mod tests {
             &["virtio_mmio.device=4K@0xd0000000:5".into()],
         );
         assert!(line.starts_with("console=ttyS0 reboot=k panic=-1"));
-        assert!(line.contains("lpj=20000000"));
+        assert!(line.contains("lpj=40000000"));
         assert!(line.ends_with("root=/dev/vda init=/init"));
         assert!(!line.contains("pvm_syscall"));
         assert!(!line.contains("clearcpuid"));

@@ -6,7 +6,7 @@ use crate::devices::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueT};
 
 use super::persist::TransportState;
-use super::{Interrupt, QueueSnap, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{Interrupt, QueueSnap, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use crate::devices::bus::BusDevice;
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
@@ -211,7 +211,11 @@ impl MmioTransport {
                 return;
             }
         }
-        let queues = std::mem::take(&mut self.queues);
+        let mut queues = std::mem::take(&mut self.queues);
+        let event_idx = self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0;
+        for q in queues.iter_mut() {
+            q.set_event_idx(event_idx);
+        }
         match self.device.activate(
             self.mem.clone(),
             self.interrupt.clone(),

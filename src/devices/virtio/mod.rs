@@ -15,6 +15,11 @@ pub use persist::QueueSnap;
 use vmm_sys_util::eventfd::EventFd;
 
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// The driver says in the rings when it wants the next interrupt and the
+/// device when it wants the next kick (virtio 1.x 2.7.10). Only devices
+/// that re-arm kicks with [`rearm`] after every drain may offer it: once
+/// negotiated, a queue the device does not re-arm is never kicked again.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 pub const TYPE_BLOCK: u32 = 2;
 
 /// Interrupt status bits of the MMIO transport.
@@ -144,6 +149,23 @@ pub trait VirtioDevice: Send {
     /// vsock tells the guest its streams are gone, and every device looks
     /// at its queues once for a kick that came just before the snapshot.
     fn after_restore(&mut self) {}
+}
+
+/// Stops kicks for `q` while the device drains it: the driver then adds
+/// buffers without trapping (a device reading a queue the driver fills,
+/// or one that waits for nothing).
+pub fn quiet<M: vm_memory::GuestMemory>(q: &mut Queue, mem: &M) {
+    use virtio_queue::QueueT;
+    let _ = q.disable_notification(mem);
+}
+
+/// Asks for a kick at the driver's next buffer, once the device has taken
+/// every one it needed. True if buffers came in meanwhile: the caller
+/// drains again (or a kick would be lost). A queue it cannot read counts
+/// as empty: the device's next pass looks again.
+pub fn rearm<M: vm_memory::GuestMemory>(q: &mut Queue, mem: &M) -> bool {
+    use virtio_queue::QueueT;
+    q.enable_notification(mem).unwrap_or(false)
 }
 
 /// One descriptor of a chain, as a device sees it: guest address, length,

@@ -28,8 +28,8 @@ use vm_memory::Bytes;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::{
-    chain_segs, read_config_bytes, ActivateError, Activated, Interrupt, Seg, VirtioDevice,
-    INT_USED_RING, VIRTIO_F_VERSION_1,
+    chain_segs, quiet, read_config_bytes, rearm, ActivateError, Activated, Interrupt, Seg,
+    VirtioDevice, INT_USED_RING, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 pub use config::NetConfig;
 use frame::{encode, FrameReader, MAX_FRAME};
@@ -290,59 +290,83 @@ impl Net {
         }
     }
 
-    /// Guest -> passt, one chain per frame, while passt keeps up.
+    /// Guest -> passt, one chain per frame, while passt keeps up; kicks
+    /// are off while we drain, and re-armed only once the ring is empty
+    /// (a full backlog brings us back through passt's socket instead).
     fn process_tx(&mut self) {
         let up = self.is_up();
         let Some(active) = self.active.as_mut() else {
             return;
         };
         let mem = active.mem.clone();
+        let q = &mut active.queues[TX];
+        quiet(q, &mem);
         let mut used = false;
-        while !up || self.tx_bytes < MAX_TX_BACKLOG {
-            let Some(chain) = active.queues[TX].pop_descriptor_chain(&mem) else {
-                break;
-            };
-            let head = chain.head_index();
-            let segs = chain_segs(chain);
-            // A malformed chain is consumed and dropped; so is everything
-            // once passt is gone.
-            if let (Ok(frame), true) = (read_tx(&mem, &segs), up) {
-                let mut wire = Vec::with_capacity(frame.len() + 4);
-                encode(&frame, &mut wire);
-                self.tx_bytes += wire.len();
-                self.tx_backlog.push_back(wire);
+        loop {
+            let (mut drained, mut popped) = (false, false);
+            while !up || self.tx_bytes < MAX_TX_BACKLOG {
+                let Some(chain) = q.pop_descriptor_chain(&mem) else {
+                    drained = true;
+                    break;
+                };
+                popped = true;
+                let head = chain.head_index();
+                let segs = chain_segs(chain);
+                // A malformed chain is consumed and dropped; so is everything
+                // once passt is gone.
+                if let (Ok(frame), true) = (read_tx(&mem, &segs), up) {
+                    let mut wire = Vec::with_capacity(frame.len() + 4);
+                    encode(&frame, &mut wire);
+                    self.tx_bytes += wire.len();
+                    self.tx_backlog.push_back(wire);
+                }
+                let _ = q.add_used(&mem, head, 0);
+                used = true;
             }
-            let _ = active.queues[TX].add_used(&mem, head, 0);
-            used = true;
+            // A round that found nothing after a re-arm said "more" is a
+            // ring we cannot read: stop rather than spin on it.
+            if !drained || !rearm(q, &mem) || !popped {
+                break;
+            }
         }
-        if used && active.queues[TX].needs_notification(&mem).unwrap_or(true) {
+        if used && q.needs_notification(&mem).unwrap_or(true) {
             active.interrupt.signal(INT_USED_RING);
         }
         self.flush_tx();
     }
 
-    /// passt -> guest, while the guest has posted buffers.
+    /// passt -> guest, while the guest has posted buffers; a kick for new
+    /// buffers is wanted only while frames wait for one.
     fn process_rx(&mut self) {
         let Some(active) = self.active.as_mut() else {
             return;
         };
         let mem = active.mem.clone();
-        let mut used = false;
+        let q = &mut active.queues[RX];
+        quiet(q, &mem);
+        let (mut used, mut retried) = (false, false);
         while let Some(frame) = self.rx_backlog.front() {
-            let Some(chain) = active.queues[RX].pop_descriptor_chain(&mem) else {
+            let Some(chain) = q.pop_descriptor_chain(&mem) else {
+                // One more look if buffers came in as we re-armed; a ring
+                // that still yields none is one we cannot read.
+                if !retried && rearm(q, &mem) {
+                    retried = true;
+                    continue;
+                }
                 break;
             };
+            retried = false;
             let head = chain.head_index();
             let segs = chain_segs(chain);
             // A buffer that cannot take the frame is returned empty and the
             // frame dropped (the guest's buffers are all alike: no later
             // one would take it either).
             let len = write_rx(&mem, &segs, frame).unwrap_or(0);
-            let _ = active.queues[RX].add_used(&mem, head, len);
+            let _ = q.add_used(&mem, head, len);
             self.rx_backlog.pop_front();
             used = true;
         }
-        if used && active.queues[RX].needs_notification(&mem).unwrap_or(true) {
+        if used && q.needs_notification(&mem).unwrap_or(true) {
             active.interrupt.signal(INT_USED_RING);
         }
     }
@@ -397,7 +421,7 @@ impl VirtioDevice for Net {
     }
 
     fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | VIRTIO_NET_F_MTU
+        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | VIRTIO_NET_F_MAC | VIRTIO_NET_F_MTU
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {

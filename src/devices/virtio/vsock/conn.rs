@@ -183,6 +183,11 @@ impl Conn {
         !self.to_guest.is_empty() && self.peer_credit() > 0
     }
 
+    /// Whether `pending_control` has a packet to give.
+    pub fn owes_control(&self) -> bool {
+        (self.unix_eof && self.to_guest.is_empty() && !self.eof_sent) || self.credit_update_due
+    }
+
     /// The next control packet this stream owes the guest, if any.
     pub fn pending_control(&mut self, host_cid: u64, guest_cid: u64) -> Option<Header> {
         if self.state != ConnState::Connected {

@@ -20,8 +20,8 @@ use vm_memory::Bytes;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::{
-    chain_segs, read_config_bytes, ActivateError, Activated, Interrupt, VirtioDevice,
-    INT_USED_RING, VIRTIO_F_VERSION_1,
+    chain_segs, quiet, read_config_bytes, rearm, ActivateError, Activated, Interrupt, VirtioDevice,
+    INT_USED_RING, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use conn::{Conn, ConnState};
 use packet::{
@@ -322,35 +322,43 @@ impl Vsock {
         }
     }
 
+    /// Takes what the guest sent, a ring's worth at a time, with kicks off
+    /// while we drain: one kick can bring a whole burst of packets.
     fn process_tx(&mut self) {
-        let Some(active) = self.active.as_mut() else {
-            return;
-        };
-        let mem = active.mem.clone();
-        let mut packets = Vec::new();
-        let mut used = Vec::new();
-        if let Ok(iter) = active.queues[TX].iter(&mem) {
-            for chain in iter {
+        loop {
+            let Some(active) = self.active.as_mut() else {
+                return;
+            };
+            let mem = active.mem.clone();
+            let q = &mut active.queues[TX];
+            quiet(q, &mem);
+            let mut packets = Vec::new();
+            let mut used = false;
+            while let Some(chain) = q.pop_descriptor_chain(&mem) {
                 let head = chain.head_index();
                 let segs = chain_segs(chain);
                 // Malformed packets are consumed and dropped.
                 if let Ok(p) = read_packet(&mem, &segs) {
                     packets.push(p);
                 }
-                used.push(head);
+                let _ = q.add_used(&mem, head, 0);
+                used = true;
+                if packets.len() >= usize::from(QUEUE_SIZE) {
+                    break; // Bounds what one round holds in memory.
+                }
             }
-        }
-        let Some(active) = self.active.as_mut() else {
-            return;
-        };
-        for head in used.iter() {
-            let _ = active.queues[TX].add_used(&mem, *head, 0);
-        }
-        if !used.is_empty() && active.queues[TX].needs_notification(&mem).unwrap_or(true) {
-            active.interrupt.signal(INT_USED_RING);
-        }
-        for (hdr, payload) in packets {
-            self.handle_tx(hdr, payload);
+            let more = rearm(q, &mem);
+            if used && q.needs_notification(&mem).unwrap_or(true) {
+                active.interrupt.signal(INT_USED_RING);
+            }
+            for (hdr, payload) in packets {
+                self.handle_tx(hdr, payload);
+            }
+            // A round that found nothing although the ring said "more" is
+            // a ring we cannot read: stop rather than spin on it.
+            if !more || !used {
+                return;
+            }
         }
     }
 
@@ -375,20 +383,36 @@ impl Vsock {
         None
     }
 
-    /// Moves everything owed to the guest into RX buffers while it has some.
+    /// Moves everything owed to the guest into RX buffers while it has
+    /// some. Kicks for new RX buffers are wanted only while something
+    /// waits for one; otherwise the driver refills the ring without a trap.
     fn process_rx(&mut self) {
-        let Some(active) = self.active.as_ref() else {
+        let Some(active) = self.active.as_mut() else {
             return;
         };
         let mem = active.mem.clone();
-        let mut delivered = false;
+        quiet(&mut active.queues[RX], &mem);
+        let (mut delivered, mut retried) = (false, false);
         loop {
             let Some(active) = self.active.as_mut() else {
                 return;
             };
             let Some(chain) = active.queues[RX].pop_descriptor_chain(&mem) else {
+                // One more look if buffers came in as we re-armed; a ring
+                // that still yields none is one we cannot read.
+                let waiting = !retried && self.has_rx_work();
+                retried = true;
+                if waiting
+                    && self
+                        .active
+                        .as_mut()
+                        .is_some_and(|a| rearm(&mut a.queues[RX], &mem))
+                {
+                    continue;
+                }
                 break;
             };
+            retried = false;
             let head = chain.head_index();
             let segs = chain_segs(chain);
             let Some((hdr, data)) = self.next_rx_packet(rx_capacity(&segs)) else {
@@ -408,6 +432,14 @@ impl Vsock {
                 a.interrupt.signal(INT_USED_RING);
             }
         }
+    }
+
+    /// Whether anything waits for an RX buffer (see `next_rx_packet`).
+    fn has_rx_work(&self) -> bool {
+        !self.rx_control.is_empty()
+            || self.conns.values().any(|c| {
+                c.state == ConnState::Connected && (c.owes_control() || c.has_data_for_guest())
+            })
     }
 
     /// Closes finished streams and refreshes what each Unix socket is polled for.
@@ -492,7 +524,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1
+        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {

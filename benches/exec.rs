@@ -4,7 +4,11 @@
 //!   CONNECT/OK + HELLO + ping through the VMM's vsock to the agent;
 //! - stdout streaming throughput in MB/s, from `dd bs=1M` (busybox `head
 //!   -c` is itself slower than the stream on PVM), beside the same `dd`
-//!   into a pipe inside the guest (the guest's own ceiling).
+//!   into a pipe inside the guest (the guest's own ceiling);
+//! - with `perf` installed (Debian `linux-perf`), what one MiB of that
+//!   stream costs the vCPU: KVM exits (hardware KVM), exits to the VMM,
+//!   interrupts the guest acked, and instructions KVM emulated (PVM hosts
+//!   emulate guest kernel code: the cost that dominates there).
 //!
 //! Runs: MICROAGENT_BENCH_RUNS, default 10 on PVM hosts and 100 elsewhere.
 
@@ -18,7 +22,15 @@ use std::time::{Duration, Instant};
 
 use microagent::agent::AgentConn;
 
-const STREAM_BYTES: usize = 16 << 20;
+/// Bytes streamed per throughput run: a PVM guest moves about 0.1 MB/s
+/// (its kernel is emulated), so 2 MiB there keeps a run near half a minute.
+fn stream_bytes() -> usize {
+    if common::is_pvm_host() {
+        2 << 20
+    } else {
+        16 << 20
+    }
+}
 
 fn stats(name: &str, unit: &str, samples: Vec<f64>, extra: serde_json::Value) {
     stats::emit("exec", "microagent", name, unit, samples, extra);
@@ -26,6 +38,66 @@ fn stats(name: &str, unit: &str, samples: Vec<f64>, extra: serde_json::Value) {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
+}
+
+/// Tracepoints counted on the vCPU thread during the stdout stream.
+const KVM_EVENTS: [&str; 4] = [
+    "kvm:kvm_exit",
+    "kvm:kvm_userspace_exit",
+    "kvm:kvm_ack_irq",
+    "kvm:kvm_emulate_insn",
+];
+
+/// The VMM's vCPU thread for a workspace: the `vcpu0` thread of the
+/// process whose command line names its directory.
+fn vcpu_thread(ws: &std::path::Path) -> Option<u32> {
+    let needle = ws.to_str()?;
+    for p in std::fs::read_dir("/proc").ok()?.flatten() {
+        let cmdline = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+        if !String::from_utf8_lossy(&cmdline).contains(needle) {
+            continue;
+        }
+        for t in std::fs::read_dir(p.path().join("task")).ok()?.flatten() {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            if comm.trim() == "vcpu0" {
+                return t.file_name().to_str()?.parse().ok();
+            }
+        }
+    }
+    None
+}
+
+/// `perf stat` on the thread, CSV to a temp file; None without perf.
+fn count_kvm_events(tid: u32) -> Option<(std::process::Child, tempfile::NamedTempFile)> {
+    let out = tempfile::NamedTempFile::new().ok()?;
+    let child = std::process::Command::new("perf")
+        .args(["stat", "-x,", "-o"])
+        .arg(out.path())
+        .args(["-e", &KVM_EVENTS.join(","), "-t", &tid.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    // perf needs a moment to attach before the stream starts.
+    std::thread::sleep(Duration::from_millis(500));
+    Some((child, out))
+}
+
+/// Stops `perf stat` (SIGINT makes it print) and reads the counts in
+/// KVM_EVENTS' order; None if any is missing (no tracefs, no permission).
+fn stop_counting((child, out): (std::process::Child, tempfile::NamedTempFile)) -> Option<Vec<f64>> {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).ok()?;
+    let _ = child.wait_with_output();
+    let text = std::fs::read_to_string(out.path()).ok()?;
+    KVM_EVENTS
+        .iter()
+        .map(|e| {
+            text.lines()
+                .find(|l| l.split(',').nth(2) == Some(e))
+                .and_then(|l| l.split(',').next()?.parse().ok())
+        })
+        .collect()
 }
 
 fn main() {
@@ -78,10 +150,7 @@ fn main() {
     let mut ping = Vec::new();
     for _ in 0..runs {
         let t = Instant::now();
-        if AgentConn::connect(&sock, Duration::from_secs(30))
-            .and_then(|c| c.call(&guest_agent::Request::Ping))
-            .is_ok()
-        {
+        if AgentConn::request(&sock, Duration::from_secs(30), &guest_agent::Request::Ping).is_ok() {
             ping.push(ms(t.elapsed()));
         }
     }
@@ -106,8 +175,12 @@ fn main() {
     }
     stats("exec_true_ms", "ms", exec, serde_json::json!({}));
 
+    let stream = stream_bytes();
+    let vcpu = vcpu_thread(&home.workspace_dir("bench"));
     let mut tput = Vec::new();
+    let mut per_mib: Vec<Vec<f64>> = vec![Vec::new(); KVM_EVENTS.len()];
     for _ in 0..3 {
+        let counting = vcpu.and_then(count_kvm_events);
         let t = Instant::now();
         let out = home
             .cmd()
@@ -117,16 +190,28 @@ fn main() {
                 "--",
                 "sh",
                 "-c",
-                &format!(
-                    "dd if=/dev/zero bs=1M count={} 2>/dev/null",
-                    STREAM_BYTES >> 20
-                ),
+                &format!("dd if=/dev/zero bs=1M count={} 2>/dev/null", stream >> 20),
             ])
             .output();
+        let counts = counting.and_then(stop_counting);
         if let Ok(o) = out {
-            if o.stdout.len() == STREAM_BYTES {
-                tput.push(STREAM_BYTES as f64 / 1e6 / t.elapsed().as_secs_f64());
+            if o.stdout.len() == stream {
+                tput.push(stream as f64 / 1e6 / t.elapsed().as_secs_f64());
+                for (i, n) in counts.iter().flatten().enumerate() {
+                    per_mib[i].push(*n / (stream >> 20) as f64);
+                }
             }
+        }
+    }
+    for (event, samples) in KVM_EVENTS.iter().zip(per_mib) {
+        if !samples.is_empty() {
+            let metric = format!("stdout_{}_per_mib", event.trim_start_matches("kvm:kvm_"));
+            stats(
+                &metric,
+                "count",
+                samples,
+                serde_json::json!({"event": event}),
+            );
         }
     }
     // The guest alone: the same producer into a pipe, timed inside.
@@ -134,24 +219,24 @@ fn main() {
     for _ in 0..3 {
         let script = format!(
             "s=$(date +%s%N); dd if=/dev/zero bs=1M count={} 2>/dev/null | cat >/dev/null; e=$(date +%s%N); echo $((e - s))",
-            STREAM_BYTES >> 20
+            stream >> 20
         );
         let out = home.ok(&["exec", "bench", "--", "sh", "-c", &script]);
         if let Ok(ns) = out.trim().parse::<f64>() {
-            pipe.push(STREAM_BYTES as f64 / 1e6 / (ns / 1e9));
+            pipe.push(stream as f64 / 1e6 / (ns / 1e9));
         }
     }
     stats(
         "in_guest_pipe_throughput",
         "MB/s",
         pipe,
-        serde_json::json!({"bytes": STREAM_BYTES}),
+        serde_json::json!({"bytes": stream}),
     );
     stats(
         "stdout_throughput",
         "MB/s",
         tput,
-        serde_json::json!({"bytes": STREAM_BYTES}),
+        serde_json::json!({"bytes": stream}),
     );
     home.ok(&["halt", "bench"]);
 }

@@ -114,6 +114,17 @@ fn open_pty(rows: u16, cols: u16) -> std::io::Result<(File, File)> {
     Ok((m, s))
 }
 
+/// Room for 1 MiB in a command's output pipe (the kernel's default cap
+/// for pipe-max-size): a writer then blocks, and we wake, once per MiB
+/// instead of every 64 KiB. Pages are still taken only as data comes.
+/// Best effort: a smaller pipe only costs context switches.
+fn widen_pipe(fd: i32) {
+    // SAFETY: F_SETPIPE_SZ on a pipe fd we own; no pointers involved.
+    unsafe {
+        libc::fcntl(fd, libc::F_SETPIPE_SZ, 1 << 20);
+    }
+}
+
 fn pump(mut src: impl Read, kind: Kind, w: Writer, done: std::sync::mpsc::Sender<()>) {
     let mut buf = vec![0u8; CHUNK];
     loop {
@@ -267,11 +278,13 @@ pub fn run(req: ExecRequest, mut reader: File, w: Writer) {
         stdin = Some(Box::new(m));
     } else {
         if let Some(out) = child.stdout.take() {
+            widen_pipe(out.as_raw_fd());
             let (w2, d2) = (w.clone(), done_tx.clone());
             std::thread::spawn(move || pump(out, Kind::Stdout, w2, d2));
             pumps += 1;
         }
         if let Some(err) = child.stderr.take() {
+            widen_pipe(err.as_raw_fd());
             let (w2, d2) = (w.clone(), done_tx.clone());
             std::thread::spawn(move || pump(err, Kind::Stderr, w2, d2));
             pumps += 1;

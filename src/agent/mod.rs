@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 pub mod secrets;
 
 use guest_agent::{
-    read_frame, write_json, Frame, Hello, Kind, Request, Response, AGENT_PORT, PROTOCOL_VERSION,
+    encode, read_frame, write_json, Frame, Hello, Kind, Request, Response, AGENT_PORT,
+    PROTOCOL_VERSION,
 };
 
 /// Where the agent lives inside every workspace's root disk.
@@ -56,6 +57,27 @@ fn read_ok_line(stream: &mut UnixStream) -> std::io::Result<String> {
 impl AgentConn {
     /// One attempt: connect, CONNECT to the agent port, HELLO both ways.
     pub fn connect(vsock_socket: &Path, io_timeout: Duration) -> Result<AgentConn, AgentError> {
+        Self::open(vsock_socket, io_timeout, None)
+    }
+
+    /// As [`AgentConn::connect`], with `first` sent right behind our HELLO
+    /// instead of after the agent's: one guest round trip less per
+    /// request (on a PVM host about a third of a ping). The agent reads a
+    /// request only after accepting our HELLO, so a version mismatch still
+    /// runs nothing. The next frame on the connection answers `first`.
+    pub fn connect_sending(
+        vsock_socket: &Path,
+        io_timeout: Duration,
+        first: &Request,
+    ) -> Result<AgentConn, AgentError> {
+        Self::open(vsock_socket, io_timeout, Some(first))
+    }
+
+    fn open(
+        vsock_socket: &Path,
+        io_timeout: Duration,
+        first: Option<&Request>,
+    ) -> Result<AgentConn, AgentError> {
         let unreachable = |reason: String| AgentError::Unreachable {
             path: vsock_socket.display().to_string(),
             reason,
@@ -75,7 +97,15 @@ impl AgentConn {
             version: PROTOCOL_VERSION,
             role: "host".into(),
         };
-        write_json(&mut stream, Kind::Hello, &me)
+        let json =
+            |v: serde_json::Result<Vec<u8>>| v.map_err(|e| AgentError::Protocol(e.to_string()));
+        let mut out = encode(Kind::Hello, &json(serde_json::to_vec(&me))?);
+        if let Some(req) = first {
+            out.extend(encode(Kind::Request, &json(serde_json::to_vec(req))?));
+        }
+        // One write: both frames reach the guest in one vsock packet.
+        stream
+            .write_all(&out)
             .map_err(|e| AgentError::Protocol(e.to_string()))?;
         let f = read_frame(&mut stream).map_err(|e| AgentError::Protocol(e.to_string()))?;
         match f.kind {
@@ -102,6 +132,16 @@ impl AgentConn {
     /// Sends a request that is answered with one RESPONSE.
     pub fn call(self, req: &Request) -> Result<Response, AgentError> {
         self.call_with(req, &[])
+    }
+
+    /// Connects and asks `req` in the same breath (see
+    /// [`AgentConn::connect_sending`]); its one RESPONSE.
+    pub fn request(
+        vsock_socket: &Path,
+        io_timeout: Duration,
+        req: &Request,
+    ) -> Result<Response, AgentError> {
+        Self::connect_sending(vsock_socket, io_timeout, req)?.response()
     }
 
     /// Sends a request followed by raw STDIN frames (e.g. secret values),
@@ -185,9 +225,7 @@ pub fn wait_ready(
                 reason: "the VMM exited".into(),
             });
         }
-        match AgentConn::connect(vsock_socket, Duration::from_secs(10))
-            .and_then(|c| c.call(&Request::Ping))
-        {
+        match AgentConn::request(vsock_socket, Duration::from_secs(10), &Request::Ping) {
             Ok(r) => return Ok(r),
             Err(e) => last = e.to_string(),
         }

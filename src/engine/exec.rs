@@ -144,14 +144,16 @@ impl Engine {
         if let Some(image) = &rec.image_config {
             apply_image_defaults(&mut req, image);
         }
-        let conn = AgentConn::connect(&ws.vsock_socket(), Duration::from_secs(30))
-            .ctx(|| format!("workspace {name}"))?;
-        let mut stream = conn.stream;
+        let conn = AgentConn::connect_sending(
+            &ws.vsock_socket(),
+            Duration::from_secs(30),
+            &Request::Exec(req),
+        )
+        .ctx(|| format!("workspace {name}"))?;
+        let stream = conn.stream;
         stream
             .set_read_timeout(None)
             .io_ctx(|| "agent connection".into())?;
-        write_json(&mut stream, Kind::Request, &Request::Exec(req))
-            .io_ctx(|| format!("sending the command to workspace {name}"))?;
         let writer = stream.try_clone().io_ctx(|| "agent connection".into())?;
         Ok(ExecSession {
             stream,

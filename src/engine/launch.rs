@@ -235,9 +235,7 @@ fn refresh_identity(ws: &WorkspaceDir, hostname: &str) -> Result<()> {
     let mut attempt = 0;
     let resp = loop {
         attempt += 1;
-        match AgentConn::connect(&ws.vsock_socket(), Duration::from_secs(120))
-            .and_then(|c| c.call(&request()))
-        {
+        match AgentConn::request(&ws.vsock_socket(), Duration::from_secs(120), &request()) {
             Ok(r) => break r,
             Err(e) if attempt >= 3 => {
                 return Err(e).ctx(|| format!("refreshing the identity of workspace {}", ws.name))

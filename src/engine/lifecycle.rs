@@ -66,9 +66,12 @@ fn stop_vmm(ws: &WorkspaceDir, pid: i32, timeout: Duration) -> bool {
         .map(|r| r.state.as_deref() == Some("paused"))
         .unwrap_or(true);
     let graceful = !paused
-        && AgentConn::connect(&ws.vsock_socket(), Duration::from_secs(2))
-            .and_then(|c| c.call(&guest_agent::Request::Shutdown))
-            .is_ok();
+        && AgentConn::request(
+            &ws.vsock_socket(),
+            Duration::from_secs(2),
+            &guest_agent::Request::Shutdown,
+        )
+        .is_ok();
     if graceful {
         while supervisor_alive(pid, ws) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));

@@ -133,7 +133,7 @@ fn with_upper<T>(
     }
     // Under the workspace lock, a staging directory is one a killed
     // commit or snapshot left.
-    super::snapshot::remove_staging(&ws.snapshots());
+    super::snapshot_files::remove_staging(&ws.snapshots());
     let sock = ws.control_socket();
     let paused = status == Status::Paused;
     if paused {

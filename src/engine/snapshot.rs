@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use super::launch::deliver_secrets;
 use super::memory_chain;
-use super::snapshot_files::{disk_entry, manifest_files, snapshot_size};
+use super::snapshot_files::{
+    disk_entry, manifest_files, move_dir, remove_leftovers, remove_staging, snapshot_size,
+};
 use super::snapshot_query::newest;
 use super::vmm_user::take_back;
 use super::{
@@ -257,68 +259,6 @@ fn rehydrate_after_snapshot(ws: &WorkspaceDir, orig_paused: bool, report: &dyn R
         }
         _ => {}
     }
-}
-
-/// Removes the entries of `snapshots` whose names start with one of
-/// `prefixes`.
-fn remove_prefixed(snapshots: &Path, prefixes: &[&str]) {
-    let Ok(entries) = std::fs::read_dir(snapshots) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name();
-        let name = name.to_string_lossy();
-        if prefixes.iter().any(|p| name.starts_with(p)) {
-            let _ = std::fs::remove_dir_all(e.path());
-        }
-    }
-}
-
-/// Temp directories of snapshot creates or deletes that were killed midway.
-/// Only called under the workspace lock, so none of them is in use.
-fn remove_leftovers(snapshots: &Path) {
-    remove_prefixed(
-        snapshots,
-        &[".creating-", ".deleting-", control::STAGING_PREFIX],
-    );
-}
-
-/// Staging directories the VMM made; under the workspace lock.
-pub(crate) fn remove_staging(snapshots: &Path) {
-    remove_prefixed(snapshots, &[control::STAGING_PREFIX]);
-}
-
-/// Renames directory `from` to `to` (which may be an empty directory); on
-/// another filesystem (a boot cache set elsewhere), copies it (see
-/// `copy_tree`) and removes `from`.
-fn move_dir(from: &Path, to: &Path) -> std::io::Result<()> {
-    match std::fs::rename(from, to) {
-        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
-            copy_tree(from, to)?;
-            std::fs::remove_dir_all(from)
-        }
-        other => other,
-    }
-}
-
-/// Copies directory `from` into `to` (created if missing), subdirectories
-/// too (a snapshot's `disk/`). Files keep their holes and their allocated
-/// blocks exactly (a delta's allocation is its content); unsynced: the
-/// caller syncs them.
-fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(to)?;
-    for entry in std::fs::read_dir(from)? {
-        let entry = entry?;
-        let dst = to.join(entry.file_name());
-        if entry.file_type()?.is_dir() {
-            copy_tree(&entry.path(), &dst)?;
-        } else {
-            let src = std::fs::File::open(entry.path())?;
-            let dst = std::fs::File::create(dst)?;
-            crate::util::copy::copy_file_into(&src, &dst)?;
-        }
-    }
-    Ok(())
 }
 
 /// Saves a running or paused VM (vmstate.bin, memory.bin, the disk's
@@ -598,32 +538,5 @@ impl Engine {
             paused_ms: paused.map(|d| d.as_millis() as u64),
             secrets_scrubbed: secrets.len(),
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::os::unix::fs::FileExt;
-
-    /// The cross-filesystem fallback of `move_dir` copies `disk/` too, and
-    /// an allocated block of zeros stays allocated (it hides the block
-    /// below it in the chain).
-    #[test]
-    fn copied_snapshot_trees_keep_subdirectories_and_allocation() {
-        let dir = tempfile::tempdir().unwrap();
-        let (from, to) = (dir.path().join("from"), dir.path().join("to"));
-        std::fs::create_dir_all(from.join("disk")).unwrap();
-        std::fs::write(from.join("vmstate.bin"), b"state").unwrap();
-        let delta = std::fs::File::create(from.join("disk/d.delta")).unwrap();
-        delta.set_len(1 << 20).unwrap();
-        delta.write_all_at(&[0u8; 4096], 8192).unwrap();
-        copy_tree(&from, &to).unwrap();
-        assert_eq!(std::fs::read(to.join("vmstate.bin")).unwrap(), b"state");
-        let copied = std::fs::File::open(to.join("disk/d.delta")).unwrap();
-        assert_eq!(
-            crate::util::copy::data_extents(&copied, 1 << 20).unwrap(),
-            vec![(8192, 12288)]
-        );
     }
 }

@@ -6,8 +6,9 @@ set -euo pipefail
 # docker-registry, skopeo and apache2-utils (htpasswd) serve test images from a
 # local registry; debootstrap builds the Debian minbase image.
 packages=(busybox-static e2fsprogs erofs-utils file util-linux xfsprogs docker-registry skopeo apache2-utils debootstrap passt python3 curl)
+# The benchmarks: QEMU beside us, and perf for the exec bench's KVM counts.
 if [ "${1:-}" = "--with-qemu" ]; then
-  packages+=(qemu-system-x86)
+  packages+=(qemu-system-x86 linux-perf)
 fi
 missing=()
 for p in "${packages[@]}"; do

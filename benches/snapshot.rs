@@ -367,15 +367,7 @@ fn theirs_live(memory_mib: u64, runs: usize, pvm: bool) {
     let (mut total, mut paused) = (Vec::new(), Vec::new());
     for r in 0..runs {
         let t = Instant::now();
-        let uri = format!(
-            "exec:cat > {}",
-            dir.path().join(format!("live{r}")).display()
-        );
-        qmp.execute("migrate", json!({ "uri": uri })).unwrap();
-        assert!(
-            qmp.wait_migration(Duration::from_secs(300)),
-            "live migration failed"
-        );
+        migrate_to_file(&mut qmp, &dir.path().join(format!("live{r}")));
         total.push(ms(t.elapsed()));
         let info = qmp.execute("query-migrate", json!({})).unwrap_or_default();
         paused.extend(info["downtime"].as_f64());
@@ -400,6 +392,17 @@ fn theirs_live(memory_mib: u64, runs: usize, pvm: bool) {
     );
 }
 
+/// QEMU's snapshot: its migration stream into `file`, waited for.
+fn migrate_to_file(qmp: &mut qemu::Qmp, file: &std::path::Path) {
+    let uri = format!("exec:cat > {}", file.display());
+    qmp.execute("migrate", json!({ "uri": uri })).unwrap();
+    assert!(
+        qmp.wait_migration(Duration::from_secs(300)),
+        "migration to {} failed",
+        file.display()
+    );
+}
+
 /// QEMU microvm: boot the same guest, touch the same 128 MiB, then
 /// `stop` + `migrate exec:cat > FILE` (its snapshot; the disk is not
 /// copied) and `-incoming exec:cat FILE` + `cont` (its restore).
@@ -421,12 +424,7 @@ fn theirs(memory_mib: u64, runs: usize, pvm: bool) {
     for r in 0..runs {
         let t = Instant::now();
         qmp.execute("stop", json!({})).unwrap();
-        let uri = format!("exec:cat > {}", state(r).display());
-        qmp.execute("migrate", json!({ "uri": uri })).unwrap();
-        assert!(
-            qmp.wait_migration(Duration::from_secs(300)),
-            "migration failed"
-        );
+        migrate_to_file(&mut qmp, &state(r));
         total.push(ms(t.elapsed()));
         alloc.push(allocated_mib(&state(r)));
         // A finished migration leaves the source in postmigrate; cont runs it on.

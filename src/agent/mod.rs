@@ -54,6 +54,20 @@ fn read_ok_line(stream: &mut UnixStream) -> std::io::Result<String> {
     Err(std::io::ErrorKind::InvalidData.into())
 }
 
+/// A frame's JSON payload, refused as `write_frame` would if the agent
+/// could not take it (a request with megabytes of argv or env).
+fn frame_json<T: serde::Serialize>(msg: &T) -> Result<Vec<u8>, AgentError> {
+    let payload = serde_json::to_vec(msg).map_err(|e| AgentError::Protocol(e.to_string()))?;
+    if payload.len() > guest_agent::MAX_FRAME {
+        return Err(AgentError::Protocol(format!(
+            "request of {} bytes is over the agent's limit of {} bytes",
+            payload.len(),
+            guest_agent::MAX_FRAME
+        )));
+    }
+    Ok(payload)
+}
+
 impl AgentConn {
     /// One attempt: connect, CONNECT to the agent port, HELLO both ways.
     pub fn connect(vsock_socket: &Path, io_timeout: Duration) -> Result<AgentConn, AgentError> {
@@ -62,9 +76,9 @@ impl AgentConn {
 
     /// As [`AgentConn::connect`], with `first` sent right behind our HELLO
     /// instead of after the agent's: one guest round trip less per
-    /// request (on a PVM host about a third of a ping). The agent reads a
-    /// request only after accepting our HELLO, so a version mismatch still
-    /// runs nothing. The next frame on the connection answers `first`.
+    /// request. The agent reads a request only after accepting our HELLO,
+    /// so a version mismatch still runs nothing. The next frame on the
+    /// connection answers `first`.
     pub fn connect_sending(
         vsock_socket: &Path,
         io_timeout: Duration,
@@ -97,11 +111,9 @@ impl AgentConn {
             version: PROTOCOL_VERSION,
             role: "host".into(),
         };
-        let json =
-            |v: serde_json::Result<Vec<u8>>| v.map_err(|e| AgentError::Protocol(e.to_string()));
-        let mut out = encode(Kind::Hello, &json(serde_json::to_vec(&me))?);
+        let mut out = encode(Kind::Hello, &frame_json(&me)?);
         if let Some(req) = first {
-            out.extend(encode(Kind::Request, &json(serde_json::to_vec(req))?));
+            out.extend(encode(Kind::Request, &frame_json(req)?));
         }
         // One write: both frames reach the guest in one vsock packet.
         stream
@@ -261,4 +273,20 @@ pub fn bounded_lines(r: impl Read, max: usize) -> impl Iterator<Item = String> {
     BufReader::new(r.take(max as u64))
         .lines()
         .map_while(Result::ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_too_large_for_the_agent_is_refused_before_sending() {
+        assert!(frame_json(&Request::Ping).is_ok());
+        let huge = Request::Exec(guest_agent::ExecRequest {
+            argv: vec!["x".repeat(guest_agent::MAX_FRAME + 1)],
+            ..Default::default()
+        });
+        let err = frame_json(&huge).unwrap_err().to_string();
+        assert!(err.contains("over the agent's limit"), "{err}");
+    }
 }

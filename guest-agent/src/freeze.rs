@@ -1,6 +1,7 @@
-//! Freezing the upper filesystem (FIFREEZE) so the host can read the
+//! Freezing a filesystem (FIFREEZE): the upper, so the host can read the
 //! workspace's changes from its disk, whole and with a clean journal
-//! (`microagent commit` and `diff`). The freeze lasts as long as the
+//! (`microagent commit` and `diff`), or a volume, for a consistent volume
+//! snapshot. The freeze lasts as long as the
 //! host's connection: the next frame, the connection closing, or a
 //! timeout (a host that died must not leave the guest's writes blocked
 //! forever) thaws it.
@@ -40,15 +41,17 @@ fn thaw(fs: &File) {
     let _ = ioctl(fs, FITHAW);
 }
 
-/// Serves one FreezeUpper request: freeze, answer, wait for the host's
-/// next frame (or EOF, or the timeout), thaw, answer.
-pub fn serve(timeout_s: u32, mut reader: File, reply: impl Fn(Result<String, String>)) {
-    let Some(fs) = crate::root::upper() else {
-        reply(Err("this workspace has no upper disk to freeze".into()));
-        return;
-    };
+/// Serves one freeze request on `fs` (a directory of the filesystem):
+/// freeze, answer, wait for the host's next frame (or EOF, or the
+/// timeout), thaw, answer.
+pub fn serve(
+    fs: &'static File,
+    timeout_s: u32,
+    mut reader: File,
+    reply: impl Fn(Result<String, String>),
+) {
     if let Err(e) = freeze(fs) {
-        reply(Err(format!("freezing the upper filesystem: {e}")));
+        reply(Err(format!("freezing the filesystem: {e}")));
         return;
     }
     reply(Ok("frozen".into()));

@@ -238,6 +238,11 @@ pub enum Request {
     FreezeUpper {
         timeout_s: u32,
     },
+    /// The same for the workspace's volume `index` (in attach order).
+    FreezeVolume {
+        index: u32,
+        timeout_s: u32,
+    },
 }
 
 /// Where secrets live in the guest (a tmpfs, never the root disk).

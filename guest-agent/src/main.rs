@@ -11,6 +11,7 @@ mod init;
 mod reaper;
 mod root;
 mod secrets;
+mod volumes;
 mod zeroing_alloc;
 
 #[global_allocator]
@@ -99,9 +100,21 @@ fn session(conn: File) {
         }
         Request::SecretsRemove { keys } => reply(&w, result_response(secrets::remove(&keys))),
         Request::SecretsScrub => reply(&w, result_response(secrets::scrub_all())),
-        Request::FreezeUpper { timeout_s } => freeze::serve(timeout_s, reader, |r| {
-            reply(&w, result_response_msg(r));
-        }),
+        Request::FreezeUpper { timeout_s } => match root::upper() {
+            Some(fs) => freeze::serve(fs, timeout_s, reader, |r| {
+                reply(&w, result_response_msg(r));
+            }),
+            None => reply(
+                &w,
+                response(false, "this workspace has no upper disk to freeze".into()),
+            ),
+        },
+        Request::FreezeVolume { index, timeout_s } => match volumes::get(index) {
+            Some(fs) => freeze::serve(fs, timeout_s, reader, |r| {
+                reply(&w, result_response_msg(r));
+            }),
+            None => reply(&w, response(false, format!("no volume {index} is mounted"))),
+        },
     }
 }
 
@@ -148,6 +161,9 @@ fn power_off() -> ! {
     // changes (commit, diff) without replaying it.
     if let Some(upper) = root::upper() {
         let _ = freeze::freeze(upper);
+    }
+    for v in volumes::all() {
+        let _ = freeze::freeze(v);
     }
     // SAFETY: as above.
     unsafe {
@@ -272,6 +288,14 @@ fn main() {
         entrypoint = assemble_root();
         init::mount_basics();
         console_stdio();
+        if let Err(e) = volumes::mount_all() {
+            // Like a root that cannot be built: the host reports why.
+            eprintln!("microagent-agent: FATAL: mounting volumes: {e}");
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            // SAFETY: reboot with a valid command; the VMM treats the
+            // reset as power-off.
+            unsafe { libc::reboot(libc::RB_AUTOBOOT) };
+        }
         let name =
             init::cmdline_value("microagent.hostname").unwrap_or_else(|| "microagent".into());
         init::set_hostname(&name);

@@ -57,7 +57,7 @@ fn mount(
 }
 
 /// serial -> /dev/vdX for every virtio-blk disk.
-fn disks_by_serial() -> Result<HashMap<String, String>, String> {
+pub fn disks_by_serial() -> Result<HashMap<String, String>, String> {
     let mut out = HashMap::new();
     let rd = std::fs::read_dir("/sys/block").map_err(|e| format!("/sys/block: {e}"))?;
     for entry in rd.flatten() {

@@ -179,27 +179,37 @@ impl AgentConn {
     }
 
     /// Freezes the guest's upper filesystem: its data and journal are on
-    /// the disk, clean, until [`FrozenUpper::thaw`], the drop of what this
+    /// the disk, clean, until [`FrozenFs::thaw`], the drop of what this
     /// returns, or `timeout` (the agent's own guard) thaws it.
-    pub fn freeze_upper(mut self, timeout: Duration) -> Result<FrozenUpper, AgentError> {
+    pub fn freeze_upper(self, timeout: Duration) -> Result<FrozenFs, AgentError> {
         let timeout_s = u32::try_from(timeout.as_secs()).unwrap_or(u32::MAX).max(1);
-        self.send(&Request::FreezeUpper { timeout_s })?;
+        self.freeze(&Request::FreezeUpper { timeout_s })
+    }
+
+    /// The same for the workspace's volume `index` (in attach order).
+    pub fn freeze_volume(self, index: u32, timeout: Duration) -> Result<FrozenFs, AgentError> {
+        let timeout_s = u32::try_from(timeout.as_secs()).unwrap_or(u32::MAX).max(1);
+        self.freeze(&Request::FreezeVolume { index, timeout_s })
+    }
+
+    fn freeze(mut self, req: &Request) -> Result<FrozenFs, AgentError> {
+        self.send(req)?;
         let r = self.response()?;
         if !r.ok {
             return Err(AgentError::Remote(r.message));
         }
-        Ok(FrozenUpper { conn: self })
+        Ok(FrozenFs { conn: self })
     }
 }
 
-/// The guest's upper filesystem while it is frozen (see
+/// A guest filesystem while it is frozen (see
 /// [`AgentConn::freeze_upper`]); dropping it closes the connection, which
 /// thaws it too.
-pub struct FrozenUpper {
+pub struct FrozenFs {
     conn: AgentConn,
 }
 
-impl FrozenUpper {
+impl FrozenFs {
     pub fn thaw(mut self) -> Result<(), AgentError> {
         self.conn.send(&Request::Ping)?;
         let r = self.conn.response()?;

@@ -15,6 +15,7 @@ use crate::engine::Engine;
 use crate::vmm::arch::x86_64::cpuid::CpuTemplate;
 use crate::workspace::secrets;
 use crate::workspace::store::NetworkMode;
+use crate::workspace::volume::parse_mount;
 
 #[derive(Args)]
 pub struct CreateArgs {
@@ -78,6 +79,16 @@ pub struct CreateArgs {
     /// secrets; --secret overrides them key by key.
     #[arg(long = "secret", value_name = "KEY=@FILE")]
     secrets: Vec<String>,
+    /// Attach a volume (made with `volume create`): VOLUME:/PATH[:ro]
+    /// (repeatable, at most 4; a separate disk mounted at PATH, never in
+    /// a commit). A fork gets copy-on-write clones of its source's.
+    #[arg(
+        short = 'v',
+        long = "volume",
+        value_name = "VOLUME:/PATH[:ro]",
+        conflicts_with = "from_snapshot"
+    )]
+    volumes: Vec<String>,
     #[command(flatten)]
     snapshots: SnapshotSettingsArgs,
 }
@@ -182,6 +193,11 @@ pub fn create(engine: &Engine, args: CreateArgs, out: &Out) -> Result<i32> {
         network: args.network,
         publish: args.publish.clone(),
         secrets: secret_values,
+        volumes: args
+            .volumes
+            .iter()
+            .map(|v| parse_mount(v).map_err(anyhow::Error::msg))
+            .collect::<Result<_>>()?,
         ..CreateOptions::new(source)
     }
     .with_settings(&args.snapshots.settings());

@@ -21,6 +21,7 @@ mod snapshot;
 mod stop;
 mod vmm_run;
 mod vmm_serve;
+mod volume;
 
 use clap::{Parser, Subcommand};
 
@@ -98,6 +99,10 @@ enum Command {
     /// Secrets delivered to /run/secrets: set, ls, rm.
     #[command(subcommand)]
     Secret(secret::SecretCommand),
+    /// Volumes: disks that outlive workspaces (create -v VOL:/PATH):
+    /// create, ls, inspect, rm, snapshot, revert, rm-snapshot.
+    #[command(subcommand)]
+    Volume(volume::VolumeCommand),
     /// Low-level VMM commands (used by the workspace commands and tests).
     #[command(hide = true, subcommand)]
     Vmm(VmmCommand),
@@ -138,6 +143,7 @@ pub fn run() -> i32 {
         Command::Image(c) => image::run(&engine, c, &out),
         Command::Snapshot(c) => snapshot::run(&engine, c, &out),
         Command::Secret(c) => secret::run(&engine, c, &out),
+        Command::Volume(c) => volume::run(&engine, c, &out),
         Command::Cache(c) => cache::run(&engine, c, &out),
         Command::Checkpoint(a) => checkpoint::checkpoint(&engine, a, &out),
         Command::Commit(a) => commit::commit(&engine, a, &out),

@@ -68,6 +68,7 @@ fn disk(path: PathBuf, read_only: bool) -> DiskConfig {
         read_only,
         format,
         serial: None,
+        snapshot_dir: None,
     }
 }
 

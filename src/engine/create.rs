@@ -26,6 +26,7 @@ use crate::workspace::state::Status;
 use crate::workspace::store::{
     now_rfc3339, NetworkMode, StoreError, WorkspaceDir, WorkspaceRecord, RECORD_VERSION,
 };
+use crate::workspace::volume::VolumeMount;
 
 /// Registry access for pulls: credentials and plain-HTTP registries.
 #[derive(Debug, Clone, Default)]
@@ -81,6 +82,9 @@ pub struct CreateOptions {
     pub auto_snapshot_on_stop: bool,
     /// Automatic snapshots kept; older ones are deleted by halt.
     pub max_snapshots: u32,
+    /// Volumes to attach, in order (`VOL:/path[:ro]`; the engine finds
+    /// each volume's disk).
+    pub volumes: Vec<VolumeMount>,
 }
 
 impl CreateOptions {
@@ -103,6 +107,7 @@ impl CreateOptions {
             secrets: Vec::new(),
             auto_snapshot_on_stop: true,
             max_snapshots: crate::workspace::store::MAX_SNAPSHOTS_DEFAULT,
+            volumes: Vec::new(),
         }
     }
 }
@@ -186,6 +191,7 @@ impl Engine {
         if ws.dir.exists() {
             return Err(StoreError::Exists(name.into()).into());
         }
+        let volumes = self.resolve_mounts(&opts.volumes)?;
         // Fetch the image before the workspace exists: a failed pull leaves nothing.
         let (source, disk_size) = match &opts.source {
             RootSource::Image(image) => {
@@ -219,7 +225,14 @@ impl Engine {
             cpu_template,
             disk_size,
         )
-        .and_then(|rec| {
+        .and_then(|mut rec| {
+            if !volumes.is_empty() {
+                // A boot snapshot would hold these volumes' blocks in its
+                // page cache: a workspace with volumes always boots cold.
+                rec.volumes = volumes;
+                rec.boot_key = None;
+                ws.write(&rec)?;
+            }
             let store = SecretStore::of(&ws);
             for (k, v) in &opts.secrets {
                 store.set(k, v)?;
@@ -414,6 +427,7 @@ fn populate(
         auto_snapshot_on_stop: opts.auto_snapshot_on_stop,
         max_snapshots: opts.max_snapshots,
         memory_base: None,
+        volumes: Vec::new(),
     };
     ws.write(&rec)?;
     Ok(rec)

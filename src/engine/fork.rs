@@ -8,6 +8,7 @@ use super::create::RegistryOptions;
 use super::launch::{kill_strays, launch, AfterReady};
 use super::share_pull::is_registry_reference;
 use super::snapshot::{check_snapshot, snapshot_dir};
+use super::snapshot_volumes;
 use super::{claim_workspace_dir, invalid, written, Engine, Reporter, Result, WorkspaceView};
 use crate::devices::virtio::net::config::{check_unique, PortMap};
 use crate::util::lock::FileLock;
@@ -17,6 +18,7 @@ use crate::workspace::state::Status;
 use crate::workspace::store::{
     now_rfc3339, NetworkMode, WorkspaceDir, WorkspaceRecord, MAX_SNAPSHOTS_DEFAULT, RECORD_VERSION,
 };
+use crate::workspace::volume::VolumeMount;
 
 /// What a fork asks for.
 pub struct ForkOptions<'a> {
@@ -61,16 +63,19 @@ impl Engine {
         let src = self.state.existing(src_name)?;
         let dir = snapshot_dir(&src, tag)?;
         let src_rec = src.read()?;
-        check_snapshot(&self.state, &dir, &src_rec)?;
+        let manifest = check_snapshot(&self.state, &dir, &src_rec)?;
         if src_rec.network == NetworkMode::None && !opts.ports.is_empty() {
             return Err(invalid(format!(
                 "workspace {src_name} has no network (--network none): a fork of it cannot publish ports"
             )));
         }
         claim_workspace_dir(&self.state, &ws)?;
+        let mut volumes = Vec::new();
         let result = (|| -> Result<(WorkspaceRecord, Option<u32>)> {
             let _lock = FileLock::acquire(&ws.lock_path())?;
             restore_from(&dir, &ws)?;
+            // Copy-on-write clones of the source's volumes, as they were.
+            volumes = snapshot_volumes::fork(&self.state, &manifest, &dir, name)?;
             let mut rec = WorkspaceRecord {
                 version: RECORD_VERSION,
                 name: name.to_string(),
@@ -83,6 +88,7 @@ impl Engine {
                 auto_snapshot_on_stop: opts.settings.auto_snapshot_on_stop.unwrap_or(true),
                 max_snapshots,
                 memory_base: None,
+                volumes: volumes.clone(),
                 ..src_rec.clone()
             };
             ws.write(&rec)?;
@@ -94,6 +100,7 @@ impl Engine {
                 store.set(k, v)?;
             }
             let l = launch(
+                &self.state,
                 &ws,
                 &mut rec,
                 Some(&dir),
@@ -103,7 +110,7 @@ impl Engine {
             )?;
             Ok((rec, l.vmm_pid))
         })();
-        finish(&ws, result)
+        finish(&ws, &volumes, result)
     }
 }
 
@@ -143,6 +150,7 @@ impl Engine {
                 store.set(k, v)?;
             }
             let l = launch(
+                &self.state,
                 &ws,
                 &mut rec,
                 Some(&landed.dir),
@@ -152,7 +160,7 @@ impl Engine {
             )?;
             Ok((rec, l.vmm_pid))
         })();
-        finish(&ws, result)
+        finish(&ws, &[], result)
     }
 }
 
@@ -160,6 +168,7 @@ impl Engine {
 /// behind (the VMM, if one started, goes too) and the error.
 fn finish(
     ws: &WorkspaceDir,
+    volumes: &[VolumeMount],
     result: Result<(WorkspaceRecord, Option<u32>)>,
 ) -> Result<WorkspaceView> {
     match result {
@@ -171,6 +180,13 @@ fn finish(
             }
             kill_strays(ws);
             let _ = std::fs::remove_dir_all(&ws.dir);
+            // The volumes the fork made for itself (a volume's chain is
+            // `<volume>/disk`).
+            for v in volumes {
+                if let Some(dir) = v.disk.parent() {
+                    let _ = std::fs::remove_dir_all(dir);
+                }
+            }
             Err(e)
         }
     }

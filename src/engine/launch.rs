@@ -57,6 +57,7 @@ pub(crate) fn kill_strays(ws: &WorkspaceDir) {
 /// gives the guest its identity (hostname, machine-id, clock, entropy:
 /// fresh for a restored guest too). Records the workspace as running.
 pub fn launch(
+    state: &crate::workspace::store::StateDir,
     ws: &WorkspaceDir,
     rec: &mut WorkspaceRecord,
     restore_from: Option<&Path>,
@@ -67,6 +68,9 @@ pub fn launch(
     // Never two VMMs on one disk: a VMM that outlived its supervisor (it
     // should not: it dies with it) is ended before another starts.
     kill_strays(ws);
+    // Held until the record says Running: no other start takes a volume
+    // this VM is about to write.
+    let _volumes = super::volume::claim_volumes(state, &ws.name, &rec.volumes)?;
     // Finishes a rollback a crash cut short; turns a pre-chain flat disk
     // into a chain's base.
     crate::workspace::disk::ensure_chain(ws)?;

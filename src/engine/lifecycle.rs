@@ -110,7 +110,9 @@ impl Engine {
                 check_snapshot(&self.state, &dir, &rec)?;
                 // Roll the disk back with the memory: both are from that moment.
                 restore_from(&dir, &ws)?;
+                super::snapshot_volumes::restore(&self.state, &rec, &dir)?;
                 let l = launch(
+                    &self.state,
                     &ws,
                     &mut rec,
                     Some(&dir),
@@ -127,6 +129,7 @@ impl Engine {
             }
             None => {
                 let l = launch(
+                    &self.state,
                     &ws,
                     &mut rec,
                     None,

@@ -26,8 +26,10 @@ pub mod snapshot;
 mod snapshot_files;
 mod snapshot_query;
 pub mod snapshot_verify;
+mod snapshot_volumes;
 pub mod vmm_process;
 pub mod vmm_user;
+pub mod volume;
 mod warm;
 
 use std::time::Duration;

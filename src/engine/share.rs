@@ -153,6 +153,13 @@ impl Engine {
                 "snapshot {tag} of workspace {name} has a flat root disk (made before disk chains): take a new snapshot to push"
             )));
         }
+        if !m.volumes.is_empty() {
+            let names: Vec<&str> = m.volumes.iter().map(|v| v.volume.as_str()).collect();
+            return Err(invalid(format!(
+                "snapshot {tag} of workspace {name} holds volumes ({}): snapshots with volume data stay on this host (push a workspace without volumes, or commit an image)",
+                names.join(", ")
+            )));
+        }
         let dest = reference::parse(&reference::normalise(dest)?)?;
         report.step(&format!(
             "pushing snapshot {name}:{} to {}",

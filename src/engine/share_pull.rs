@@ -229,6 +229,7 @@ impl Engine {
                     .map_err(|_| invalid(format!("network mode {:?}", config.run.network)))?,
                 ports: vec![],
                 boot_key: None,
+                volumes: Vec::new(),
                 created: now_rfc3339(),
                 status: Status::Halted,
                 vmm_pid: None,

@@ -17,6 +17,7 @@ use super::snapshot_files::{
     disk_entry, manifest_files, move_dir, remove_leftovers, remove_staging, snapshot_size,
 };
 use super::snapshot_query::newest;
+use super::snapshot_volumes;
 use super::vmm_user::take_back;
 use super::{
     conflict, invalid, open, Context, Engine, Error, IoContext, Reporter, Result, CONTROL_TIMEOUT,
@@ -164,6 +165,7 @@ pub(crate) fn check_snapshot(
             message: format!("snapshot {tag} cannot resume workspace {}: {why}", rec.name),
         });
     }
+    snapshot_volumes::check(&m, rec, dir, &tag)?;
     let chain_entry = disk_entry(CHAIN_FILE);
     let mut names = vec![VMSTATE.to_string(), MEMORY.to_string()];
     let layers = m.memory_layers.len();
@@ -325,6 +327,7 @@ pub(crate) fn capture(
     let spec = link_frozen(&ws.disk_dir(), &disk).map_err(|e| Error::SnapshotDamaged {
         message: format!("{what}: {e}"),
     })?;
+    let volume_specs = snapshot_volumes::link(rec, dest_tmp, &what)?;
     take_back(dest_tmp, &what)?;
     let layers = reply.memory_layers.len();
     let parent_files = match &parent {
@@ -347,6 +350,10 @@ pub(crate) fn capture(
         .collect();
     files.push(dest_tmp.join(VMSTATE));
     files.extend(spec.deltas.iter().map(|d| disk.join(d)));
+    for (i, v) in volume_specs.iter().enumerate() {
+        let dir = dest_tmp.join(crate::workspace::volume::snapshot_dir(i));
+        files.extend(v.deltas.iter().map(|d| dir.join(d)));
+    }
     let paths: Vec<&Path> = files.iter().map(|p| p.as_path()).collect();
     if let Some(leak) =
         scan(&paths, secrets).io_ctx(|| "searching the snapshot for secrets".into())?
@@ -358,6 +365,7 @@ pub(crate) fn capture(
         });
     }
     let mut files = manifest_files(ws, dest_tmp, &disk, spec)?;
+    files.extend(snapshot_volumes::files(rec, dest_tmp, volume_specs)?);
     files.extend(parent_files);
     let origin = Origin {
         workspace: rec.name.clone(),
@@ -392,6 +400,7 @@ pub(crate) fn capture(
         files,
     );
     m.memory_layers = reply.memory_layers;
+    m.volumes = snapshot_volumes::refs(rec);
     m.write(dest_tmp)?;
     Ok((m, paused))
 }

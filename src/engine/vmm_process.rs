@@ -12,7 +12,7 @@
 
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::{invalid, vmm_user, Context, IoContext, Result};
 use crate::devices::virtio::net::NetConfig;
@@ -28,6 +28,7 @@ use crate::vmm::vcpu::GuestStop;
 use crate::vmm::vm::{DiskConfig, DiskFormat, Vm, VmConfig, VsockConfig};
 use crate::workspace::state::ExitRecord;
 use crate::workspace::store::{now_rfc3339, write_atomic, NetworkMode, WorkspaceDir};
+use crate::workspace::volume;
 
 /// Every guest is alone on its vsock, so all can use the first guest CID.
 pub const GUEST_CID: u64 = 3;
@@ -187,6 +188,10 @@ fn guest_cmdline(rec: &crate::workspace::store::WorkspaceRecord) -> String {
         line.push(' ');
         line.push_str(&layout.cmdline());
     }
+    if let Some(v) = volume::cmdline(&rec.volumes) {
+        line.push(' ');
+        line.push_str(&v);
+    }
     line.push_str(&format!(" init={}", crate::agent::AGENT_GUEST_PATH));
     if let Some(init) = &rec.init {
         line.push_str(&format!(" microagent.init={init}"));
@@ -217,8 +222,12 @@ pub fn serve(
                 read_only: false,
                 format: DiskFormat::Chain,
                 serial: None,
+                snapshot_dir: None,
             }],
-        },
+        }
+        .into_iter()
+        .chain(volume::disks(&rec.volumes))
+        .collect(),
         vcpus: rec.vcpus,
         mem_mib: rec.memory_mib,
         cmdline: guest_cmdline(&rec),
@@ -248,7 +257,7 @@ pub fn serve(
     // Bound while root: a socket left by a crashed run is root's.
     let control_listener = control::bind(&ws.control_socket())
         .io_ctx(|| format!("binding {}", ws.control_socket().display()))?;
-    confine(&ws, run_as)?;
+    confine(&ws, &rec.volumes, run_as)?;
     let info = ServeInfo {
         cmdline: vm.cmdline.clone(),
         mem_mib: cfg.mem_mib,
@@ -264,15 +273,24 @@ pub fn serve(
 /// thread: both must come before the control and vCPU threads, which
 /// inherit them. The drop needs the jail: outside it the VMM user could
 /// not reach its workspace through the state directory.
-fn confine(ws: &WorkspaceDir, run_as: Option<RunAs>) -> Result<()> {
+fn confine(
+    ws: &WorkspaceDir,
+    rec_volumes: &[volume::VolumeMount],
+    run_as: Option<RunAs>,
+) -> Result<()> {
     let root = nix::unistd::Uid::effective().is_root();
     let jailed = jail::wanted();
     if jailed {
         if let Some(who) = run_as {
             vmm_user::give_workspace(ws, who)
                 .io_ctx(|| format!("giving {} to the VMM user {who}", ws.dir.display()))?;
+            for m in rec_volumes {
+                vmm_user::give_volume(&m.disk, who)
+                    .io_ctx(|| format!("giving volume {} to the VMM user {who}", m.volume))?;
+            }
         }
-        jail::enter(&ws.dir).map_err(|e| invalid(e.to_string()))?;
+        let volumes: Vec<PathBuf> = rec_volumes.iter().map(|m| m.disk.clone()).collect();
+        jail::enter(&ws.dir, &volumes).map_err(|e| invalid(e.to_string()))?;
     } else if root {
         eprintln!(
             "warning: {}=0: the VMM runs in the host's mount namespace, as root",

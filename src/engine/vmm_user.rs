@@ -130,6 +130,13 @@ pub fn give_workspace(ws: &WorkspaceDir, who: RunAs) -> std::io::Result<()> {
     }
 }
 
+/// The same for a volume's chain directory `disk`, which the VMM freezes
+/// (a new top and `chain.json`) when it snapshots the workspace.
+pub fn give_volume(disk: &Path, who: RunAs) -> std::io::Result<()> {
+    lchown(disk, Some(who.uid), Some(who.gid))?;
+    std::fs::set_permissions(disk, std::fs::Permissions::from_mode(0o700))
+}
+
 /// Checks and takes back a directory tree the VMM wrote (a staging
 /// directory, with the frozen chain's files linked in): only directories
 /// and regular files are accepted, since a link would steer the engine's

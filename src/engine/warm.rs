@@ -62,7 +62,15 @@ pub fn first_start(
 ) -> Result<FirstStart> {
     let key = rec.boot_key.clone().filter(|k| valid_key(k));
     let (Some(key), Some(_), false) = (key, wait, cold) else {
-        let launched = launch(ws, rec, None, wait, AfterReady::DeliverSecrets, report)?;
+        let launched = launch(
+            state,
+            ws,
+            rec,
+            None,
+            wait,
+            AfterReady::DeliverSecrets,
+            report,
+        )?;
         return Ok(FirstStart {
             launched,
             boot: Boot::Cold,
@@ -95,7 +103,7 @@ pub fn first_start(
             }
         }
     }
-    let launched = launch(ws, rec, None, wait, AfterReady::NoSecrets, report)?;
+    let launched = launch(state, ws, rec, None, wait, AfterReady::NoSecrets, report)?;
     let cached = match cache_boot(state, &cache, &key, ws, rec) {
         Ok(stored) => {
             // Whoever stored the entry, its ids say whether the next
@@ -146,9 +154,17 @@ fn warm_start(
     let _ = std::fs::remove_file(&keep);
     std::fs::hard_link(ws.disk_dir().join(&own.base), &keep)
         .io_ctx(|| format!("keeping {}", keep.display()))?;
-    let result = restore_from(dir, ws)
-        .map_err(Error::from)
-        .and_then(|_| launch(ws, rec, Some(dir), wait, AfterReady::DeliverSecrets, report));
+    let result = restore_from(dir, ws).map_err(Error::from).and_then(|_| {
+        launch(
+            state,
+            ws,
+            rec,
+            Some(dir),
+            wait,
+            AfterReady::DeliverSecrets,
+            report,
+        )
+    });
     match result {
         Ok(launched) => {
             let _ = std::fs::remove_file(&keep);

@@ -7,11 +7,13 @@ use crate::engine::auto_snapshot::AutoSnapshot;
 use crate::engine::commit::Committed;
 use crate::engine::lifecycle::{Halted, Started};
 use crate::engine::snapshot::{Created, SnapshotInfo};
+use crate::engine::volume::VolumeView;
 use crate::engine::WorkspaceView;
 use crate::image::building::Building;
 use crate::image::ops::Ready;
 use crate::image::push::Pushed;
 use crate::image::store::ImageRecord;
+use crate::workspace::volume::{Consistency, VolumeSnapshotRecord};
 
 /// "workspace".
 pub fn workspace(v: &WorkspaceView) -> Value {
@@ -33,6 +35,11 @@ pub fn workspace(v: &WorkspaceView) -> Value {
         "ports": rec.ports.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
         "auto_snapshot_on_stop": rec.auto_snapshot_on_stop,
         "max_snapshots": rec.max_snapshots,
+        "volumes": rec.volumes.iter().map(|m| json!({
+            "volume": m.volume,
+            "path": m.path,
+            "read_only": m.read_only,
+        })).collect::<Vec<_>>(),
         "created": rec.created,
         "pid": v.pid,
         "dir": v.dir.dir.display().to_string(),
@@ -207,5 +214,44 @@ pub fn snapshot_pulled(p: &crate::engine::share_pull::SnapshotPulled) -> Value {
         "blobs_fetched": p.blobs_fetched,
         "bytes_fetched": p.bytes_fetched,
         "duration_ms": p.duration_ms,
+    })
+}
+
+/// How a volume snapshot was made consistent, as printed.
+pub fn consistency(c: Consistency) -> &'static str {
+    match c {
+        Consistency::Detached => "detached",
+        Consistency::Frozen => "frozen",
+        Consistency::Paused => "paused",
+    }
+}
+
+/// "volume-snapshot".
+pub fn volume_snapshot(s: &VolumeSnapshotRecord) -> Value {
+    json!({
+        "volume": s.volume,
+        "tag": s.tag,
+        "created": s.created,
+        "consistency": consistency(s.consistency),
+        "workspace": s.workspace,
+    })
+}
+
+/// "volume".
+pub fn volume(v: &VolumeView) -> Value {
+    json!({
+        "name": v.record.name,
+        "size": v.record.size,
+        "allocated_bytes": v.allocated_bytes,
+        "created": v.record.created,
+        "from_snapshot": v.record.from_snapshot,
+        "dir": v.dir.display().to_string(),
+        "attached": v.users.iter().map(|u| json!({
+            "workspace": u.workspace,
+            "path": u.path,
+            "read_only": u.read_only,
+            "status": u.status.name(),
+        })).collect::<Vec<_>>(),
+        "snapshots": v.snapshots.iter().map(volume_snapshot).collect::<Vec<_>>(),
     })
 }

@@ -138,6 +138,11 @@ pub struct Manifest {
     /// before memory ids; `memory.bin` is whole.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub memory_layers: Vec<String>,
+    /// The workspace's volumes, in disk order: the guest's page cache
+    /// holds their blocks too, so the snapshot holds each one's frozen
+    /// chain (`vol-N/`) and a restore needs the same mount points.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeRef>,
     pub format_version: String,
     pub files: Vec<FileInfo>,
 }
@@ -167,6 +172,17 @@ pub struct Origin {
     pub cpu_template: String,
     pub layer_disks: Vec<DiskRef>,
     pub boot_disk: Option<DiskRef>,
+}
+
+/// A volume a snapshot captured: its name then, and where the guest had
+/// it mounted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeRef {
+    pub volume: String,
+    pub path: String,
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 /// A shared read-only disk a snapshot stands on: its key (a layer's key in
@@ -225,6 +241,7 @@ impl Manifest {
             tsc_khz,
             guest_cpuid,
             memory_layers: Vec::new(),
+            volumes: Vec::new(),
             format_version: format!("{FORMAT_MAJOR}.{FORMAT_MINOR}"),
             files,
         }
@@ -366,6 +383,7 @@ mod tests {
             layer_disks: vec![],
             boot_disk: None,
             memory_layers: Vec::new(),
+            volumes: Vec::new(),
             format_version: "1.1".into(),
             files: vec![],
         }

@@ -247,7 +247,12 @@ fn wrong_kind(id: &str) -> VmError {
 fn open_disk(disk: &DiskConfig, name: &str) -> Result<Block, BlockError> {
     match disk.format {
         DiskFormat::File => Block::open(&disk.path, disk.read_only, name),
-        DiskFormat::Chain => Block::open_chain(&disk.path, name),
+        DiskFormat::Chain => {
+            Block::open_chain(&disk.path, name, disk.read_only).map(|b| match &disk.snapshot_dir {
+                Some(d) => b.frozen_into(d),
+                None => b,
+            })
+        }
     }
 }
 

@@ -113,8 +113,14 @@ pub fn wanted() -> bool {
 /// Enters the jail of workspace directory `dir` (see the module doc).
 /// Must run while the process has one thread: other threads would stay
 /// in the host's namespace.
-pub fn enter(dir: &Path) -> Result<(), JailError> {
+/// `also` are further directories shown at their own paths (the chain
+/// directories of the workspace's volumes, which the VMM freezes too).
+pub fn enter(dir: &Path, also: &[std::path::PathBuf]) -> Result<(), JailError> {
     let dir = std::fs::canonicalize(dir).map_err(at(format!("resolving {}", dir.display())))?;
+    let also = also
+        .iter()
+        .map(|d| std::fs::canonicalize(d).map_err(at(format!("resolving {}", d.display()))))
+        .collect::<Result<Vec<_>, _>>()?;
     // Its own network and IPC namespaces too, where they cost nothing: the
     // VMM's sockets (control, vsock, passt's socketpair) are open already
     // and it opens no other (its seccomp filters refuse socket() anyway).
@@ -150,25 +156,34 @@ pub fn enter(dir: &Path) -> Result<(), JailError> {
         Some("size=64k,mode=0755"),
     )
     .map_err(at("mounting the new root (tmpfs)"))?;
-    // The workspace, at its own path inside the new root.
-    let inside = root.join(dir.strip_prefix("/").unwrap_or(&dir));
-    // Traversable by the VMM user it may drop to, whatever the umask (the
-    // VMM's is 077); the tmpfs holds nothing but these directories.
-    use nix::sys::stat::{umask, Mode};
-    let old_umask = umask(Mode::from_bits_truncate(0o022));
-    let made = std::fs::create_dir_all(&inside);
-    umask(old_umask);
-    made.map_err(at(format!("mkdir {}", inside.display())))?;
-    mount(Some(&dir), &inside, none, MsFlags::MS_BIND, none)
-        .map_err(at("bind-mounting the workspace"))?;
-    mount(
-        none,
-        &inside,
-        none,
-        MsFlags::MS_REMOUNT | MsFlags::MS_BIND | hardened,
-        none,
-    )
-    .map_err(at("hardening the workspace mount"))?;
+    // The workspace (and its volumes), at their own paths inside the new root.
+    for d in std::iter::once(&dir).chain(&also) {
+        // Every directory must be a real one: mount() follows links.
+        let md = std::fs::symlink_metadata(d).map_err(at(format!("stat {}", d.display())))?;
+        if !md.is_dir() {
+            return Err(at(format!("{}", d.display()))(std::io::Error::other(
+                "not a directory",
+            )));
+        }
+        let inside = root.join(d.strip_prefix("/").unwrap_or(d));
+        // Traversable by the VMM user it may drop to, whatever the umask (the
+        // VMM's is 077); the tmpfs holds nothing but these directories.
+        use nix::sys::stat::{umask, Mode};
+        let old_umask = umask(Mode::from_bits_truncate(0o022));
+        let made = std::fs::create_dir_all(&inside);
+        umask(old_umask);
+        made.map_err(at(format!("mkdir {}", inside.display())))?;
+        mount(Some(d.as_path()), &inside, none, MsFlags::MS_BIND, none)
+            .map_err(at(format!("bind-mounting {}", d.display())))?;
+        mount(
+            none,
+            &inside,
+            none,
+            MsFlags::MS_REMOUNT | MsFlags::MS_BIND | hardened,
+            none,
+        )
+        .map_err(at(format!("hardening the mount of {}", d.display())))?;
+    }
     let old = root.join("old");
     std::fs::create_dir(&old).map_err(at("mkdir old root"))?;
     nix::unistd::pivot_root(&root, &old).map_err(at("pivot_root"))?;
@@ -272,7 +287,7 @@ mod tests {
         // and ends with _exit.
         match unsafe { nix::unistd::fork() }.unwrap() {
             nix::unistd::ForkResult::Child => {
-                let code = match super::enter(&ws) {
+                let code = match super::enter(&ws, &[]) {
                     Err(_) => 2,
                     Ok(()) => {
                         let sees_ws = ws.join("console.log").is_file();

@@ -49,6 +49,10 @@ pub struct DiskConfig {
     /// The virtio-blk serial the guest finds the disk by (at most 20
     /// bytes; default `microagent-vdX` by position).
     pub serial: Option<String>,
+    /// A chain's directory in a snapshot's staging directory, where a
+    /// snapshot describes its frozen state (default `disk`, the root's).
+    /// Each writable chain of a VM needs its own.
+    pub snapshot_dir: Option<String>,
 }
 
 /// How a disk's bytes are stored.

@@ -76,6 +76,7 @@ impl DiskLayout {
             read_only: true,
             format: DiskFormat::File,
             serial: Some(serial),
+            snapshot_dir: None,
         };
         let mut out = vec![ro(&self.boot_disk, BOOT_SERIAL.into())];
         for (i, l) in self.layers.iter().enumerate() {
@@ -91,6 +92,7 @@ impl DiskLayout {
             read_only: false,
             format: DiskFormat::Chain,
             serial: Some(own.into()),
+            snapshot_dir: None,
         });
         out
     }
@@ -278,6 +280,19 @@ pub fn build_upper(disk: &Path, size: u64, entrypoint: Option<&Path>) -> Result<
         Ok(())
     })()
     .map_err(|e| err(e.to_string()))?;
+    mkfs_ext4(disk, size, "upper", Some(tree.path()))
+}
+
+/// Makes `disk` an ext4 filesystem of `size` bytes (rounded up to a MiB)
+/// labelled `label`, holding `tree` if given, built so copy-on-write
+/// chains over it stay small.
+pub fn mkfs_ext4(
+    disk: &Path,
+    size: u64,
+    label: &str,
+    tree: Option<&Path>,
+) -> Result<(), BuildError> {
+    let err = build_err("an ext4 disk", disk);
     // Every workspace's disk is a copy-on-write top over this base, so any
     // block the guest kernel writes for its own housekeeping is paid once
     // per workspace. The file is made sparse first so mkfs can discard
@@ -290,26 +305,25 @@ pub fn build_upper(disk: &Path, size: u64, entrypoint: Option<&Path>) -> Result<
     std::fs::File::create(disk)
         .and_then(|f| f.set_len(size.div_ceil(1 << 20) << 20))
         .map_err(|e| err(e.to_string()))?;
-    let out = Command::new("mkfs.ext4")
-        .args([
-            "-q", "-F", "-t", "ext4", "-b", "4096", "-m", "0", "-L", "upper",
-        ])
-        .args(["-E", "lazy_itable_init=0,lazy_journal_init=1"])
-        // Below 256 MiB mkfs's own journal size is already smaller.
-        .args(if size >= 256 << 20 {
-            &["-J", "size=16"][..]
-        } else {
-            &[]
-        })
-        .arg("-d")
-        .arg(tree.path())
-        .arg(disk)
-        .output()
-        .map_err(|e| {
-            err(format!(
-                "cannot run mkfs.ext4 (apt-get install e2fsprogs): {e}"
-            ))
-        })?;
+    let mut cmd = Command::new("mkfs.ext4");
+    cmd.args([
+        "-q", "-F", "-t", "ext4", "-b", "4096", "-m", "0", "-L", label,
+    ])
+    .args(["-E", "lazy_itable_init=0,lazy_journal_init=1"])
+    // Below 256 MiB mkfs's own journal size is already smaller.
+    .args(if size >= 256 << 20 {
+        &["-J", "size=16"][..]
+    } else {
+        &[]
+    });
+    if let Some(tree) = tree {
+        cmd.arg("-d").arg(tree);
+    }
+    let out = cmd.arg(disk).output().map_err(|e| {
+        err(format!(
+            "cannot run mkfs.ext4 (apt-get install e2fsprogs): {e}"
+        ))
+    })?;
     if !out.status.success() {
         return Err(err(String::from_utf8_lossy(&out.stderr).trim().to_string()));
     }

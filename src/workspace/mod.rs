@@ -8,3 +8,4 @@ pub mod layout;
 pub mod secrets;
 pub mod state;
 pub mod store;
+pub mod volume;

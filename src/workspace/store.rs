@@ -111,6 +111,9 @@ pub struct WorkspaceRecord {
     /// snapshot may be a diff over. None after a cold boot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_base: Option<std::path::PathBuf>,
+    /// Volumes it attaches, in disk order (fixed at create).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<super::volume::VolumeMount>,
 }
 
 fn auto_snapshot_default() -> bool {
@@ -370,6 +373,7 @@ mod tests {
             auto_snapshot_on_stop: true,
             max_snapshots: 5,
             memory_base: None,
+            volumes: vec![],
         };
         ws.write(&rec).unwrap();
         assert_eq!(ws.read().unwrap(), rec);

@@ -149,6 +149,9 @@ pub struct Block {
     id: [u8; ID_BYTES],
     config: Vec<u8>,
     active: Option<Active>,
+    /// Where a snapshot's staging directory gets this chain's frozen
+    /// state ([`SNAPSHOT_DISK_DIR`] unless the VM has several chains).
+    frozen_dir: String,
 }
 
 pub(super) struct Active {
@@ -169,12 +172,14 @@ impl Block {
     }
 
     /// A copy-on-write chain (a directory holding `chain.json`).
-    pub fn open_chain(dir: &Path, id: &str) -> Result<Block, BlockError> {
+    /// A chain's disk; `read_only` shows a writable chain to the guest as
+    /// read-only (it can still be frozen, and stays as it is).
+    pub fn open_chain(dir: &Path, id: &str, read_only: bool) -> Result<Block, BlockError> {
         let chain = Chain::open(dir).map_err(|source| BlockError::Chain {
             path: dir.display().to_string(),
             source,
         })?;
-        let read_only = !chain.writable();
+        let read_only = read_only || !chain.writable();
         let capacity_sectors = chain.size() / SECTOR_SIZE;
         Ok(Block::with(
             Backend::Chain(Box::new(chain)),
@@ -231,17 +236,26 @@ impl Block {
             id: idb,
             config,
             active: None,
+            frozen_dir: SNAPSHOT_DISK_DIR.to_string(),
         }
+    }
+
+    /// Snapshots describe this chain's frozen state in `staging/<dir>`.
+    pub fn frozen_into(mut self, dir: &str) -> Block {
+        self.frozen_dir = dir.to_string();
+        self
     }
 
     /// Before a snapshot, with the guest paused: a chain freezes its top
     /// (continuing on a new one) and describes the frozen chain in
-    /// `staging/disk` (the engine links its files there); a read-only file has nothing to save; a writable
-    /// plain file cannot be captured without a copy, so it is refused.
+    /// `staging/disk` (or the directory [`Block::frozen_into`] named; the
+    /// engine links its files there); a read-only file has nothing to
+    /// save; a writable plain file cannot be captured without a copy, so
+    /// it is refused.
     pub fn snapshot_disk(&mut self, staging: &Path) -> std::io::Result<()> {
         match &mut self.disk {
             Backend::Chain(chain) if chain.writable() => {
-                let dir = staging.join(SNAPSHOT_DISK_DIR);
+                let dir = staging.join(&self.frozen_dir);
                 std::fs::create_dir(&dir)?;
                 chain
                     .freeze(Some(&dir))

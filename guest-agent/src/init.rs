@@ -117,6 +117,46 @@ pub fn cmdline_value(key: &str) -> Option<String> {
         .map(str::to_string)
 }
 
+/// Brings the loopback interface up (the kernel then gives it
+/// 127.0.0.1/8). The kernel's `ip=` configuration does it for a workspace
+/// with a NIC; one with `--network none` would otherwise have no
+/// loopback at all, and services listening on 127.0.0.1 would be
+/// unreachable from inside. Best effort: the error goes to the console.
+pub fn loopback_up() {
+    // SAFETY: a plain socket() call; the fd is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        eprintln!(
+            "microagent-agent: loopback: socket: {}",
+            std::io::Error::last_os_error()
+        );
+        return;
+    }
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write `req`, a valid
+    // ifreq naming "lo", through a valid socket fd.
+    let rc = unsafe {
+        if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) == 0 {
+            req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+            libc::ioctl(fd, libc::SIOCSIFFLAGS, &req)
+        } else {
+            -1
+        }
+    };
+    if rc != 0 {
+        eprintln!(
+            "microagent-agent: loopback: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    // SAFETY: closes the socket opened above.
+    unsafe { libc::close(fd) };
+}
+
 pub fn set_hostname(name: &str) {
     // SAFETY: the pointer and length describe `name`'s bytes.
     let rc = unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) };

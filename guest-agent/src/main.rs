@@ -299,6 +299,7 @@ fn main() {
         let name =
             init::cmdline_value("microagent.hostname").unwrap_or_else(|| "microagent".into());
         init::set_hostname(&name);
+        init::loopback_up();
         // With a NIC the VMM names passt's DNS forwarder; point the
         // resolver at it (as Docker does, the image's file is replaced).
         if let Some(dns) = init::cmdline_value("microagent.dns") {

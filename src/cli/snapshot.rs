@@ -28,6 +28,17 @@ pub enum SnapshotCommand {
     /// Pull a snapshot from a registry into a new halted workspace (fork
     /// it with create --from-snapshot, or create --from-snapshot REF).
     Pull(PullArgs),
+    /// Set a halted workspace's volumes to a container snapshot
+    /// (`create NAME --volumes`) of the same volume names, in order.
+    RestoreVolumes(RestoreVolumesArgs),
+}
+
+#[derive(Args)]
+pub struct RestoreVolumesArgs {
+    name: String,
+    /// The container snapshot: [WORKSPACE:]TAG (default: this workspace's).
+    #[arg(long, value_name = "[WORKSPACE:]TAG")]
+    from: String,
 }
 
 #[derive(Args)]
@@ -72,6 +83,10 @@ pub struct CreateArgs {
     /// it dirtied during the copy and the device state (see `paused_ms`).
     #[arg(long)]
     live: bool,
+    /// A container snapshot: all of the workspace's volumes together, no
+    /// memory (a running guest freezes their filesystems meanwhile).
+    #[arg(long, conflicts_with_all = ["full", "live"])]
+    volumes: bool,
 }
 
 #[derive(Args)]
@@ -80,6 +95,9 @@ pub struct ListArgs {
     /// Only tags that start with this.
     #[arg(long)]
     prefix: Option<String>,
+    /// List its container snapshots (`create --volumes`) instead.
+    #[arg(long)]
+    volumes: bool,
 }
 
 #[derive(Args)]
@@ -99,10 +117,42 @@ pub fn run(engine: &Engine, cmd: SnapshotCommand, out: &Out) -> Result<i32> {
         SnapshotCommand::Verify(a) => verify(engine, a, out),
         SnapshotCommand::Push(a) => push(engine, a, out),
         SnapshotCommand::Pull(a) => pull(engine, a, out),
+        SnapshotCommand::RestoreVolumes(a) => {
+            let c = engine.container_snapshot_restore(&a.name, &a.from)?;
+            out.done(
+                &format!(
+                    "workspace {}: volumes {} restored from {}:{}",
+                    a.name,
+                    c.volumes.join(", "),
+                    c.workspace,
+                    c.tag
+                ),
+                crate::render::container_snapshot(&c),
+            );
+            Ok(0)
+        }
     }
 }
 
+fn create_container(engine: &Engine, args: CreateArgs, out: &Out) -> Result<i32> {
+    let c = engine.container_snapshot_create(&args.name, args.tag.as_deref(), out)?;
+    out.done(
+        &format!(
+            "container snapshot {} of workspace {} created: volumes {} ({})",
+            c.tag,
+            args.name,
+            c.volumes.join(", "),
+            crate::render::consistency(c.consistency)
+        ),
+        crate::render::container_snapshot(&c),
+    );
+    Ok(0)
+}
+
 fn create(engine: &Engine, args: CreateArgs, out: &Out) -> Result<i32> {
+    if args.volumes {
+        return create_container(engine, args, out);
+    }
     let opts = SnapshotOptions {
         full: args.full,
         live: args.live,
@@ -125,6 +175,29 @@ fn create(engine: &Engine, args: CreateArgs, out: &Out) -> Result<i32> {
 }
 
 fn list(engine: &Engine, args: ListArgs, out: &Out) -> Result<i32> {
+    if args.volumes {
+        let rows = engine.container_snapshot_list(&args.name, args.prefix.as_deref())?;
+        if out.json {
+            println!(
+                "{}",
+                serde_json::Value::Array(
+                    rows.iter().map(crate::render::container_snapshot).collect()
+                )
+            );
+            return Ok(0);
+        }
+        println!("{:<24} {:<21} {:<9} VOLUMES", "TAG", "CREATED", "STATE");
+        for c in &rows {
+            println!(
+                "{:<24} {:<21} {:<9} {}",
+                c.tag,
+                c.created,
+                crate::render::consistency(c.consistency),
+                c.volumes.join(", ")
+            );
+        }
+        return Ok(0);
+    }
     let rows = engine.snapshot_list(&args.name, args.prefix.as_deref())?;
     if out.json {
         println!(

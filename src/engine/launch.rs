@@ -70,7 +70,7 @@ pub fn launch(
     kill_strays(ws);
     // Held until the record says Running: no other start takes a volume
     // this VM is about to write.
-    let _volumes = super::volume::claim_volumes(state, &ws.name, &rec.volumes)?;
+    let volumes = super::volume::claim_volumes(state, &ws.name, &rec.volumes)?;
     // Finishes a rollback a crash cut short; turns a pre-chain flat disk
     // into a chain's base.
     crate::workspace::disk::ensure_chain(ws)?;
@@ -156,6 +156,7 @@ pub fn launch(
     // Its next snapshot may be a diff over the memory it resumed.
     rec.memory_base = restore_from.map(Path::to_path_buf);
     ws.write(rec)?;
+    drop(volumes);
     if let Some(timeout) = wait {
         let t = Instant::now();
         if let Err(e) = wait_ready(&ws.vsock_socket(), timeout, || supervisor_alive(pid, ws)) {

@@ -9,6 +9,7 @@ pub mod auto_snapshot;
 pub mod cache;
 pub mod checkpoint;
 pub mod commit;
+pub mod container_snapshot;
 pub mod copy;
 pub mod create;
 mod error;

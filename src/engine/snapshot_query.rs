@@ -50,7 +50,12 @@ impl Engine {
         // The lock first: a workspace busy snapshotting is refused naming
         // what runs (the tag being made does not exist yet).
         let _lock = busy::lock(&ws)?;
-        let dir = snapshot_dir(&ws, tag)?;
+        // A container snapshot (volumes only) shares the tags.
+        let container = ws.snapshots().join(tag);
+        let dir = match super::container_snapshot::read(&container) {
+            Some(_) if validate_tag(tag).is_ok() => container,
+            _ => snapshot_dir(&ws, tag)?,
+        };
         confirm()?;
         delete_dir(&ws, &dir)
     }

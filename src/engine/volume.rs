@@ -5,15 +5,12 @@
 //! snapshots, since the guest's page cache holds its blocks.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use super::vmm_user::take_back;
-use super::{invalid, open, Engine, Error, IoContext, Reporter, Result, CONTROL_TIMEOUT};
-use crate::agent::AgentConn;
+use super::container_snapshot::freeze_in_vm;
+use super::{invalid, Engine, Error, IoContext, Reporter, Result};
 use crate::disk::{self, Chain, ChainError};
 use crate::snapshot::manifest::validate_tag;
 use crate::util::lock::FileLock;
-use crate::vmm::control::{self, Op as CtlOp};
 use crate::workspace::base::BaseCache;
 use crate::workspace::disk::DiskError;
 use crate::workspace::state::{reconcile, Status};
@@ -27,8 +24,6 @@ use crate::workspace::volume::{
 pub const DEFAULT_VOLUME_SIZE: u64 = 1 << 30;
 const MIN_VOLUME_SIZE: u64 = 16 << 20;
 const MAX_VOLUME_SIZE: u64 = 16 << 40;
-/// How long a guest's filesystem may stay frozen for a volume snapshot.
-const FREEZE_GUARD: Duration = Duration::from_secs(60);
 
 /// A workspace that attaches a volume.
 #[derive(Debug, Clone)]
@@ -260,6 +255,16 @@ impl Engine {
     ) -> Result<VolumeSnapshotRecord> {
         validate_tag(tag).map_err(invalid)?;
         let v = self.existing_volume(name)?;
+        // Locks are taken workspace first, then volumes (as a start does).
+        // A workspace that starts after this look claims the volume's
+        // lock first, so it waits for the snapshot.
+        let live = volume_users(&self.state, name)?
+            .into_iter()
+            .find(|u| u.status.is_live());
+        let opened = live
+            .as_ref()
+            .map(|u| super::open(&self.state, &u.workspace))
+            .transpose()?;
         let _lock = FileLock::acquire(&v.lock_path())?;
         let dest = v.snapshot(tag);
         if dest.exists() {
@@ -274,20 +279,23 @@ impl Engine {
             .join(format!(".creating-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
         private_dir(&tmp)?;
-        let live = volume_users(&self.state, name)?
-            .into_iter()
-            .find(|u| u.status.is_live());
-        let made = match &live {
-            None => freeze_detached(&v.disk_dir(), &tmp.join(disk::SNAPSHOT_DISK_DIR))
-                .map(|()| (Consistency::Detached, None)),
-            Some(u) => {
+        let made = match (&live, &opened) {
+            (Some(u), Some(o)) => {
                 report.step(&format!(
                     "freezing volume {name} in workspace {}",
                     u.workspace
                 ));
-                self.freeze_attached(u, &v, &tmp)
-                    .map(|c| (c, Some(u.workspace.clone())))
+                let into = tmp.join(disk::SNAPSHOT_DISK_DIR);
+                match freeze_in_vm(&o.ws, o.status, &[(u.index, &v, into.clone())]) {
+                    Ok(Some(c)) => Ok((c, Some(u.workspace.clone()))),
+                    // It stopped meanwhile: nothing runs on the disk now.
+                    Ok(None) => freeze_detached(&v.disk_dir(), &into)
+                        .map(|()| (Consistency::Detached, None)),
+                    Err(e) => Err(e),
+                }
             }
+            _ => freeze_detached(&v.disk_dir(), &tmp.join(disk::SNAPSHOT_DISK_DIR))
+                .map(|()| (Consistency::Detached, None)),
         }
         .and_then(|(consistency, workspace)| {
             let rec = VolumeSnapshotRecord {
@@ -305,62 +313,6 @@ impl Engine {
             let _ = std::fs::remove_dir_all(&tmp);
         }
         made
-    }
-
-    /// Freezes volume `v` in the running VM of `u` into `tmp/disk`.
-    fn freeze_attached(&self, u: &VolumeUser, v: &VolumeDir, tmp: &Path) -> Result<Consistency> {
-        let super::Opened {
-            ws,
-            lock: _lock,
-            status,
-            ..
-        } = open(&self.state, &u.workspace)?;
-        if !status.is_live() {
-            // It stopped meanwhile: nothing runs on the disk now.
-            freeze_detached(&v.disk_dir(), &tmp.join(disk::SNAPSHOT_DISK_DIR))?;
-            return Ok(Consistency::Detached);
-        }
-        let sock = ws.control_socket();
-        let paused = control::request(&sock, CtlOp::Status, CONTROL_TIMEOUT)?
-            .state
-            .as_deref()
-            == Some("paused");
-        let frozen = if paused {
-            None
-        } else {
-            Some(
-                AgentConn::connect(&ws.vsock_socket(), Duration::from_secs(10))
-                    .and_then(|c| c.freeze_volume(u.index as u32, FREEZE_GUARD))
-                    .map_err(|e| Error::Context {
-                        context: format!("freezing volume {} in workspace {}", v.name, ws.name),
-                        source: Box::new(e.into()),
-                    })?,
-            )
-        };
-        let staging = control::freeze_disk(&sock, CONTROL_TIMEOUT);
-        if let Some(f) = frozen {
-            f.thaw()?;
-        }
-        let staging = StagingDir(ws.snapshots().join(staging?));
-        let what = format!(
-            "the VMM's frozen volume {} of workspace {}",
-            v.name, ws.name
-        );
-        let from = staging.0.join(volume::snapshot_dir(u.index));
-        disk::link_frozen(&v.disk_dir(), &from).map_err(|e| Error::SnapshotDamaged {
-            message: format!("{what}: {e}"),
-        })?;
-        take_back(&staging.0, &what)?;
-        std::fs::rename(&from, tmp.join(disk::SNAPSHOT_DISK_DIR))
-            .io_ctx(|| format!("moving {}", from.display()))?;
-        // The VMM left the volume's new chain.json unsynced.
-        crate::util::fs::sync_with_dir(&v.disk_dir().join(disk::CHAIN_FILE))
-            .io_ctx(|| format!("syncing {}", v.disk_dir().display()))?;
-        Ok(if paused {
-            Consistency::Paused
-        } else {
-            Consistency::Frozen
-        })
     }
 
     /// Sets volume `name` back to its snapshot `tag` (a new empty top
@@ -463,15 +415,6 @@ pub(crate) fn claim_volumes(
     Ok(locks)
 }
 
-/// A staging directory the VMM made, removed however the snapshot ends.
-struct StagingDir(PathBuf);
-
-impl Drop for StagingDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 pub(crate) fn private_dir(dir: &Path) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
@@ -483,7 +426,7 @@ pub(crate) fn private_dir(dir: &Path) -> Result<()> {
 
 /// Freezes the chain in `disk` (no VM has it open) into `into`, linked
 /// and durable.
-fn freeze_detached(disk_dir: &Path, into: &Path) -> Result<()> {
+pub(crate) fn freeze_detached(disk_dir: &Path, into: &Path) -> Result<()> {
     disk::recover(disk_dir);
     let mut chain = Chain::open(disk_dir).map_err(disk_err)?;
     private_dir(into)?;

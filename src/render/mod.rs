@@ -255,3 +255,14 @@ pub fn volume(v: &VolumeView) -> Value {
         "snapshots": v.snapshots.iter().map(volume_snapshot).collect::<Vec<_>>(),
     })
 }
+
+/// "container-snapshot".
+pub fn container_snapshot(c: &crate::engine::container_snapshot::ContainerSnapshot) -> Value {
+    json!({
+        "workspace": c.workspace,
+        "tag": c.tag,
+        "created": c.created,
+        "consistency": consistency(c.consistency),
+        "volumes": c.volumes,
+    })
+}

@@ -276,12 +276,15 @@ fn a_redis_volume_through_snapshots_commit_fork_and_revert() {
     assert_eq!(home.json(&["volume", "ls"]), json!([]));
 }
 
-/// Writes `byte` over the first 4 KiB of volume `name`'s disk, through
-/// its chain as the VMM would, and flushes.
+/// A 4 KiB block of a 16 MiB volume that its empty ext4 leaves unused.
+const FREE_BLOCK: u64 = 15 << 20;
+
+/// Writes `byte` over [`FREE_BLOCK`] of volume `name`'s disk, through its
+/// chain as the VMM would, and flushes.
 fn write_block(home: &Home, name: &str, byte: u8) {
     let dir = home.dir.path().join("volumes").join(name).join("disk");
     let mut chain = microagent::disk::Chain::open(&dir).unwrap();
-    chain.write_at(&[byte; 4096], 0).unwrap();
+    chain.write_at(&[byte; 4096], FREE_BLOCK).unwrap();
     chain.flush().unwrap();
 }
 
@@ -289,7 +292,7 @@ fn first_byte(home: &Home, name: &str) -> u8 {
     let dir = home.dir.path().join("volumes").join(name).join("disk");
     let chain = microagent::disk::Chain::open(&dir).unwrap();
     let mut buf = [0u8; 4096];
-    chain.read_at(&mut buf, 0).unwrap();
+    chain.read_at(&mut buf, FREE_BLOCK).unwrap();
     assert!(buf.iter().all(|b| *b == buf[0]));
     buf[0]
 }
@@ -308,7 +311,10 @@ fn volume_snapshots_revert_and_clone_without_a_guest() {
     assert_eq!(s["consistency"], "detached");
     assert_eq!(s["workspace"], serde_json::Value::Null);
     let err = err_of(&home, &["volume", "snapshot", "data", "--tag", "one"]);
-    assert!(err.contains("volume snapshot data:one already exists"), "{err}");
+    assert!(
+        err.contains("volume snapshot data:one already exists"),
+        "{err}"
+    );
     write_block(&home, "data", 2);
     let clone = home.json(&["volume", "create", "copy", "--from-snapshot", "data:one"]);
     assert_eq!(clone["from_snapshot"], "data:one");
@@ -323,7 +329,10 @@ fn volume_snapshots_revert_and_clone_without_a_guest() {
     assert_schema("volume-snapshot-rm", &rm);
     assert_eq!(first_byte(&home, "copy"), 3);
     let err = err_of(&home, &["volume", "revert", "data", "one"]);
-    assert!(err.contains("volume snapshot data:one does not exist"), "{err}");
+    assert!(
+        err.contains("volume snapshot data:one does not exist"),
+        "{err}"
+    );
     for bad in [
         &["volume", "create", "Bad"][..],
         &["volume", "create", "x", "--size", "1M"],

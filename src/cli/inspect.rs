@@ -119,6 +119,14 @@ pub fn status(engine: &Engine, args: NameArgs, out: &Out) -> Result<i32> {
             Some(Placement::Unavailable { reason }) => println!("  limits:  none: {reason}"),
             None => {}
         }
+        for m in &rec.volumes {
+            println!(
+                "  volume:  {} at {}{}",
+                m.volume,
+                m.path,
+                if m.read_only { " (read-only)" } else { "" }
+            );
+        }
         if !rec.ports.is_empty() {
             let ports: Vec<String> = rec.ports.iter().map(|p| p.to_string()).collect();
             println!("  ports:   {}", ports.join(", "));

@@ -145,14 +145,26 @@ pub(crate) fn manifest_files(
     spec.write(disk)
         .map_err(crate::disk::ChainError::from)
         .map_err(crate::workspace::disk::DiskError::from)?;
-    infos.push(file_info(disk, CHAIN_FILE).map(|mut i| {
-        i.name = disk_entry(CHAIN_FILE);
+    infos.extend(chain_infos(disk, &spec, disk_entry)?);
+    Ok(infos)
+}
+
+/// The manifest's entries for the frozen chain in `dir` (its chain.json
+/// already written with every file's digest): chain.json, synced and
+/// hashed whole, then each file by its digest; named `entry(file)`.
+pub(crate) fn chain_infos(
+    dir: &Path,
+    spec: &ChainSpec,
+    entry: impl Fn(&str) -> String,
+) -> Result<Vec<FileInfo>> {
+    let mut infos = vec![file_info(dir, CHAIN_FILE).map(|mut i| {
+        i.name = entry(CHAIN_FILE);
         i
-    })?);
+    })?];
     for name in spec.files() {
-        let path = disk.join(name);
+        let path = dir.join(name);
         infos.push(FileInfo {
-            name: disk_entry(name),
+            name: entry(name),
             size: std::fs::metadata(&path)
                 .io_ctx(|| format!("{}", path.display()))?
                 .len(),

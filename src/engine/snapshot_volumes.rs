@@ -9,7 +9,7 @@ use std::path::Path;
 
 use super::{invalid, Error, IoContext, Result};
 use crate::disk::{self, ChainSpec, CHAIN_FILE};
-use crate::snapshot::manifest::{FileInfo, Manifest, VolumeRef, HASH_CHAIN};
+use crate::snapshot::manifest::{FileInfo, Manifest, VolumeRef};
 use crate::util::lock::FileLock;
 use crate::workspace::store::{StateDir, WorkspaceRecord};
 use crate::workspace::volume::{self, VolumeDir, VolumeMount, VolumeRecord};
@@ -58,7 +58,6 @@ pub(crate) fn files(
         let live = m.disk.join(CHAIN_FILE);
         crate::util::fs::sync_with_dir(&live).io_ctx(|| format!("syncing {}", live.display()))?;
         let dir = dest.join(volume::snapshot_dir(i));
-        let entry = |name: &str| format!("{}/{name}", volume::snapshot_dir(i));
         for name in spec.files().map(str::to_string).collect::<Vec<_>>() {
             if spec.digests.contains_key(&name) {
                 continue;
@@ -74,27 +73,9 @@ pub(crate) fn files(
         spec.write(&dir)
             .map_err(disk::ChainError::from)
             .map_err(crate::workspace::disk::DiskError::from)?;
-        let chain = dir.join(CHAIN_FILE);
-        infos.push(FileInfo {
-            name: entry(CHAIN_FILE),
-            size: std::fs::metadata(&chain)
-                .io_ctx(|| format!("{}", chain.display()))?
-                .len(),
-            sha256: crate::digest::sha256_file(&chain)
-                .io_ctx(|| format!("hashing {}", chain.display()))?,
-            hash: None,
-        });
-        for name in spec.files() {
-            let path = dir.join(name);
-            infos.push(FileInfo {
-                name: entry(name),
-                size: std::fs::metadata(&path)
-                    .io_ctx(|| format!("{}", path.display()))?
-                    .len(),
-                sha256: spec.digests.get(name).cloned().unwrap_or_default(),
-                hash: Some(HASH_CHAIN.to_string()),
-            });
-        }
+        infos.extend(super::snapshot_files::chain_infos(&dir, &spec, |f| {
+            format!("{}/{f}", volume::snapshot_dir(i))
+        })?);
     }
     Ok(infos)
 }

@@ -315,17 +315,23 @@ impl Engine {
         made
     }
 
-    /// Sets volume `name` back to its snapshot `tag` (a new empty top
-    /// over that frozen chain; the chain it had is dropped). Refused while
-    /// a workspace using it runs: its page cache would disagree.
-    pub fn volume_revert(&self, name: &str, tag: &str) -> Result<VolumeView> {
+    /// Volume `name` locked, and its snapshot `tag`, which must exist.
+    fn locked_snapshot(&self, name: &str, tag: &str) -> Result<(VolumeDir, FileLock, PathBuf)> {
         validate_tag(tag).map_err(invalid)?;
         let v = self.existing_volume(name)?;
-        let _lock = FileLock::acquire(&v.lock_path())?;
+        let lock = FileLock::acquire(&v.lock_path())?;
         let snap = v.snapshot(tag);
         if !snap.join(VOLUME_SNAPSHOT_RECORD).is_file() {
             return Err(snapshot_not_found(name, tag));
         }
+        Ok((v, lock, snap))
+    }
+
+    /// Sets volume `name` back to its snapshot `tag` (a new empty top
+    /// over that frozen chain; the chain it had is dropped). Refused while
+    /// a workspace using it runs: its page cache would disagree.
+    pub fn volume_revert(&self, name: &str, tag: &str) -> Result<VolumeView> {
+        let (v, _lock, snap) = self.locked_snapshot(name, tag)?;
         if let Some(u) = volume_users(&self.state, name)?
             .iter()
             .find(|u| u.status.is_live())
@@ -348,13 +354,7 @@ impl Engine {
     /// Deletes snapshot `tag` of volume `name` (volumes made from it keep
     /// their links to its blocks).
     pub fn volume_snapshot_delete(&self, name: &str, tag: &str) -> Result<()> {
-        validate_tag(tag).map_err(invalid)?;
-        let v = self.existing_volume(name)?;
-        let _lock = FileLock::acquire(&v.lock_path())?;
-        let snap = v.snapshot(tag);
-        if !snap.join(VOLUME_SNAPSHOT_RECORD).is_file() {
-            return Err(snapshot_not_found(name, tag));
-        }
+        let (v, _lock, snap) = self.locked_snapshot(name, tag)?;
         let doomed = v
             .snapshots()
             .join(format!(".deleting-{tag}-{}", std::process::id()));

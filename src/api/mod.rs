@@ -9,6 +9,7 @@ mod error;
 mod exec;
 mod routes;
 mod seed;
+mod volumes;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -60,13 +60,13 @@ pub(super) async fn blocking<T: Send + 'static>(
         .map_err(ApiError::from)
 }
 
-type Answer = Result<Response, ApiError>;
+pub(super) type Answer = Result<Response, ApiError>;
 
-fn ok(v: Value) -> Answer {
+pub(super) fn ok(v: Value) -> Answer {
     Ok(Json(v).into_response())
 }
 
-fn created(v: Value) -> Answer {
+pub(super) fn created(v: Value) -> Answer {
     Ok((StatusCode::CREATED, Json(v)).into_response())
 }
 
@@ -115,6 +115,7 @@ pub(super) fn v1() -> Router<super::State> {
             post(snapshot_push),
         )
         .route("/v1/snapshots/pull", post(snapshot_pull))
+        .merge(super::volumes::routes())
 }
 
 async fn openapi() -> Response {
@@ -152,6 +153,9 @@ struct CreateBody {
     creds: Option<String>,
     #[serde(default)]
     insecure_registries: Vec<String>,
+    /// Volumes to attach: `VOLUME:/PATH[:ro]`, in order.
+    #[serde(default)]
+    volumes: Vec<String>,
 }
 
 async fn create(State(s): State<super::State>, Body(b): Body<CreateBody>) -> Answer {
@@ -199,6 +203,12 @@ async fn create(State(s): State<super::State>, Body(b): Body<CreateBody>) -> Ans
     opts.init = b.init;
     opts.network = b.network.unwrap_or(opts.network);
     opts.registry = registry;
+    opts.volumes = b
+        .volumes
+        .iter()
+        .map(|v| crate::workspace::volume::parse_mount(v))
+        .collect::<Result<_, _>>()
+        .map_err(ApiError::bad_request)?;
     let v = blocking(&s, move |e| e.create(&b.name, &opts, &ServerReport::new())).await?;
     created(render::workspace(&v))
 }

@@ -244,6 +244,66 @@ fn api_serves_the_engine_with_real_guests() {
     let doc = api.expect(200, "GET", "/v1/openapi.json", json!(null));
     assert_eq!(doc["openapi"], "3.0.3");
 
+    // Volumes need no VM: create, snapshot, clone, revert, refusals, rm.
+    let v = api.expect(
+        201,
+        "POST",
+        "/v1/volumes",
+        json!({"name": "vol", "size": 16 << 20}),
+    );
+    assert_schema("volume", &v);
+    let snap = api.expect(
+        201,
+        "POST",
+        "/v1/volumes/vol/snapshots",
+        json!({"tag": "t"}),
+    );
+    assert_schema("volume-snapshot", &snap);
+    assert_eq!(snap["consistency"], "detached");
+    let clone = api.expect(
+        201,
+        "POST",
+        "/v1/volumes",
+        json!({"name": "vol2", "from_snapshot": "vol:t"}),
+    );
+    assert_eq!(clone["from_snapshot"], "vol:t");
+    let reverted = api.expect(
+        200,
+        "POST",
+        "/v1/volumes/vol/snapshots/t/revert",
+        json!(null),
+    );
+    assert_schema("volume", &reverted);
+    let e = api.expect(400, "POST", "/v1/volumes", json!({"name": "v", "sise": 1}));
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("sise"),
+        "{e}"
+    );
+    let e = api.expect(
+        400,
+        "POST",
+        "/v1/workspaces",
+        json!({"name": "x", "image": "busybox", "volumes": ["vol"]}),
+    );
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("VOLUME:/PATH"),
+        "{e}"
+    );
+    let rm = api.expect(200, "DELETE", "/v1/volumes/vol/snapshots/t", json!(null));
+    assert_schema("volume-snapshot-rm", &rm);
+    for name in ["vol", "vol2"] {
+        let rm = api.expect(200, "DELETE", &format!("/v1/volumes/{name}"), json!(null));
+        assert_schema("volume-rm", &rm);
+    }
+    api.expect(404, "GET", "/v1/volumes/vol", json!(null));
+    assert_eq!(
+        api.expect(200, "GET", "/v1/volumes", json!(null)),
+        json!([])
+    );
+
     // Create with the suite's shared configuration (so the start is warm).
     let rootfs = shared.create_args("api", &[])[3].to_string();
     let body = json!({

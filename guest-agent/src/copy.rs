@@ -117,3 +117,71 @@ pub fn copy_out(path: &str, w: &Writer) {
     })();
     finish(w, result);
 }
+
+/// Whether `path` is at or under one of `excludes` (all absolute).
+fn excluded(path: &Path, excludes: &[&Path]) -> bool {
+    excludes.iter().any(|e| path.starts_with(e))
+}
+
+/// `path` (and, for a directory, everything under it not excluded) into
+/// `builder`, named relative to `/`; depth-first, names sorted, symlinks
+/// not followed.
+fn append_tree(
+    builder: &mut tar::Builder<FrameWriter<'_>>,
+    path: &Path,
+    excludes: &[&Path],
+    seen: &mut std::collections::BTreeSet<std::path::PathBuf>,
+) -> Result<(), String> {
+    if excluded(path, excludes) || !seen.insert(path.to_path_buf()) {
+        return Ok(());
+    }
+    let meta = std::fs::symlink_metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let name = path.strip_prefix("/").unwrap_or(path);
+    builder
+        .append_path_with_name(path, name)
+        .map_err(|e| format!("archiving {}: {e}", path.display()))?;
+    if meta.is_dir() {
+        let mut names: Vec<_> = std::fs::read_dir(path)
+            .map_err(|e| format!("{}: {e}", path.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
+        names.sort();
+        for child in names {
+            append_tree(builder, &child, excludes, seen)?;
+        }
+    }
+    Ok(())
+}
+
+/// `ArchivePaths`: what a home snapshot captures. The directories above
+/// each path come first, header only, so their owners and modes travel
+/// with the files (a layer's directory hides the one below it).
+pub fn archive_paths(includes: &[String], excludes: &[String], w: &Writer) {
+    let result = (|| {
+        let excludes: Vec<&Path> = excludes.iter().map(Path::new).collect();
+        let mut builder = tar::Builder::new(FrameWriter { w });
+        builder.follow_symlinks(false);
+        let mut seen = std::collections::BTreeSet::new();
+        for inc in includes {
+            let p = Path::new(inc);
+            if !p.is_absolute() || std::fs::symlink_metadata(p).is_err() {
+                continue;
+            }
+            let mut above = std::path::PathBuf::from("/");
+            for part in p.parent().into_iter().flat_map(|d| d.components().skip(1)) {
+                above.push(part);
+                if seen.insert(above.clone()) {
+                    let name = above.strip_prefix("/").unwrap_or(&above);
+                    builder
+                        .append_path_with_name(&above, name)
+                        .map_err(|e| format!("archiving {}: {e}", above.display()))?;
+                }
+            }
+            append_tree(&mut builder, p, &excludes, &mut seen)?;
+        }
+        builder
+            .finish()
+            .map_err(|e| format!("archiving the listed paths: {e}"))
+    })();
+    finish(w, result);
+}

@@ -215,6 +215,15 @@ pub enum Request {
     CopyOut {
         path: String,
     },
+    /// Send the listed absolute paths (each with its directories above
+    /// it, header only) as one tar stream on STDOUT frames, entries named
+    /// relative to `/`, minus every path at or under an `excludes` entry.
+    /// Listed paths that do not exist are left out.
+    ArchivePaths {
+        includes: Vec<String>,
+        #[serde(default)]
+        excludes: Vec<String>,
+    },
     /// After a restore or fork: new identity, wall clock and entropy.
     Refresh(Refresh),
     /// Write secrets into the /run/secrets tmpfs. Each value follows as

@@ -90,6 +90,9 @@ fn session(conn: File) {
         }
         Request::CopyIn { dest } => copy::copy_in(&dest, reader, &w),
         Request::CopyOut { path } => copy::copy_out(&path, &w),
+        Request::ArchivePaths { includes, excludes } => {
+            copy::archive_paths(&includes, &excludes, &w)
+        }
         Request::Refresh(r) => {
             let msg = init::refresh(&r);
             reply(&w, response(msg.is_empty(), msg));

@@ -28,6 +28,17 @@ pub struct CreateArgs {
     /// A local ext4 image; the workspace gets its own copy.
     #[arg(long)]
     rootfs: Option<PathBuf>,
+    /// A base snapshot's name (`snapshot create WS --base NAME`), or
+    /// oci://REF for an image.
+    #[arg(long, value_name = "NAME|oci://REF", conflicts_with_all = ["image", "rootfs"])]
+    base_snapshot: Option<String>,
+    /// A home snapshot stacked over the base (then your default personal
+    /// snapshot, if you set one).
+    #[arg(long, value_name = "NAME")]
+    home_snapshot: Option<String>,
+    /// Do not apply your default personal snapshot.
+    #[arg(long)]
+    no_personal: bool,
     #[arg(long, default_value_t = 1)]
     vcpus: u64,
     /// Guest memory in MiB.
@@ -172,11 +183,12 @@ pub fn create(engine: &Engine, args: CreateArgs, out: &Out) -> Result<i32> {
         );
         return Ok(0);
     }
-    let source = match (&args.image, &args.rootfs) {
-        (Some(image), _) => RootSource::Image(image.clone()),
-        (None, Some(rootfs)) => RootSource::Rootfs(rootfs.clone()),
-        (None, None) => {
-            bail!("create needs --image REF (an OCI image) or --rootfs PATH (an ext4 image)")
+    let source = match (&args.image, &args.rootfs, &args.base_snapshot) {
+        (Some(image), _, _) => RootSource::Image(image.clone()),
+        (None, Some(rootfs), _) => RootSource::Rootfs(rootfs.clone()),
+        (None, None, Some(base)) => RootSource::BaseSnapshot(base.clone()),
+        (None, None, None) => {
+            bail!("create needs --image REF (an OCI image), --base-snapshot NAME or --rootfs PATH (an ext4 image)")
         }
     };
     let opts = CreateOptions {
@@ -198,6 +210,8 @@ pub fn create(engine: &Engine, args: CreateArgs, out: &Out) -> Result<i32> {
             .iter()
             .map(|v| parse_mount(v).map_err(anyhow::Error::msg))
             .collect::<Result<_>>()?,
+        home_snapshot: args.home_snapshot.clone(),
+        personal: !args.no_personal,
         ..CreateOptions::new(source)
     }
     .with_settings(&args.snapshots.settings());

@@ -14,6 +14,7 @@ mod exec;
 mod image;
 mod inspect;
 mod lifecycle;
+mod named_snapshot;
 mod output;
 mod secret;
 mod serve;

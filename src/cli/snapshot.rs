@@ -16,7 +16,8 @@ pub enum SnapshotCommand {
     /// List a workspace's snapshots.
     #[command(alias = "ls")]
     List(ListArgs),
-    /// Delete one snapshot.
+    /// Delete one snapshot: WORKSPACE TAG, or a base, home or personal
+    /// snapshot's name.
     #[command(alias = "rm")]
     Delete(DeleteArgs),
     /// Hash every file of a snapshot again and compare with its manifest
@@ -31,6 +32,15 @@ pub enum SnapshotCommand {
     /// Set a halted workspace's volumes to a container snapshot
     /// (`create NAME --volumes`) of the same volume names, in order.
     RestoreVolumes(RestoreVolumesArgs),
+    /// Make one of your personal snapshots the default that every new
+    /// workspace you create gets.
+    Default(DefaultArgs),
+}
+
+#[derive(Args)]
+pub struct DefaultArgs {
+    /// A personal snapshot of yours.
+    pub name: String,
 }
 
 #[derive(Args)]
@@ -71,7 +81,7 @@ pub struct VerifyArgs {
 
 #[derive(Args)]
 pub struct CreateArgs {
-    name: String,
+    pub name: String,
     /// Tag (default: a UTC timestamp).
     #[arg(long)]
     tag: Option<String>,
@@ -87,11 +97,30 @@ pub struct CreateArgs {
     /// memory (a running guest freezes their filesystems meanwhile).
     #[arg(long, conflicts_with_all = ["full", "live"])]
     volumes: bool,
+    /// A base snapshot named SNAP: the workspace's root committed whole
+    /// (its image's layers plus one of its changes).
+    #[arg(long, value_name = "SNAP", conflicts_with_all = ["full", "live", "volumes", "tag"])]
+    pub base: Option<String>,
+    /// A home snapshot named SNAP: the files and folders listed in the
+    /// running guest's ~/.snapshot/includes.txt, minus excludes.txt.
+    #[arg(long, value_name = "SNAP", conflicts_with_all = ["full", "live", "volumes", "tag", "base"])]
+    pub home: Option<String>,
+    /// A personal snapshot named SNAP (~/.snapshot.personal/ lists),
+    /// private to you.
+    #[arg(long, value_name = "SNAP", conflicts_with_all = ["full", "live", "volumes", "tag", "base", "home"])]
+    pub personal: Option<String>,
+    /// With --personal: make it your default.
+    #[arg(long, requires = "personal")]
+    pub set_personal_default: bool,
+    /// With --home/--personal: whose home (default: the image's User).
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
 }
 
 #[derive(Args)]
 pub struct ListArgs {
-    name: String,
+    /// A workspace: its memory snapshots (without: every kind).
+    name: Option<String>,
     /// Only tags that start with this.
     #[arg(long)]
     prefix: Option<String>,
@@ -102,11 +131,15 @@ pub struct ListArgs {
 
 #[derive(Args)]
 pub struct DeleteArgs {
-    name: String,
-    tag: String,
+    /// A workspace (with TAG), or a base, home or personal snapshot.
+    pub name: String,
+    tag: Option<String>,
+    /// NAME is one of your personal snapshots.
+    #[arg(long, conflicts_with = "tag")]
+    pub personal: bool,
     /// Confirm (asked on a terminal; refused without one).
     #[arg(long, short)]
-    yes: bool,
+    pub yes: bool,
 }
 
 pub fn run(engine: &Engine, cmd: SnapshotCommand, out: &Out) -> Result<i32> {
@@ -117,6 +150,7 @@ pub fn run(engine: &Engine, cmd: SnapshotCommand, out: &Out) -> Result<i32> {
         SnapshotCommand::Verify(a) => verify(engine, a, out),
         SnapshotCommand::Push(a) => push(engine, a, out),
         SnapshotCommand::Pull(a) => pull(engine, a, out),
+        SnapshotCommand::Default(a) => super::named_snapshot::set_default(engine, a, out),
         SnapshotCommand::RestoreVolumes(a) => {
             let c = engine.container_snapshot_restore(&a.name, &a.from)?;
             out.done(
@@ -150,6 +184,9 @@ fn create_container(engine: &Engine, args: CreateArgs, out: &Out) -> Result<i32>
 }
 
 fn create(engine: &Engine, args: CreateArgs, out: &Out) -> Result<i32> {
+    if args.base.is_some() || args.home.is_some() || args.personal.is_some() {
+        return super::named_snapshot::create(engine, args, out);
+    }
     if args.volumes {
         return create_container(engine, args, out);
     }
@@ -175,8 +212,14 @@ fn create(engine: &Engine, args: CreateArgs, out: &Out) -> Result<i32> {
 }
 
 fn list(engine: &Engine, args: ListArgs, out: &Out) -> Result<i32> {
+    let Some(name) = args.name else {
+        if args.volumes || args.prefix.is_some() {
+            anyhow::bail!("--volumes and --prefix list one workspace's snapshots: name it");
+        }
+        return super::named_snapshot::list_all(engine, out);
+    };
     if args.volumes {
-        let rows = engine.container_snapshot_list(&args.name, args.prefix.as_deref())?;
+        let rows = engine.container_snapshot_list(&name, args.prefix.as_deref())?;
         if out.json {
             println!(
                 "{}",
@@ -198,7 +241,7 @@ fn list(engine: &Engine, args: ListArgs, out: &Out) -> Result<i32> {
         }
         return Ok(0);
     }
-    let rows = engine.snapshot_list(&args.name, args.prefix.as_deref())?;
+    let rows = engine.snapshot_list(&name, args.prefix.as_deref())?;
     if out.json {
         println!(
             "{}",
@@ -206,11 +249,15 @@ fn list(engine: &Engine, args: ListArgs, out: &Out) -> Result<i32> {
         );
         return Ok(0);
     }
-    println!("{:<24} {:>9} {:<21} IMAGE", "TAG", "SIZE", "CREATED");
+    println!(
+        "{:<9} {:<24} {:>9} {:<21} IMAGE",
+        "KIND", "TAG", "SIZE", "CREATED"
+    );
     for s in &rows {
         let m = &s.manifest;
         println!(
-            "{:<24} {:>9} {:<21} {}",
+            "{:<9} {:<24} {:>9} {:<21} {}",
+            "memory",
             m.tag,
             human_size(s.size_bytes),
             m.created,
@@ -221,16 +268,19 @@ fn list(engine: &Engine, args: ListArgs, out: &Out) -> Result<i32> {
 }
 
 fn delete(engine: &Engine, args: DeleteArgs, out: &Out) -> Result<i32> {
+    let Some(tag) = &args.tag else {
+        return super::named_snapshot::delete(engine, args, out);
+    };
     let what = format!(
-        "snapshot delete removes snapshot {} of workspace {}",
-        args.tag, args.name
+        "snapshot delete removes snapshot {tag} of workspace {}",
+        args.name
     );
-    engine.snapshot_delete(&args.name, &args.tag, &|| {
+    engine.snapshot_delete(&args.name, tag, &|| {
         super::confirm::confirm(&what, args.yes)
     })?;
     out.done(
-        &format!("snapshot {} of workspace {} deleted", args.tag, args.name),
-        json!({"workspace": args.name, "tag": args.tag, "deleted": true}),
+        &format!("snapshot {tag} of workspace {} deleted", args.name),
+        json!({"workspace": args.name, "tag": tag, "deleted": true}),
     );
     Ok(0)
 }

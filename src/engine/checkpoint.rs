@@ -184,6 +184,8 @@ fn build(
     create.kernel = Some(kernel.to_path_buf());
     // Its one snapshot is the checkpoint; halting it keeps nothing more.
     create.auto_snapshot_on_stop = false;
+    // The image is the whole root the key names: no personal layer on top.
+    create.personal = false;
     engine.create(holder, &create, report)?;
     report.step(&format!("starting {holder}"));
     let start = StartOptions {

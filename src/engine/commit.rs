@@ -288,8 +288,8 @@ impl Engine {
             &tar.0,
             &written.diff_id,
             CommitInput {
-                base: &base,
-                reference,
+                base: Some(&base),
+                reference: Some(reference),
                 created_by: format!("microagent commit {}", ws.name),
             },
             report.image_progress(),

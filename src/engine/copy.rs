@@ -119,32 +119,47 @@ pub(crate) fn copy_in(state: &StateDir, src: &Path, name: &str, dest: &str) -> R
 
 pub(crate) fn copy_out(state: &StateDir, name: &str, path: &str, dest: &Path) -> Result<()> {
     std::fs::create_dir_all(dest).io_ctx(|| format!("creating {}", dest.display()))?;
-    let mut conn = connect(state, name)?;
-    conn.send(&Request::CopyOut {
+    let request = Request::CopyOut {
         path: path.to_string(),
-    })?;
+    };
+    read_archive(state, name, &request, |stream| {
+        unpack_untrusted(stream, dest)
+    })
+    .ctx(|| format!("copying {name}:{path} into {}", dest.display()))
+}
+
+/// Sends `request` to workspace `name`'s agent and hands the tar stream
+/// it answers with to `read`. The guest's own error, if it sent one, wins
+/// over `read`'s (which then only saw a cut stream).
+pub(crate) fn read_archive<T>(
+    state: &StateDir,
+    name: &str,
+    request: &Request,
+    read: impl FnOnce(&mut dyn Read) -> std::io::Result<T>,
+) -> Result<T> {
+    let mut conn = connect(state, name)?;
+    conn.send(request)?;
     let mut stream = FrameStream {
         conn: &mut conn,
         buf: Vec::new(),
         pos: 0,
         done: None,
     };
-    let unpacked = unpack_untrusted(&mut stream, dest);
+    let result = read(&mut stream);
     // Drain to the final EXIT/ERROR.
     let mut rest = Vec::new();
     let _ = stream.read_to_end(&mut rest);
     if let Some(Err(e)) = stream.done.take() {
-        return Err(AgentError::Remote(e)).ctx(|| format!("copying {name}:{path}"));
+        return Err(AgentError::Remote(e).into());
     }
-    unpacked.io_ctx(|| format!("unpacking {name}:{path} into {}", dest.display()))?;
-    Ok(())
+    result.io_ctx(|| format!("reading workspace {name}'s archive"))
 }
 
 /// Unpacks a guest's archive into `dest`. It is untrusted: entries that
 /// would escape `dest` are refused (`unpack_in`), so are device nodes and
 /// FIFOs (a guest's root could otherwise plant a node for a host disk),
 /// and setuid, setgid and sticky bits are dropped (only rwx is kept).
-fn unpack_untrusted(stream: &mut impl Read, dest: &Path) -> std::io::Result<()> {
+fn unpack_untrusted(stream: &mut dyn Read, dest: &Path) -> std::io::Result<()> {
     let mut archive = tar::Archive::new(stream);
     archive.set_preserve_permissions(false);
     archive.set_overwrite(true);

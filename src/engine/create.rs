@@ -21,6 +21,7 @@ use crate::vmm::vm::{VmConfig, VmError};
 use crate::workspace::base::{BaseCache, BaseInputs};
 use crate::workspace::disk::{content_sha256, copy_disk, grow_ext4};
 use crate::workspace::layout::{self, DiskLayout, LayerDisk};
+use crate::workspace::named_snapshots::Kind;
 use crate::workspace::secrets::{SecretStore, Value};
 use crate::workspace::state::Status;
 use crate::workspace::store::{
@@ -51,6 +52,8 @@ impl RegistryOptions {
 pub enum RootSource {
     /// An OCI image (reference, digest or ID), pulled when not stored.
     Image(String),
+    /// A base snapshot's name, or `oci://REF` for an image.
+    BaseSnapshot(String),
     /// A local ext4 image; the workspace gets its own copy.
     Rootfs(PathBuf),
 }
@@ -85,6 +88,10 @@ pub struct CreateOptions {
     /// Volumes to attach, in order (`VOL:/path[:ro]`; the engine finds
     /// each volume's disk).
     pub volumes: Vec<VolumeMount>,
+    /// A home snapshot stacked over the image.
+    pub home_snapshot: Option<String>,
+    /// Stack the caller's default personal snapshot (if set) on top.
+    pub personal: bool,
 }
 
 impl CreateOptions {
@@ -108,6 +115,8 @@ impl CreateOptions {
             auto_snapshot_on_stop: true,
             max_snapshots: crate::workspace::store::MAX_SNAPSHOTS_DEFAULT,
             volumes: Vec::new(),
+            home_snapshot: None,
+            personal: true,
         }
     }
 }
@@ -193,24 +202,49 @@ impl Engine {
         }
         let volumes = self.resolve_mounts(&opts.volumes)?;
         // Fetch the image before the workspace exists: a failed pull leaves nothing.
+        let mut shown = None;
         let (source, disk_size) = match &opts.source {
-            RootSource::Image(image) => {
+            RootSource::Image(_) | RootSource::BaseSnapshot(_) => {
                 let store = ImageStore::new(&self.state.root);
-                let ready = image_ops::ensure(
-                    &store,
-                    image,
-                    &opts.registry.pull_options(),
-                    report.image_progress(),
-                )?;
+                let base = match &opts.source {
+                    RootSource::BaseSnapshot(name) if !name.starts_with("oci://") => {
+                        self.named_image(Kind::Base, name)?.1
+                    }
+                    RootSource::BaseSnapshot(r) | RootSource::Image(r) => {
+                        let image = r.strip_prefix("oci://").unwrap_or(r);
+                        image_ops::ensure(
+                            &store,
+                            image,
+                            &opts.registry.pull_options(),
+                            report.image_progress(),
+                        )?
+                        .record
+                    }
+                    RootSource::Rootfs(_) => unreachable!("matched above"),
+                };
+                let base_shown = base
+                    .refs
+                    .first()
+                    .cloned()
+                    .unwrap_or_else(|| base.digest.to_string());
+                let (image, applied) =
+                    self.resolve_stack(base, opts.home_snapshot.as_deref(), opts.personal, report)?;
+                if !applied.is_empty() {
+                    shown = Some(format!("{base_shown} + {}", applied.join(" + ")));
+                }
                 // The upper holds only what the workspace changes.
                 let size = opts.disk_size.unwrap_or(opts.disk_free);
-                let layers = LayerDisk::of_image(&store, &ready.record);
-                (
-                    DiskSource::Image(Box::new(ready.record), layers),
-                    Some(size),
-                )
+                let layers = LayerDisk::of_image(&store, &image);
+                (DiskSource::Image(Box::new(image), layers), Some(size))
             }
-            RootSource::Rootfs(p) => (DiskSource::File(p.clone()), opts.disk_size),
+            RootSource::Rootfs(p) => {
+                if opts.home_snapshot.is_some() {
+                    return Err(invalid(
+                        "a home snapshot is a layer over an image: create from --image or --base-snapshot",
+                    ));
+                }
+                (DiskSource::File(p.clone()), opts.disk_size)
+            }
         };
 
         claim_workspace_dir(&self.state, &ws)?;
@@ -226,6 +260,10 @@ impl Engine {
             disk_size,
         )
         .and_then(|mut rec| {
+            if shown.is_some() {
+                rec.image = shown;
+                ws.write(&rec)?;
+            }
             if !volumes.is_empty() {
                 // A boot snapshot would hold these volumes' blocks in its
                 // page cache: a workspace with volumes always boots cold.

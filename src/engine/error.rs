@@ -15,6 +15,7 @@ use crate::vmm::vm::VmError;
 use crate::workspace::busy::BusyError;
 use crate::workspace::disk::DiskError;
 use crate::workspace::layout::BuildError;
+use crate::workspace::named_snapshots::NamesError;
 use crate::workspace::secrets::SecretError;
 use crate::workspace::state::TransitionError;
 use crate::workspace::store::StoreError;
@@ -177,6 +178,8 @@ pub enum Error {
     Secret(#[from] SecretError),
     #[error(transparent)]
     Vm(#[from] VmError),
+    #[error(transparent)]
+    Names(#[from] NamesError),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -245,6 +248,14 @@ impl Error {
                 SecretError::NotFound { .. } => Code::NotFound,
                 SecretError::Io { .. } => Code::Internal,
                 _ => Code::InvalidInput,
+            },
+            Error::Names(e) => match e {
+                NamesError::InvalidName(_) => Code::InvalidInput,
+                NamesError::NotFound { .. } => Code::NotFound,
+                NamesError::Taken { .. } => Code::AlreadyExists,
+                NamesError::Io { .. } | NamesError::Corrupt { .. } | NamesError::Lock(_) => {
+                    Code::Internal
+                }
             },
             Error::Vm(e) => match e {
                 VmError::Vcpus(_)

@@ -19,6 +19,7 @@ pub mod image;
 pub mod launch;
 pub mod lifecycle;
 mod memory_chain;
+pub mod named_snapshot;
 mod references;
 pub mod secrets;
 pub mod share;

@@ -26,9 +26,11 @@ const DOCKER_LAYER_TAR: &str = "application/vnd.docker.image.rootfs.diff.tar";
 
 /// The image a commit starts from and what to call the result.
 pub struct CommitInput<'a> {
-    pub base: &'a ImageRecord,
-    /// A normalised reference for the new image.
-    pub reference: String,
+    /// None: a one-layer image of its own (a home snapshot).
+    pub base: Option<&'a ImageRecord>,
+    /// A normalised reference for the new image (None: no tag, found by
+    /// digest only).
+    pub reference: Option<String>,
     /// The history entry's `created_by`.
     pub created_by: String,
 }
@@ -108,9 +110,13 @@ fn compress_into_store(store: &ImageStore, tar: &Path) -> Result<(Blob, u64)> {
 /// entry, and a new creation time. Everything else (Env, Entrypoint,
 /// Cmd, WorkingDir, User, labels) is kept as it was.
 pub fn extend_config(base: &[u8], diff_id: &Digest, created_by: &str) -> Result<Vec<u8>> {
+    extend_config_at(base, diff_id, created_by, &crate::util::time::now_rfc3339())
+}
+
+/// [`extend_config`] as of `now`: the same inputs give the same bytes.
+fn extend_config_at(base: &[u8], diff_id: &Digest, created_by: &str, now: &str) -> Result<Vec<u8>> {
     let bad = |why: &str| ImageError::Invalid(format!("the base image's config {why}"));
     let mut cfg: Value = serde_json::from_slice(base).map_err(|e| bad(&e.to_string()))?;
-    let now = crate::util::time::now_rfc3339();
     let obj = cfg.as_object_mut().ok_or_else(|| bad("is not an object"))?;
     obj.insert("created".into(), json!(now));
     let diff_ids = obj
@@ -142,32 +148,25 @@ pub fn finish(
     let _lock = store.lock()?;
     progress.step("compressing the new layer");
     let (layer, uncompressed_bytes) = compress_into_store(store, tar)?;
-    let base_config_path = store.image_dir(&input.base.digest).join("config.json");
-    let base_config =
-        std::fs::read(&base_config_path).map_err(ImageError::io(&base_config_path))?;
+    let base_config = match input.base {
+        Some(base) => config_of(store, base)?,
+        None => EMPTY_CONFIG.as_bytes().to_vec(),
+    };
     let config_bytes = extend_config(&base_config, diff_id, &input.created_by)?;
     let config = Blob {
         digest: Digest::of_bytes(&config_bytes),
         size: config_bytes.len() as u64,
         media_type: OCI_CONFIG.to_string(),
     };
-    store
-        .blobs
-        .put(&mut config_bytes.as_slice(), &config.digest, config.size)?;
-    let mut layers = input.base.layers.clone();
+    let mut layers = input.base.map(|b| b.layers.clone()).unwrap_or_default();
     layers.push(layer.clone());
-    let manifest_bytes = manifest_json(&config, &layers);
-    // The manifest is not stored: push makes the same bytes again.
-    let manifest_digest = Digest::of_bytes(&manifest_bytes);
-    let record = build::build(
+    let record = build_record(
         store,
-        BuildInput {
-            manifest_digest,
-            manifest: &Manifest { config, layers },
-            config_bytes: &config_bytes,
-            refs: vec![input.reference],
-            source: "commit",
-        },
+        config,
+        layers,
+        &config_bytes,
+        input.reference.into_iter().collect(),
+        "commit",
         progress,
     )?;
     Ok((
@@ -178,6 +177,82 @@ pub fn finish(
             uncompressed_bytes,
         },
     ))
+}
+
+/// The config of an image with no layers yet: what a one-layer image
+/// (a home snapshot) extends. No Entrypoint, Cmd or User of its own.
+const EMPTY_CONFIG: &str =
+    r#"{"architecture":"amd64","os":"linux","config":{},"rootfs":{"type":"layers","diff_ids":[]}}"#;
+
+fn config_of(store: &ImageStore, image: &ImageRecord) -> Result<Vec<u8>> {
+    let path = store.image_dir(&image.digest).join("config.json");
+    std::fs::read(&path).map_err(ImageError::io(&path))
+}
+
+/// Stores `config_bytes` and builds the image of it and `layers` (its
+/// manifest is not stored: push makes the same bytes again).
+fn build_record(
+    store: &ImageStore,
+    config: Blob,
+    layers: Vec<Blob>,
+    config_bytes: &[u8],
+    refs: Vec<String>,
+    source: &str,
+    progress: &Progress,
+) -> Result<ImageRecord> {
+    store
+        .blobs
+        .put(&mut &config_bytes[..], &config.digest, config.size)?;
+    let manifest_digest = Digest::of_bytes(&manifest_json(&config, &layers));
+    build::build(
+        store,
+        BuildInput {
+            manifest_digest,
+            manifest: &Manifest { config, layers },
+            config_bytes,
+            refs,
+            source,
+        },
+        progress,
+    )
+}
+
+/// `base` with the layers of each of `tops` over it, in order (a later
+/// one's file wins): how a workspace gets its home and personal
+/// snapshots. The result keeps `base`'s Entrypoint, Cmd, User and Env;
+/// its layer disks are the ones already built for each part.
+pub fn stack(
+    store: &ImageStore,
+    base: &ImageRecord,
+    tops: &[(&ImageRecord, String)],
+    progress: &Progress,
+) -> Result<ImageRecord> {
+    let _lock = store.lock()?;
+    let mut config_bytes = config_of(store, base)?;
+    let mut layers = base.layers.clone();
+    for (top, created_by) in tops {
+        let cfg = super::config::parse_config(&config_of(store, top)?)?;
+        for (blob, diff_id) in top.layers.iter().zip(&cfg.diff_ids) {
+            // Stamped with the top's own time: the same parts always
+            // stack into the same image.
+            config_bytes = extend_config_at(&config_bytes, diff_id, created_by, &top.created)?;
+            layers.push(blob.clone());
+        }
+    }
+    let config = Blob {
+        digest: Digest::of_bytes(&config_bytes),
+        size: config_bytes.len() as u64,
+        media_type: OCI_CONFIG.to_string(),
+    };
+    build_record(
+        store,
+        config,
+        layers,
+        &config_bytes,
+        vec![],
+        "stack",
+        progress,
+    )
 }
 
 /// A place in the store's tmp directory for a commit's uncompressed layer.

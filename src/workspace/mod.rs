@@ -4,7 +4,9 @@
 pub mod base;
 pub mod busy;
 pub mod disk;
+pub mod home_capture;
 pub mod layout;
+pub mod named_snapshots;
 pub mod secrets;
 pub mod state;
 pub mod store;

@@ -8,6 +8,7 @@ use clap::Args;
 
 use super::output::{print_record, Out};
 use crate::devices::virtio::net::config::PortMap;
+use crate::engine::apply::Existing;
 use crate::engine::auto_snapshot::Settings;
 use crate::engine::create::{CreateOptions, RootSource};
 use crate::engine::fork::ForkOptions;
@@ -19,7 +20,12 @@ use crate::workspace::volume::parse_mount;
 
 #[derive(Args)]
 pub struct CreateArgs {
-    name: String,
+    #[arg(required_unless_present = "file")]
+    name: Option<String>,
+    /// Every workspace of this definition file instead (refused if one
+    /// exists; `apply -f` leaves equal ones alone).
+    #[arg(short = 'f', long = "file", value_name = "FILE", conflicts_with_all = ["image", "rootfs", "base_snapshot", "from_snapshot"])]
+    file: Option<PathBuf>,
     /// OCI image (reference, digest or ID); pulled when not in the local store.
     #[arg(long, conflicts_with = "rootfs")]
     image: Option<String>,
@@ -165,6 +171,18 @@ pub fn parse_size(s: &str) -> Result<u64> {
 }
 
 pub fn create(engine: &Engine, args: CreateArgs, out: &Out) -> Result<i32> {
+    if let Some(file) = &args.file {
+        if args.name.is_some() {
+            bail!("create -f takes the names from the file: drop NAME");
+        }
+        let apply = super::apply::ApplyArgs {
+            file: file.clone(),
+            registry: args.registry,
+            kernel: args.kernel,
+        };
+        return super::apply::run(engine, &apply, Existing::Refuse, out);
+    }
+    let name = args.name.clone().unwrap_or_default();
     let secret_values = read_secret_args(&args.secrets)?;
     if let Some(from) = &args.from_snapshot {
         let fork = ForkOptions {
@@ -175,12 +193,8 @@ pub fn create(engine: &Engine, args: CreateArgs, out: &Out) -> Result<i32> {
             settings: args.snapshots.settings(),
             registry: args.registry.options(),
         };
-        let v = engine.fork(&args.name, &fork, out)?;
-        print_record(
-            out,
-            &v,
-            &format!("workspace {} forked from {from}", args.name),
-        );
+        let v = engine.fork(&name, &fork, out)?;
+        print_record(out, &v, &format!("workspace {} forked from {from}", name));
         return Ok(0);
     }
     let source = match (&args.image, &args.rootfs, &args.base_snapshot) {
@@ -215,8 +229,8 @@ pub fn create(engine: &Engine, args: CreateArgs, out: &Out) -> Result<i32> {
         ..CreateOptions::new(source)
     }
     .with_settings(&args.snapshots.settings());
-    let v = engine.create(&args.name, &opts, out)?;
-    print_record(out, &v, &format!("workspace {} created", args.name));
+    let v = engine.create(&name, &opts, out)?;
+    print_record(out, &v, &format!("workspace {} created", name));
     Ok(0)
 }
 

@@ -4,6 +4,7 @@
 //! destructive command without --yes and no terminal to ask on); `exec`
 //! passes the guest command's own status through.
 
+mod apply;
 mod cache;
 mod checkpoint;
 mod commit;
@@ -48,8 +49,12 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Create a workspace (its own copy of a root disk, not started).
+    /// Create a workspace (its own copy of a root disk, not started), or
+    /// with -f every workspace of a definition file (started).
     Create(create::CreateArgs),
+    /// Make the workspaces of a definition file exist and run: equal ones
+    /// are left alone, changed ones refused naming what changed.
+    Apply(apply::ApplyArgs),
     /// Start a workspace's VM in a detached VMM process; returns once the
     /// guest agent answers.
     Start(lifecycle::StartArgs),
@@ -129,6 +134,7 @@ pub fn run() -> i32 {
     let engine = Engine::from_env();
     let result = match cli.command {
         Command::Create(a) => create::create(&engine, a, &out),
+        Command::Apply(a) => apply::apply(&engine, a, &out),
         Command::Start(a) => lifecycle::start(&engine, a, &out),
         Command::Pause(a) => lifecycle::pause(&engine, a, &out),
         Command::Resume(a) => lifecycle::resume(&engine, a, &out),

@@ -10,7 +10,6 @@ use super::{
 use crate::agent::{agent_binary, AGENT_GUEST_PATH};
 use crate::devices::virtio::net::config::{check_unique, PortMap};
 use crate::digest::{sha256_file, sha256_file_cached};
-use crate::image::ops as image_ops;
 use crate::image::pull::PullOptions;
 use crate::image::store::{ImageRecord, ImageStore};
 use crate::snapshot::bootcache::BootInputs;
@@ -21,7 +20,6 @@ use crate::vmm::vm::{VmConfig, VmError};
 use crate::workspace::base::{BaseCache, BaseInputs};
 use crate::workspace::disk::{content_sha256, copy_disk, grow_ext4};
 use crate::workspace::layout::{self, DiskLayout, LayerDisk};
-use crate::workspace::named_snapshots::Kind;
 use crate::workspace::secrets::{SecretStore, Value};
 use crate::workspace::state::Status;
 use crate::workspace::store::{
@@ -206,32 +204,14 @@ impl Engine {
         let (source, disk_size) = match &opts.source {
             RootSource::Image(_) | RootSource::BaseSnapshot(_) => {
                 let store = ImageStore::new(&self.state.root);
-                let base = match &opts.source {
-                    RootSource::BaseSnapshot(name) if !name.starts_with("oci://") => {
-                        self.named_image(Kind::Base, name)?.1
-                    }
-                    RootSource::BaseSnapshot(r) | RootSource::Image(r) => {
-                        let image = r.strip_prefix("oci://").unwrap_or(r);
-                        image_ops::ensure(
-                            &store,
-                            image,
-                            &opts.registry.pull_options(),
-                            report.image_progress(),
-                        )?
-                        .record
-                    }
-                    RootSource::Rootfs(_) => unreachable!("matched above"),
-                };
-                let base_shown = base
-                    .refs
-                    .first()
-                    .cloned()
-                    .unwrap_or_else(|| base.digest.to_string());
-                let (image, applied) =
-                    self.resolve_stack(base, opts.home_snapshot.as_deref(), opts.personal, report)?;
-                if !applied.is_empty() {
-                    shown = Some(format!("{base_shown} + {}", applied.join(" + ")));
-                }
+                let (image, applied) = self.root_image(
+                    &opts.source,
+                    &opts.registry,
+                    opts.home_snapshot.as_deref(),
+                    opts.personal,
+                    report,
+                )?;
+                shown = applied;
                 // The upper holds only what the workspace changes.
                 let size = opts.disk_size.unwrap_or(opts.disk_free);
                 let layers = LayerDisk::of_image(&store, &image);

@@ -5,6 +5,7 @@
 //!
 //! Calls go down: engine -> {workspace, image, snapshot, agent, vmm client}.
 
+pub mod apply;
 pub mod auto_snapshot;
 pub mod cache;
 pub mod checkpoint;

@@ -16,10 +16,12 @@ use guest_agent::Request;
 
 use super::commit::Committed;
 use super::copy::{copy_out, read_archive};
+use super::create::{RegistryOptions, RootSource};
 use super::{invalid, Engine, Error, IoContext, Reporter, Result};
 use crate::digest::sha256_file;
 use crate::image::commit::{self, CommitInput};
 use crate::image::digest::Digest;
+use crate::image::ops as image_ops;
 use crate::image::store::{ImageRecord, ImageStore};
 use crate::workspace::home_capture::{filter_archive, home_of, parse_list, valid_home};
 use crate::workspace::named_snapshots::{Kind, NamedSnapshot, Names};
@@ -311,11 +313,56 @@ impl Engine {
         Ok((snap, image))
     }
 
+    /// The image a workspace of `source` boots: the image or base
+    /// snapshot, with the home snapshot `home` and (if `personal`) the
+    /// caller's default personal snapshot stacked over it. With any
+    /// stacked, also how to show it (`BASE + home:H + personal:P`).
+    pub(crate) fn root_image(
+        &self,
+        source: &RootSource,
+        registry: &RegistryOptions,
+        home: Option<&str>,
+        personal: bool,
+        report: &dyn Reporter,
+    ) -> Result<(ImageRecord, Option<String>)> {
+        let store = ImageStore::new(&self.state.root);
+        let base = match source {
+            RootSource::BaseSnapshot(name) if !name.starts_with("oci://") => {
+                self.named_image(Kind::Base, name)?.1
+            }
+            RootSource::BaseSnapshot(r) | RootSource::Image(r) => {
+                let image = r.strip_prefix("oci://").unwrap_or(r);
+                image_ops::ensure(
+                    &store,
+                    image,
+                    &registry.pull_options(),
+                    report.image_progress(),
+                )?
+                .record
+            }
+            RootSource::Rootfs(p) => {
+                return Err(invalid(format!(
+                    "{} is a root disk, not an image: nothing can be stacked over it",
+                    p.display()
+                )))
+            }
+        };
+        let base_shown = base
+            .refs
+            .first()
+            .cloned()
+            .unwrap_or_else(|| base.digest.to_string());
+        let (image, applied) = self.resolve_stack(base, home, personal, report)?;
+        let shown =
+            (!applied.is_empty()).then(|| format!("{base_shown} + {}", applied.join(" + ")));
+        Ok((image, shown))
+    }
+
     /// `base` with the home snapshot `home` (if named) and the caller's
     /// default personal snapshot (if `personal` and one is set) stacked
     /// over it, in that order. Returns the image to create from and the
     /// snapshots applied (`KIND:NAME`).
-    pub(crate) fn resolve_stack(
+    fn resolve_stack(
         &self,
         base: ImageRecord,
         home: Option<&str>,

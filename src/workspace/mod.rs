@@ -3,6 +3,7 @@
 
 pub mod base;
 pub mod busy;
+pub mod definition;
 pub mod disk;
 pub mod home_capture;
 pub mod layout;

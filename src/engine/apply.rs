@@ -262,14 +262,20 @@ impl Engine {
                     "workspace {name}: setup steps run once in a kept checkpoint, which holds no volumes; move the volumes to a workspace without setup, or the setup into the image"
                 )));
             }
-            let (image, _) = self.root_image(
+            let (image, shown) = self.root_image(
                 &source,
                 &opts.registry,
                 home.as_deref(),
                 def.personal,
                 report,
             )?;
-            let steps: Vec<&str> = def.setup.iter().map(|s| s.0.as_str()).collect();
+            // The setup sees the definition's env, as later execs do.
+            let steps: Vec<String> = def
+                .env
+                .iter()
+                .map(|(k, v)| format!("export {}='{}'", k.0, v.replace('\'', "'\\''")))
+                .chain(def.setup.iter().map(|s| s.0.clone()))
+                .collect();
             let checkpoint = CheckpointOptions {
                 image: image.digest.to_string(),
                 registry: opts.registry.clone(),
@@ -305,9 +311,15 @@ impl Engine {
             };
             self.fork(name, &fork, report)?;
             self.write_definition(def)?;
-            Some(done.hit)
+            // A fork shows its holder's image, the stacked digest.
+            let base = match &source {
+                RootSource::BaseSnapshot(b) => b.clone(),
+                _ => unreachable!("made above"),
+            };
+            self.finish_record(name, def, Some(shown.unwrap_or(base)))?;
+            return Ok(Some(done.hit));
         };
-        self.set_env(name, def)?;
+        self.finish_record(name, def, None)?;
         Ok(cached)
     }
 
@@ -321,12 +333,16 @@ impl Engine {
         write_atomic(&path, &data).io_ctx(|| path.display().to_string())
     }
 
-    /// The definition's env over the image's, as exec's defaults.
-    fn set_env(&self, name: &str, def: &Definition) -> Result<()> {
-        if def.env.is_empty() {
+    /// The definition's env over the image's, as exec's defaults, and
+    /// the image as `ls` shows it.
+    fn finish_record(&self, name: &str, def: &Definition, shown: Option<String>) -> Result<()> {
+        if def.env.is_empty() && shown.is_none() {
             return Ok(());
         }
         let super::Opened { ws, mut rec, .. } = super::open(&self.state, name)?;
+        if shown.is_some() {
+            rec.image = shown;
+        }
         let config = rec.image_config.get_or_insert_with(Default::default);
         for (k, v) in &def.env {
             let prefix = format!("{}=", k.0);

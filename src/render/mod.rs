@@ -171,7 +171,7 @@ pub fn snapshot_created(c: &Created) -> Value {
 pub fn snapshot_entry(s: &SnapshotInfo) -> Value {
     let m = &s.manifest;
     json!({
-        "tag": m.tag, "size_bytes": s.size_bytes, "created": m.created,
+        "kind": "memory", "tag": m.tag, "size_bytes": s.size_bytes, "created": m.created,
         "image": m.image, "vcpus": m.vcpus, "memory_mib": m.memory_mib,
         "kernel_sha256": m.kernel_sha256,
     })

@@ -40,10 +40,10 @@ pub struct CreateArgs {
     base_snapshot: Option<String>,
     /// A home snapshot stacked over the base (then your default personal
     /// snapshot, if you set one).
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["rootfs", "from_snapshot"])]
     home_snapshot: Option<String>,
     /// Do not apply your default personal snapshot.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["rootfs", "from_snapshot"])]
     no_personal: bool,
     #[arg(long, default_value_t = 1)]
     vcpus: u64,

@@ -24,7 +24,7 @@ use crate::image::digest::Digest;
 use crate::image::ops as image_ops;
 use crate::image::store::{ImageRecord, ImageStore};
 use crate::workspace::home_capture::{filter_archive, home_of, parse_list, valid_home};
-use crate::workspace::named_snapshots::{Kind, NamedSnapshot, Names};
+use crate::workspace::named_snapshots::{Kind, NamedSnapshot, Names, NamesError};
 use crate::workspace::store::now_rfc3339;
 
 /// The host user a command runs as: personal snapshots are theirs.
@@ -276,7 +276,14 @@ impl Engine {
         let uid = caller_uid();
         let names = self.names();
         let _lock = names.lock(kind, uid)?;
-        Ok(names.remove(kind, uid, name)?)
+        match names.remove(kind, uid, name) {
+            Err(NamesError::NotFound { .. }) if self.state.existing(name).is_ok() => {
+                Err(invalid(format!(
+                    "{name} is a workspace, not a named snapshot: snapshot delete {name} TAG deletes one of its snapshots"
+                )))
+            }
+            r => Ok(r?),
+        }
     }
 
     pub fn set_personal_default(&self, name: &str) -> Result<()> {

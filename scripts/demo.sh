@@ -30,6 +30,7 @@ export MICROAGENT_HOME=$cache/demo/home
 export MICROAGENT_KERNEL=$kernel_dir/vmlinux
 for ws in demo demo-fork; do "$bin" delete "$ws" --yes --force >/dev/null 2>&1 || true; done
 "$bin" image rm localhost/busybox:setup >/dev/null 2>&1 || true
+"$bin" snapshot delete demo-home --yes >/dev/null 2>&1 || true
 
 timed() { local s; s=$(date +%s%N); "$@"; echo "    ($(( ($(date +%s%N) - s) / 1000000 )) ms)"; }
 step "image import: verify blobs, build one shared read-only layer disk per layer"
@@ -81,6 +82,12 @@ step "diff and commit: the workspace's changes become one more image layer"
 "$bin" diff demo
 timed "$bin" commit demo localhost/busybox:setup
 "$bin" image ls
+step "home snapshot: exactly the files listed in ~/.snapshot/includes.txt, as a one-layer image"
+"$bin" exec demo -- sh -c 'mkdir -p /root/.snapshot && echo setup.txt > /root/.snapshot/includes.txt'
+timed "$bin" snapshot create demo --home demo-home
+"$bin" snapshot list
+echo "    (create NEW --base-snapshot NAME --home-snapshot demo-home stacks it; apply -f does it from YAML: docs/definitions.md)"
+"$bin" snapshot delete demo-home --yes
 step "the HTTP API: the same engine over a unix socket (microagent serve)"
 sock=$cache/demo/api.sock
 "$bin" serve --listen "unix:$sock" 2>/dev/null &

@@ -34,7 +34,7 @@ fi
 # feature set as the build, so nothing is built twice). Lane B's output
 # is printed after lane A's.
 cargo test --workspace --no-run
-lane_b="network volumes warm_start exec home_snapshots share workspace_lifecycle hostile_guest"
+lane_b="network volumes warm_start exec home_snapshots hostile_guest"
 lane_a=()
 for f in tests/*.rs; do
   t=$(basename "$f" .rs)

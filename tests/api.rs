@@ -294,6 +294,22 @@ fn api_serves_the_engine_with_real_guests() {
     );
     let rm = api.expect(200, "DELETE", "/v1/volumes/vol/snapshots/t", json!(null));
     assert_schema("volume-snapshot-rm", &rm);
+    // Snapshots of every kind (none yet) and a definition refused with
+    // its line and field, before anything is made.
+    assert_eq!(
+        api.expect(200, "GET", "/v1/snapshots", json!(null)),
+        json!([])
+    );
+    let yaml = "workspaces:\n- name: a\n  base_snapshot: b\n  memory: 12\n";
+    let e = api.expect(400, "POST", "/v1/apply", json!({ "yaml": yaml }));
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("definition:4: workspaces[0].memory: 12: give 64 to 65536"),
+        "{e}"
+    );
+    api.expect(400, "POST", "/v1/apply", json!({ "yml": yaml }));
     for name in ["vol", "vol2"] {
         let rm = api.expect(200, "DELETE", &format!("/v1/volumes/{name}"), json!(null));
         assert_schema("volume-rm", &rm);

@@ -7,6 +7,7 @@
 mod auth;
 mod error;
 mod exec;
+mod named;
 mod routes;
 mod seed;
 mod volumes;

@@ -116,6 +116,7 @@ pub(super) fn v1() -> Router<super::State> {
         )
         .route("/v1/snapshots/pull", post(snapshot_pull))
         .merge(super::volumes::routes())
+        .merge(super::named::routes())
 }
 
 async fn openapi() -> Response {

@@ -362,5 +362,10 @@ pub fn read_definitions(path: &std::path::Path) -> Result<Vec<Definition>> {
         return Err(invalid(format!("{shown}: larger than 1 MiB")));
     }
     let text = std::fs::read_to_string(path).io_ctx(|| shown.clone())?;
-    crate::workspace::definition::parse(&text, &shown).map_err(|e| invalid(e.to_string()))
+    parse_definitions(&text, &shown)
+}
+
+/// Checks definition `text`, named `label` in errors (dependencies first).
+pub fn parse_definitions(text: &str, label: &str) -> Result<Vec<Definition>> {
+    crate::workspace::definition::parse(text, label).map_err(|e| invalid(e.to_string()))
 }

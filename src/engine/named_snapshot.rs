@@ -134,6 +134,9 @@ impl Engine {
         report: &dyn Reporter,
     ) -> Result<HomeMade> {
         let started = Instant::now();
+        if opts.kind == Kind::Base {
+            return Err(invalid("a base snapshot is a commit: use snapshot_base"));
+        }
         let uid = caller_uid();
         let names = self.names();
         let _lock = names.lock(opts.kind, uid)?;

@@ -190,7 +190,8 @@ impl Drop for Staging {
 }
 
 /// A scratch file removed however the commit ends.
-struct ScratchFile(PathBuf);
+/// A scratch file removed however the operation ends.
+pub(crate) struct ScratchFile(pub PathBuf);
 
 impl Drop for ScratchFile {
     fn drop(&mut self) {

@@ -9,12 +9,12 @@
 //! workspaces get them as layers stacked over the base image, base, then
 //! home, then personal (`resolve_stack`), so a later one's file wins.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use guest_agent::Request;
 
-use super::commit::Committed;
+use super::commit::{Committed, ScratchFile};
 use super::copy::{copy_out, read_archive};
 use super::create::{RegistryOptions, RootSource};
 use super::{invalid, Engine, Error, IoContext, Reporter, Result};
@@ -62,16 +62,6 @@ fn list_dir(kind: Kind) -> &'static str {
     match kind {
         Kind::Personal => ".snapshot.personal",
         _ => ".snapshot",
-    }
-}
-
-/// Removes a scratch directory or file however the capture ends.
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-        let _ = std::fs::remove_file(&self.0);
     }
 }
 
@@ -199,7 +189,7 @@ impl Engine {
         }
 
         report.step(&format!("reading {} listed paths", includes.len()));
-        let tar = Scratch(commit::scratch_tar(&store)?);
+        let tar = ScratchFile(commit::scratch_tar(&store)?);
         let request = Request::ArchivePaths {
             includes: includes.clone(),
             excludes: excludes.clone(),

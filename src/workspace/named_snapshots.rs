@@ -36,8 +36,6 @@ pub enum NamesError {
     Lock(#[from] LockError),
 }
 
-type StoreError = NamesError;
-
 impl NamesError {
     fn io(path: &Path, source: std::io::Error) -> NamesError {
         NamesError::Io {
@@ -116,16 +114,16 @@ impl Names {
     /// `/tmp`), so each user can make their own directory there, 0700;
     /// one that is not owned by `uid` or is open to others is refused
     /// (another user could have made it first, to read what goes in).
-    fn dir(&self, kind: Kind, uid: u32) -> Result<PathBuf, StoreError> {
-        let make = |dir: &Path, mode: u32| -> Result<(), StoreError> {
+    fn dir(&self, kind: Kind, uid: u32) -> Result<PathBuf, NamesError> {
+        let make = |dir: &Path, mode: u32| -> Result<(), NamesError> {
             if !dir.is_dir() {
                 std::fs::DirBuilder::new()
                     .recursive(true)
                     .mode(mode)
                     .create(dir)
-                    .map_err(|e| StoreError::io(dir, e))?;
+                    .map_err(|e| NamesError::io(dir, e))?;
                 std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
-                    .map_err(|e| StoreError::io(dir, e))?;
+                    .map_err(|e| NamesError::io(dir, e))?;
             }
             Ok(())
         };
@@ -142,7 +140,7 @@ impl Names {
             // theirs.
             if nix::unistd::geteuid().is_root() {
                 nix::unistd::chown(&dir, Some(nix::unistd::Uid::from_raw(uid)), None)
-                    .map_err(|e| StoreError::io(&dir, e.into()))?;
+                    .map_err(|e| NamesError::io(&dir, e.into()))?;
             }
         }
         Ok(self.existing(kind, uid)?.expect("made above"))
@@ -150,7 +148,7 @@ impl Names {
 
     /// The directory of `kind`'s namespace if it exists; a personal one
     /// only if `uid` owns it and nobody else can open it.
-    fn existing(&self, kind: Kind, uid: u32) -> Result<Option<PathBuf>, StoreError> {
+    fn existing(&self, kind: Kind, uid: u32) -> Result<Option<PathBuf>, NamesError> {
         let dir = match kind {
             Kind::Personal => self.personal(uid),
             _ => self.shared(),
@@ -158,10 +156,10 @@ impl Names {
         let meta = match std::fs::metadata(&dir) {
             Ok(m) => m,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(StoreError::io(&dir, e)),
+            Err(e) => return Err(NamesError::io(&dir, e)),
         };
         if kind == Kind::Personal && (meta.uid() != uid || meta.mode() & 0o077 != 0) {
-            return Err(StoreError::Io {
+            return Err(NamesError::Io {
                 path: dir.display().to_string(),
                 source: std::io::Error::other(format!(
                     "owned by uid {} with mode {:o}, not by uid {uid} with mode 700: not using it",
@@ -174,7 +172,7 @@ impl Names {
     }
 
     /// Held while a namespace is read-modified-written.
-    pub fn lock(&self, kind: Kind, uid: u32) -> Result<FileLock, StoreError> {
+    pub fn lock(&self, kind: Kind, uid: u32) -> Result<FileLock, NamesError> {
         let dir = self.dir(kind, uid)?;
         Ok(FileLock::acquire(&dir.join("lock"))?)
     }
@@ -185,7 +183,7 @@ impl Names {
         kind: Kind,
         uid: u32,
         name: &str,
-    ) -> Result<Option<NamedSnapshot>, StoreError> {
+    ) -> Result<Option<NamedSnapshot>, NamesError> {
         check_name(name)?;
         let Some(dir) = self.existing(kind, uid)? else {
             return Ok(None);
@@ -194,9 +192,9 @@ impl Names {
         if !path.exists() {
             return Ok(None);
         }
-        let data = read_bounded(&path).map_err(|e| StoreError::io(&path, e))?;
+        let data = read_bounded(&path).map_err(|e| NamesError::io(&path, e))?;
         let snap: NamedSnapshot =
-            serde_json::from_slice(&data).map_err(|e| StoreError::Corrupt {
+            serde_json::from_slice(&data).map_err(|e| NamesError::Corrupt {
                 path: path.display().to_string(),
                 reason: e.to_string(),
             })?;
@@ -205,35 +203,26 @@ impl Names {
 
     /// Records `snap`; a name already taken in its namespace is refused,
     /// naming what holds it. Call with [`Names::lock`] held.
-    pub fn put(&self, snap: &NamedSnapshot, uid: u32) -> Result<(), StoreError> {
-        if let Some(old) = self.get(snap.kind, uid, &snap.name)? {
-            return Err(StoreError::Taken {
-                name: snap.name.clone(),
-                holder: format!(
-                    "{} snapshot from workspace {}",
-                    old.kind.name(),
-                    old.workspace
-                ),
-            });
-        }
+    pub fn put(&self, snap: &NamedSnapshot, uid: u32) -> Result<(), NamesError> {
+        self.check_free(snap.kind, uid, &snap.name)?;
         let path = self
             .dir(snap.kind, uid)?
             .join(format!("{}.json", snap.name));
         let data = serde_json::to_vec_pretty(snap).expect("a record serialises");
-        write_atomic(&path, &data).map_err(|e| StoreError::io(&path, e))?;
+        write_atomic(&path, &data).map_err(|e| NamesError::io(&path, e))?;
         // Shared names are for every user of the host; personal ones sit
         // in their owner's 0700 directory.
         if snap.kind != Kind::Personal {
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))
-                .map_err(|e| StoreError::io(&path, e))?;
+                .map_err(|e| NamesError::io(&path, e))?;
         }
         Ok(())
     }
 
     /// Refuses `name` in `kind`'s namespace when it is taken.
-    pub fn check_free(&self, kind: Kind, uid: u32, name: &str) -> Result<(), StoreError> {
+    pub fn check_free(&self, kind: Kind, uid: u32, name: &str) -> Result<(), NamesError> {
         match self.get(kind, uid, name)? {
-            Some(old) => Err(StoreError::Taken {
+            Some(old) => Err(NamesError::Taken {
                 name: name.into(),
                 holder: format!(
                     "{} snapshot from workspace {}",
@@ -245,15 +234,15 @@ impl Names {
         }
     }
 
-    pub fn remove(&self, kind: Kind, uid: u32, name: &str) -> Result<NamedSnapshot, StoreError> {
+    pub fn remove(&self, kind: Kind, uid: u32, name: &str) -> Result<NamedSnapshot, NamesError> {
         let snap = self
             .get(kind, uid, name)?
-            .ok_or_else(|| StoreError::NotFound {
+            .ok_or_else(|| NamesError::NotFound {
                 what: format!("{} snapshot {name}", kind.name()),
             })?;
         let dir = self.dir(kind, uid)?;
         std::fs::remove_file(dir.join(format!("{name}.json")))
-            .map_err(|e| StoreError::io(&dir, e))?;
+            .map_err(|e| NamesError::io(&dir, e))?;
         if kind == Kind::Personal && self.personal_default(uid)?.as_deref() == Some(name) {
             let _ = std::fs::remove_file(dir.join(DEFAULT_FILE));
         }
@@ -261,13 +250,13 @@ impl Names {
     }
 
     /// Base and home snapshots (everyone's), then `uid`'s personal ones.
-    pub fn list(&self, uid: u32) -> Result<Vec<NamedSnapshot>, StoreError> {
+    pub fn list(&self, uid: u32) -> Result<Vec<NamedSnapshot>, NamesError> {
         let mut out = Vec::new();
         for kind in [Kind::Base, Kind::Personal] {
             let Some(dir) = self.existing(kind, uid)? else {
                 continue;
             };
-            let entries = std::fs::read_dir(&dir).map_err(|e| StoreError::io(&dir, e))?;
+            let entries = std::fs::read_dir(&dir).map_err(|e| NamesError::io(&dir, e))?;
             let mut names: Vec<String> = entries
                 .flatten()
                 .filter_map(|e| {
@@ -288,7 +277,7 @@ impl Names {
     }
 
     /// `uid`'s default personal snapshot.
-    pub fn personal_default(&self, uid: u32) -> Result<Option<String>, StoreError> {
+    pub fn personal_default(&self, uid: u32) -> Result<Option<String>, NamesError> {
         let Some(dir) = self.existing(Kind::Personal, uid)? else {
             return Ok(None);
         };
@@ -300,18 +289,18 @@ impl Names {
                 Ok(Some(name))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(StoreError::io(&path, e)),
+            Err(e) => Err(NamesError::io(&path, e)),
         }
     }
 
-    pub fn set_personal_default(&self, uid: u32, name: &str) -> Result<(), StoreError> {
+    pub fn set_personal_default(&self, uid: u32, name: &str) -> Result<(), NamesError> {
         if self.get(Kind::Personal, uid, name)?.is_none() {
-            return Err(StoreError::NotFound {
+            return Err(NamesError::NotFound {
                 what: format!("personal snapshot {name}"),
             });
         }
         let path = self.dir(Kind::Personal, uid)?.join(DEFAULT_FILE);
-        write_atomic(&path, name.as_bytes()).map_err(|e| StoreError::io(&path, e))
+        write_atomic(&path, name.as_bytes()).map_err(|e| NamesError::io(&path, e))
     }
 }
 
